@@ -1,0 +1,5 @@
+from .kernel_denoiser import KernelDenoiser
+from .kernel_estimator import KernelEstimator
+
+
+__all__ = ["KernelDenoiser", "KernelEstimator"]

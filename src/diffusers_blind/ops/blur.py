@@ -1,0 +1,106 @@
+"""Blur operators on image tensors.
+
+Conventions (algorithms.md §0): images are float tensors ``(B, C, H, W)``; kernels are
+``(B or 1, 1, kh, kw)`` non-negative with sum 1 and their centre at index ``(kh // 2, kw // 2)``.
+
+* :func:`fft_blur` is a **circular, true convolution** ``y = k ⊛ x`` computed in Fourier
+  (Fast Diffusion EM's forward model).
+* :func:`spatial_blur` is a **cross-correlation** with zero or reflect padding
+  (``F.conv2d(..., padding="same")``, the BlindDPS / DPS forward model). Away from the borders
+  ``spatial_blur(x, k) == fft_blur(x, k.flip(-2, -1))``: a BlindDPS kernel is the 180° rotation
+  of the same point-spread function in the FFT convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_kernel_fits(kernel: torch.Tensor, shape: tuple[int, int]) -> None:
+    kh, kw = kernel.shape[-2:]
+    if kh > shape[0] or kw > shape[1]:
+        raise ValueError(
+            f"Kernel of size {kh}x{kw} is larger than the image grid {shape[0]}x{shape[1]}; "
+            "use a smaller kernel_size or a larger image."
+        )
+
+
+def pad_kernel(kernel: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad a ``(..., kh, kw)`` kernel to ``shape`` and roll its centre ``(kh//2, kw//2)`` to ``(0, 0)``.
+
+    This is the spatial half of ``p2o``: the padded array is the circular convolution kernel on the
+    image grid.
+    """
+    _check_kernel_fits(kernel, shape)
+    kh, kw = kernel.shape[-2:]
+    padded = F.pad(kernel, (0, shape[1] - kw, 0, shape[0] - kh))
+    return torch.roll(padded, shifts=(-(kh // 2), -(kw // 2)), dims=(-2, -1))
+
+
+def crop_kernel(padded: torch.Tensor, kernel_size: int | tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`pad_kernel`: roll the origin back to ``(kh//2, kw//2)`` and keep the top-left ``kh x kw``."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    rolled = torch.roll(padded, shifts=(kh // 2, kw // 2), dims=(-2, -1))
+    return rolled[..., :kh, :kw]
+
+
+def p2o(kernel: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Point-spread function to optical transfer function: ``FFT2(pad_kernel(kernel, shape))`` (complex)."""
+    return torch.fft.fft2(pad_kernel(kernel, shape))
+
+
+def o2p(otf: torch.Tensor, kernel_size: int | tuple[int, int]) -> torch.Tensor:
+    """Optical transfer function to point-spread function: ``crop_kernel(IFFT2(otf).real, kernel_size)``."""
+    return crop_kernel(torch.fft.ifft2(otf).real, kernel_size)
+
+
+def _check_image_kernel(image: torch.Tensor, kernel: torch.Tensor) -> None:
+    if image.ndim != 4:
+        raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
+    if kernel.ndim != 4 or kernel.shape[1] != 1:
+        raise ValueError(f"kernel must be (B or 1, 1, kh, kw), got shape {tuple(kernel.shape)}")
+    if kernel.shape[0] not in (1, image.shape[0]):
+        raise ValueError(f"kernel batch {kernel.shape[0]} must be 1 or the image batch {image.shape[0]}")
+
+
+def fft_blur(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Circular convolution ``y = k ⊛ x`` (Fast EM Eq. 1), ``y = IFFT(FFT(x) · p2o(k))``.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 16, 16); x[..., 8, 8] = 1
+        >>> k = torch.rand(1, 1, 5, 5); k = k / k.sum()
+        >>> torch.allclose(fft_blur(x, k)[0, 0, 6:11, 6:11], k[0, 0], atol=1e-6)
+        True
+    """
+    _check_image_kernel(image, kernel)
+    otf = p2o(kernel.to(image.dtype), image.shape[-2:])
+    return torch.fft.ifft2(torch.fft.fft2(image) * otf).real
+
+
+def fft_blur_adjoint(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`fft_blur` (circular correlation): ``IFFT(FFT(x) · conj(p2o(k)))``."""
+    _check_image_kernel(image, kernel)
+    otf = p2o(kernel.to(image.dtype), image.shape[-2:])
+    return torch.fft.ifft2(torch.fft.fft2(image) * otf.conj()).real
+
+
+def spatial_blur(image: torch.Tensor, kernel: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Cross-correlation with ``"same"`` output size (BlindDPS / DPS convention).
+
+    ``padding`` is ``"zeros"`` (BlindDPS: ``F.conv2d(padding="same")``), ``"reflect"`` (DPS) or
+    ``"circular"``. For even sizes the pad is ``(k-1)//2`` before and ``k//2`` after, like
+    ``padding="same"``; in the interior ``spatial_blur(x, k) == fft_blur(x, k.flip(-2, -1))``.
+    """
+    _check_image_kernel(image, kernel)
+    if padding not in ("zeros", "reflect", "circular"):
+        raise ValueError(f"padding must be 'zeros', 'reflect' or 'circular', got {padding!r}")
+    b, c, h, w = image.shape
+    _check_kernel_fits(kernel, (h, w))
+    kh, kw = kernel.shape[-2:]
+    pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
+    mode = "constant" if padding == "zeros" else padding
+    padded = F.pad(image, pads, mode=mode)
+    weight = kernel.to(image.dtype).expand(b, 1, kh, kw).repeat_interleave(c, dim=0)
+    out = F.conv2d(padded.reshape(1, b * c, *padded.shape[-2:]), weight, groups=b * c)
+    return out.reshape(b, c, h, w)

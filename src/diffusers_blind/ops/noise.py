@@ -1,0 +1,24 @@
+"""Single-image estimate of additive white Gaussian noise."""
+
+from __future__ import annotations
+
+import torch
+
+
+def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
+    """Noise std of each image of a ``(B, C, H, W)`` batch, in the image's units (``[0, 1]`` here).
+
+    Donoho's robust estimator: ``σ̂ = median(|HH|) / 0.6745`` on the finest orthonormal Haar
+    diagonal sub-band ``HH = (a − b − c + d) / 2`` of every 2×2 block, pooled over channels. The
+    diagonal band of a natural (and even more of a blurred) image holds little signal, so the
+    median of its magnitudes is dominated by noise. Clipping at 0 or 1 lowers the estimate where
+    the image saturates.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
+    h, w = image.shape[-2] // 2 * 2, image.shape[-1] // 2 * 2
+    if h < 2 or w < 2:
+        raise ValueError("image must be at least 2x2 to estimate its noise")
+    x = image[..., :h, :w].float()
+    diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
+    return diagonal.abs().flatten(1).median(dim=1).values / 0.6745
