@@ -10,6 +10,7 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks
 
 from . import ops
 from .models import KernelDenoiser, KernelEstimator
+from .pipelines import FastEMDeblurPipeline, FastEMDeblurPipelineOutput
 
 
 __version__ = "0.1.0"
@@ -17,4 +18,11 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = str(Path(__file__).parent / "default_model")
 """Path of the shipped default Fast EM pipeline folder (load with ``FastEMDeblurPipeline.from_pretrained``)."""
 
-__all__ = ["DEFAULT_MODEL", "KernelDenoiser", "KernelEstimator", "ops"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "FastEMDeblurPipeline",
+    "FastEMDeblurPipelineOutput",
+    "KernelDenoiser",
+    "KernelEstimator",
+    "ops",
+]

@@ -1,0 +1,4 @@
+from .fast_em import FastEMDeblurPipeline, FastEMDeblurPipelineOutput
+
+
+__all__ = ["FastEMDeblurPipeline", "FastEMDeblurPipelineOutput"]
