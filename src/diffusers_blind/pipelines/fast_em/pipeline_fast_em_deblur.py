@@ -292,7 +292,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             x0 = x0.detach()
 
             if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                available = {"latents": latents, "kernel": kernel, "x0": x0}
+                callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                 callback_outputs = callback_on_step_end(self, step_offset + i, t, callback_kwargs)
                 latents = callback_outputs.pop("latents", latents)
                 kernel = callback_outputs.pop("kernel", kernel)

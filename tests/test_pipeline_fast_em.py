@@ -1,0 +1,348 @@
+"""diffusers-style fast tests of FastEMDeblurPipeline on tiny components (CPU, offline)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.callbacks import PipelineCallback
+
+import diffusers_blind
+from diffusers_blind import FastEMDeblurPipeline, FastEMDeblurPipelineOutput, KernelEstimator
+from diffusers_blind.ops import fft_blur, gaussian_kernel
+
+
+def tiny_unet(out_channels=3, in_channels=3):
+    torch.manual_seed(0)
+    return UNet2DModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+
+
+def ddpm(**kwargs):
+    config = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, variance_type="fixed_small")
+    config.update(kwargs)
+    return DDPMScheduler(timestep_spacing="linspace", **config)
+
+
+def make_pipe(estimator=True, unet=None, scheduler=None):
+    torch.manual_seed(0)
+    est = KernelEstimator(kernel_size=5, num_iterations=2) if estimator else None
+    pipe = FastEMDeblurPipeline(unet or tiny_unet(), scheduler or ddpm(), est)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def smooth_images(batch=2, channels=3, height=20, width=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, channels, height // 4 + 1, width // 4 + 1, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic").clamp(0, 1)
+
+
+def run(pipe, image, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("output_type", "np")
+    return pipe(image, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+def test_output_types_and_shapes(pipe):
+    image = smooth_images()
+    out_np = run(pipe, image, num_particles=2)
+    assert isinstance(out_np, FastEMDeblurPipelineOutput)
+    assert out_np.images.shape == (2, 20, 24, 3)
+    assert out_np.kernels.shape == (2, 5, 5)
+    assert out_np.uncertainty.shape == (2, 20, 24)
+    assert out_np.particles.shape == (2, 2, 20, 24, 3)
+    np.testing.assert_allclose(out_np.particles.mean(1), out_np.images, atol=1e-6)
+    np.testing.assert_allclose(out_np.kernels.sum((-2, -1)), 1.0, atol=1e-5)
+    assert (out_np.kernels >= 0).all()
+
+    out_pt = run(pipe, image, output_type="pt")
+    assert out_pt.images.shape == (2, 3, 20, 24) and out_pt.kernels.shape == (2, 1, 5, 5)
+    assert out_pt.uncertainty is None
+    np.testing.assert_allclose(out_pt.images.permute(0, 2, 3, 1).numpy(), run(pipe, image).images, atol=1e-6)
+
+    out_pil = run(pipe, image, output_type="pil")
+    assert len(out_pil.images) == 2 and out_pil.images[0].size == (24, 20)
+
+    latent = run(pipe, image, output_type="latent").images
+    assert latent.shape[0] == 2 and latent.shape[-2] % 2 == 0 and latent.shape[-2] >= 20 + 2 * 2
+
+
+def test_accepts_pil_numpy_and_grayscale(pipe):
+    array = (smooth_images(1)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    out = run(pipe, PIL.Image.fromarray(array))
+    assert out.images.shape == (1, 20, 24, 3)
+    gray = run(pipe, array[..., 0])
+    assert gray.images.shape == (1, 20, 24, 1)
+    odd = run(pipe, torch.rand(1, 3, 17, 23))
+    assert odd.images.shape == (1, 17, 23, 3)
+
+
+def test_seeded_runs_reproducible_and_seed_matters(pipe):
+    image = smooth_images()
+    a, b = run(pipe, image, seed=3), run(pipe, image, seed=3)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.kernels, b.kernels)
+    c = run(pipe, image, seed=4)
+    assert np.abs(a.images - c.images).max() > 1e-4
+
+
+def test_batch_equals_single_with_generator_list(pipe):
+    image = smooth_images(2)
+    gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    batch = pipe(image, num_inference_steps=3, output_type="np", num_particles=2, generator=gens)
+    for i, s in enumerate((11, 12)):
+        single = pipe(image[i : i + 1], num_inference_steps=3, output_type="np", num_particles=2,
+                      generator=[torch.Generator().manual_seed(s)])
+        np.testing.assert_allclose(batch.images[i], single.images[0], atol=1e-5)
+        np.testing.assert_allclose(batch.kernels[i], single.kernels[0], atol=1e-6)
+
+
+def test_dict_and_tuple_outputs_equivalent(pipe):
+    image = smooth_images(1)
+    out = run(pipe, image)
+    images, kernels, uncertainty = run(pipe, image, return_dict=False)
+    np.testing.assert_array_equal(out.images, images)
+    np.testing.assert_array_equal(out.kernels, kernels)
+    assert uncertainty is None
+
+
+def test_save_load_round_trip(tmp_path, pipe):
+    image = smooth_images(1)
+    expected = run(pipe, image)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["kernel_estimator"] == ["diffusers_blind.models.kernel_estimator", "KernelEstimator"]
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+    assert (tmp_path / "kernel_estimator" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = FastEMDeblurPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.kernel_estimator, KernelEstimator)
+    assert loaded.kernel_estimator.config.num_iterations == 2
+    for name, param in pipe.kernel_estimator.state_dict().items():
+        torch.testing.assert_close(loaded.kernel_estimator.state_dict()[name], param)
+    np.testing.assert_allclose(run(loaded, image).images, expected.images, atol=1e-5)
+
+
+def test_optional_estimator_none(tmp_path):
+    pipe = make_pipe(estimator=False)
+    image = smooth_images(1)
+    kernel = gaussian_kernel(5, 1.0)
+    out = run(pipe, image, kernel=kernel, output_type="pt")
+    torch.testing.assert_close(out.kernels, kernel)
+    with pytest.raises(ValueError, match="kernel_estimator"):
+        run(pipe, image)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["kernel_estimator"] == [None, None]
+    assert FastEMDeblurPipeline.from_pretrained(tmp_path).kernel_estimator is None
+
+
+def test_push_to_hub_uploads_the_pipeline_folder(monkeypatch, pipe):
+    import diffusers.utils.hub_utils as hub_utils
+    from huggingface_hub import ModelCard
+
+    uploaded = {}
+
+    class Repo:
+        repo_id = "user/fast-em-test"
+
+    def fake_upload(self, working_dir, repo_id, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(
+            os.path.relpath(os.path.join(root, f), working_dir) for root, _, files in os.walk(working_dir) for f in files
+        )
+        uploaded["index"] = json.loads(open(os.path.join(working_dir, "model_index.json")).read())
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kw: Repo())
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **k: ModelCard("---\nlicense: apache-2.0\n---\n"))
+    monkeypatch.setattr(hub_utils.PushToHubMixin, "_upload_folder", fake_upload)
+    pipe.push_to_hub("user/fast-em-test")
+    assert uploaded["repo_id"] == "user/fast-em-test"
+    assert "kernel_estimator/diffusion_pytorch_model.safetensors" in uploaded["files"]
+    assert "unet/diffusion_pytorch_model.safetensors" in uploaded["files"]
+    assert uploaded["index"]["_class_name"] == "FastEMDeblurPipeline"
+
+
+def test_callback_on_step_end_sees_and_replaces_tensors(pipe):
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((step, int(timestep), tuple(tensors)))
+        assert tensors["kernel"].shape == (1, 1, 5, 5)
+        if step == p.num_timesteps - 1:
+            tensors["latents"] = torch.zeros_like(tensors["latents"])
+        return tensors
+
+    out = run(pipe, smooth_images(1), output_type="latent", callback_on_step_end=callback,
+              callback_on_step_end_tensor_inputs=["latents", "kernel", "x0"])
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    assert seen[0][1] == 999 and seen[-1][1] == 0
+    assert seen[0][2] == ("latents", "kernel", "x0")
+    assert out.images.abs().max() == 0
+
+
+def test_callback_replacing_kernel_drives_guidance():
+    pipe = make_pipe(estimator=False)
+    image = smooth_images(1)
+    wide = gaussian_kernel(5, 2.0)
+
+    def swap(p, step, timestep, tensors):
+        return {"kernel": wide}
+
+    a = run(pipe, image, kernel=gaussian_kernel(5, 0.5), callback_on_step_end=swap,
+            callback_on_step_end_tensor_inputs=["kernel"], num_inference_steps=4)
+    b = run(pipe, image, kernel=gaussian_kernel(5, 0.5), num_inference_steps=4)
+    assert np.abs(a.images - b.images).max() > 1e-6
+    np.testing.assert_allclose(a.kernels[0], wide[0, 0].numpy(), atol=1e-7)
+
+
+def test_pipeline_callback_object(pipe):
+    class Record(PipelineCallback):
+        tensor_inputs = ["kernel"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.kernels = getattr(self, "kernels", []) + [callback_kwargs["kernel"].clone()]
+            return callback_kwargs
+
+    record = Record()
+    run(pipe, smooth_images(1), callback_on_step_end=record)
+    assert len(record.kernels) == 3
+
+
+def test_interrupt_skips_remaining_steps(pipe):
+    steps = []
+
+    def stop(p, step, timestep, tensors):
+        steps.append(step)
+        p._interrupt = True
+        return tensors
+
+    run(pipe, smooth_images(1), num_inference_steps=4, callback_on_step_end=stop)
+    assert steps == [0]
+
+
+def test_linspace_spacing_matches_reference_respacing(pipe):
+    pipe.scheduler.set_timesteps(100)
+    expected = np.round(np.linspace(0, 999, 100)).astype(int)[::-1]
+    np.testing.assert_array_equal(pipe.scheduler.timesteps.numpy(), expected)
+    sqrt_ab, r2, v = pipe.guidance_coefficients(0, pipe.scheduler.timesteps, "fastem")
+    # algorithms.md §1.2 table: t = 999 → v ≈ 0.182, r² ≈ 0.154
+    assert abs(v - 0.182) < 2e-3 and abs(r2 - 0.154) < 2e-3 and abs(sqrt_ab**2 - 4.0e-5) < 1e-6
+    assert pipe.guidance_coefficients(99, pipe.scheduler.timesteps, "fastem")[1] == 0.0
+    _, r2_pigdm, _ = pipe.guidance_coefficients(0, pipe.scheduler.timesteps, "pigdm")
+    assert abs(r2_pigdm - (1 - 4.0e-5)) < 1e-5
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
+def test_learned_variance_unet(variance_type):
+    pipe = make_pipe(unet=tiny_unet(out_channels=6), scheduler=ddpm(variance_type=variance_type))
+    out = run(pipe, smooth_images(1))
+    assert out.images.shape == (1, 20, 24, 3) and np.isfinite(out.images).all()
+
+
+def test_ddim_scheduler_and_guidances():
+    pipe = make_pipe(scheduler=DDIMScheduler.from_config(ddpm().config))
+    image = smooth_images(1)
+    for guidance in ("pigdm", "dps"):
+        out = run(pipe, image, guidance=guidance)
+        assert np.isfinite(out.images).all()
+    a, b = run(pipe, image, seed=1), run(pipe, image, seed=1)
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_diffusion_em_runs_several_passes(pipe):
+    steps = []
+    out = run(pipe, smooth_images(1), em_iterations=2,
+              callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
+    assert steps == list(range(6)) and pipe.num_timesteps == 6
+    assert out.kernels.shape == (1, 5, 5)
+    np.testing.assert_allclose(out.kernels.sum(), 1.0, atol=1e-5)
+
+
+def test_sigma_auto_and_units(pipe):
+    g = torch.Generator().manual_seed(0)
+    image = (smooth_images(1, height=32, width=32) + torch.randn(1, 3, 32, 32, generator=g) * 20 / 255)
+    out = run(pipe, image.clamp(-0.4, 1.4), sigma="auto")
+    assert 14 < out.sigma[0] < 26
+    assert run(pipe, smooth_images(2), sigma=[5, 10]).sigma == pytest.approx([5.0, 10.0])
+
+
+def test_guidance_pulls_towards_the_measurement():
+    """With a strong step, Pi-GDM's output re-blurred fits y better than the unguided sample."""
+    pipe = make_pipe(estimator=False)
+    kernel = gaussian_kernel(5, 1.0)
+    sharp = smooth_images(1, height=16, width=16)
+    y = fft_blur(sharp, kernel)
+
+    def residual(out):
+        return (fft_blur(out.images, kernel) - y).norm().item()
+
+    kwargs = dict(kernel=kernel, num_inference_steps=20, output_type="pt", boundary_margin=0, sigma=2)
+    unguided = residual(run(pipe, y, guidance_scale=0.0, **kwargs))
+    guided = residual(run(pipe, y, guidance_scale=20.0, **kwargs))
+    assert guided < 0.7 * unguided
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sigma=-1), "sigma"),
+        (dict(sigma=float("nan")), "sigma"),
+        (dict(sigma="loud"), "sigma"),
+        (dict(sigma=[1, 2, 3]), "sigma"),
+        (dict(guidance="magic"), "guidance"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_particles=0), "num_particles"),
+        (dict(kernel_size=64), "larger than the image"),
+        (dict(callback_on_step_end_tensor_inputs=["prompt_embeds"]), "callback_on_step_end_tensor_inputs"),
+        (dict(kernel=-gaussian_kernel(5, 1.0)), "non-negative"),
+        (dict(kernel=torch.ones(2, 2, 5, 5)), "kernel must be"),
+        (dict(kernel=gaussian_kernel(5, 1.0), em_iterations=2), "em_iterations"),
+        (dict(latents=torch.zeros(1, 3, 8, 8)), "latents must have shape"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(pipe, smooth_images(1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "image, error, match",
+    [
+        (torch.full((1, 3, 16, 16), float("nan")), ValueError, "NaN"),
+        (torch.rand(1, 3, 16, 16) * 255, ValueError, r"\[0, 1\]"),
+        (torch.rand(1, 3, 16, 16) * 2 - 1, ValueError, r"\[0, 1\]"),
+        (torch.rand(1, 2, 16, 16), ValueError, "channels"),
+        (torch.randint(0, 3, (1, 3, 16, 16), dtype=torch.int64), TypeError, "dtype"),
+        (np.zeros((16, 16, 3), dtype=np.int32), TypeError, "dtype"),
+        ("image.png", TypeError, "PIL image"),
+        ([], ValueError, "empty"),
+    ],
+)
+def test_bad_images_raise_clear_errors(pipe, image, error, match):
+    with pytest.raises(error, match=match):
+        run(pipe, image)
+
+
+def test_default_model_path_is_inside_the_package():
+    assert diffusers_blind.DEFAULT_MODEL.endswith("default_model")
+    assert os.path.dirname(diffusers_blind.DEFAULT_MODEL) == os.path.dirname(diffusers_blind.__file__)
