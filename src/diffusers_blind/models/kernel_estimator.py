@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
@@ -136,9 +137,43 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             r = torch.as_tensor(r, dtype=dtype, device=measurement.device).reshape(-1, 1, 1, 1)
             denominator = denominator + n * height * width * r.square()
 
+        denominator = denominator.clamp_min(1e-8)
+        if 2 * size - 1 <= min(height, width):
+            data_step = self._support_data_step(numerator, alpha, denominator, size)
+        else:
+            data_step = self._full_grid_data_step(numerator, alpha, denominator, size)
         z = kernel
         for _ in range(self.config.num_iterations):
-            z_hat = torch.fft.fft2(pad_kernel(z, (height, width)))  # (B, 1, H, W)
-            solution = torch.fft.ifft2((numerator + alpha * z_hat) / denominator).real.mean(1, keepdim=True)
-            z = self.prior_step(project_kernel(crop_kernel(solution, size)))
+            z = self.prior_step(project_kernel(data_step(z)))
         return z
+
+    @staticmethod
+    def _full_grid_data_step(numerator, alpha, denominator, size):
+        """Eq. 24 literally: ``crop(mean_c F⁻¹[(N_c + α·F(pad z)) / D_c])``, two full-grid FFTs per iteration."""
+        height, width = numerator.shape[-2:]
+
+        def step(z):
+            z_hat = torch.fft.fft2(pad_kernel(z, (height, width)))
+            return crop_kernel(torch.fft.ifft2((numerator + alpha * z_hat) / denominator).real.mean(1, keepdim=True), size)
+
+        return step
+
+    @staticmethod
+    def _support_data_step(numerator, alpha, denominator, size):
+        """Eq. 24 restricted to the kernel support, exact and FFT-free inside the loop.
+
+        The solve is linear in ``z``: ``crop(F⁻¹[(N + α·F(pad z))/D]) = b + crop(pad(z) ⊛ g)`` with
+        ``b = crop(mean_c F⁻¹[N_c/D_c])`` and ``g = mean_c F⁻¹[α/D_c]``. Only the ``(2k−1)²`` window of ``g``
+        around the origin reaches the ``k×k`` support, so each HQS iteration is a small convolution.
+        """
+        base = crop_kernel(torch.fft.ifft2(numerator / denominator).real.mean(1, keepdim=True), size)
+        response = torch.fft.ifft2(alpha / denominator).real.mean(1, keepdim=True)
+        window = crop_kernel(response, 2 * size - 1)  # offsets −(k−1)…(k−1)
+        batch = window.shape[0]
+        window = window.reshape(1, batch, 2 * size - 1, 2 * size - 1)
+
+        def step(z):
+            spread = F.conv2d(window, z.flip(-2, -1), groups=batch)  # (1, B, k, k): Σ_m z(m)·g(p − m)
+            return base + spread.reshape(batch, 1, size, size)
+
+        return step

@@ -29,8 +29,13 @@ def pigdm_guidance(
     ``r == 0`` gives the plain ``Kᴴ(y − Kx̂0)/σ²``; ``σ == 0`` is replaced by ``1e-8`` (as in the
     reference code), giving ``Kᴴ(y − Kx̂0)/(r²|K|²)``. Both zero is an error (no finite guidance).
     """
-    if not torch.is_tensor(sigma) and not torch.is_tensor(r) and sigma == 0 and r == 0:
-        raise ValueError("pigdm_guidance needs sigma > 0 or r > 0: with both zero the guidance is infinite")
+    message = "pigdm_guidance needs sigma > 0 or r > 0: with both zero the guidance is infinite"
+    if not torch.is_tensor(sigma) and not torch.is_tensor(r):
+        if sigma == 0 and r == 0:
+            raise ValueError(message)
+    elif torch.is_tensor(r) or r == 0:  # tensors: check per sample (a host sync, skipped when r is a float > 0)
+        if ((torch.as_tensor(sigma) == 0) & (torch.as_tensor(r) == 0)).any():
+            raise ValueError(message)
     sigma = _as_batch_scalar(sigma, x0).clamp_min(1e-8)
     r = _as_batch_scalar(r, x0)
     otf = p2o(kernel.to(x0.dtype), x0.shape[-2:])

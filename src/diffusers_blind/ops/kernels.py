@@ -27,10 +27,9 @@ def project_kernel(kernel: torch.Tensor) -> torch.Tensor:
     """
     kernel = kernel.clamp_min(0)
     total = kernel.sum(dim=(-2, -1), keepdim=True)
-    dirac = dirac_kernel(kernel.shape[-1], 1, kernel.device, kernel.dtype)
-    if kernel.shape[-2] != kernel.shape[-1]:
-        dirac = torch.zeros_like(kernel[:1])
-        dirac[..., kernel.shape[-2] // 2, kernel.shape[-1] // 2] = 1.0
+    # a (kh, kw) Dirac broadcasts against kernels of any leading shape and keeps the input's shape
+    dirac = torch.zeros(kernel.shape[-2:], device=kernel.device, dtype=kernel.dtype)
+    dirac[kernel.shape[-2] // 2, kernel.shape[-1] // 2] = 1.0
     return torch.where(total > 0, kernel / total.clamp_min(torch.finfo(kernel.dtype).tiny), dirac)
 
 
@@ -68,10 +67,17 @@ def center_kernel(kernel: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
     64×64, half a pixel off the ``p2o`` centre); interpolation is bicubic ``grid_sample`` instead of
     a cubic spline; and the result is projected back to ``k >= 0, sum 1`` (the reference keeps the
     spline's small negative lobes).
+
+    PyTorch's bicubic kernel (``a = -0.75``) does not reproduce linear ramps, so one bicubic shift by
+    ``n + t`` pixels moves the centre of mass by ``n + t ± t(1−t)(1−2t)/2`` (up to ~0.05 px off,
+    more after clipping its negative lobes). A second, bilinear pass (exact first moment,
+    non-negative weights) removes that small residual; it is skipped when ``mode="bilinear"``.
     """
     target = torch.tensor([kernel.shape[-2] // 2, kernel.shape[-1] // 2], device=kernel.device, dtype=kernel.dtype)
-    shift = target - kernel_center_of_mass(kernel)
-    return project_kernel(shift_kernel(kernel, shift, mode=mode))
+    centred = project_kernel(shift_kernel(kernel, target - kernel_center_of_mass(kernel), mode=mode))
+    if mode != "bilinear":
+        centred = project_kernel(shift_kernel(centred, target - kernel_center_of_mass(centred), mode="bilinear"))
+    return centred
 
 
 def gaussian_kernel(kernel_size: int, std: float | tuple[float, float], angle: float = 0.0) -> torch.Tensor:

@@ -19,6 +19,7 @@ def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
     h, w = image.shape[-2] // 2 * 2, image.shape[-1] // 2 * 2
     if h < 2 or w < 2:
         raise ValueError("image must be at least 2x2 to estimate its noise")
-    x = image[..., :h, :w].float()
+    dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
+    x = image[..., :h, :w].to(dtype)  # float64 stays float64; half and integer images are computed in float32
     diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
     return diagonal.abs().flatten(1).median(dim=1).values / 0.6745

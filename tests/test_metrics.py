@@ -1,0 +1,214 @@
+"""Known-value tests for diffusers_blind.metrics (CPU, offline)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_blind import metrics
+from diffusers_blind.ops import fft_blur, gaussian_kernel, motion_kernel, spatial_blur
+
+
+def smooth_images(batch=2, channels=3, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, channels, size // 4, size // 4, generator=generator)
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------ PSNR / SSIM
+def test_psnr_identical_is_inf_and_per_image():
+    x = smooth_images()
+    values = metrics.psnr(x, x)
+    assert values.shape == (2,)
+    assert torch.isinf(values).all() and (values > 0).all()
+
+
+def test_psnr_hand_computed():
+    target = torch.full((1, 3, 8, 8), 0.5)
+    assert metrics.psnr(target + 0.1, target).item() == pytest.approx(20.0, abs=1e-9)  # MSE 0.01
+    # two images with different errors: per image, not pooled
+    pair = torch.cat([target + 0.1, target + 0.01])
+    assert metrics.psnr(pair, target).tolist() == pytest.approx([20.0, 40.0], abs=1e-9)
+    # half the pixels off by 0.2: MSE = 0.02 -> 10 log10(50)
+    half = target.clone()
+    half[..., :4, :] += 0.2
+    assert metrics.psnr(half, target).item() == pytest.approx(10 * math.log10(50), abs=1e-9)
+
+
+def test_psnr_clamps_to_unit_range():
+    target = torch.ones(1, 3, 4, 4)
+    assert torch.isinf(metrics.psnr(target + 0.3, target)).all()  # 1.3 is clamped to 1
+    assert metrics.psnr(torch.full_like(target, 0.9), target).item() == pytest.approx(20.0, abs=1e-9)
+
+
+def test_ssim_identical_is_one_and_drops_with_noise():
+    x = smooth_images()
+    assert metrics.ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(x.shape, generator=generator)
+    low, high = metrics.ssim(x + 0.02 * noise, x), metrics.ssim(x + 0.1 * noise, x)
+    assert (low < 1).all() and (high < low).all()
+
+
+def _reference_ssim(x, y):
+    """Direct SSIM: 11x11 Gaussian window (sigma 1.5), valid part, C1 = 0.01^2, C2 = 0.03^2, mean over channels."""
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :]) / g.sum() ** 2
+    c = x.shape[1]
+    w = window.expand(c, 1, 11, 11)
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    ssim_map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def test_ssim_matches_documented_convention():
+    x = smooth_images(seed=2).double()
+    y = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(0, 1)
+    assert metrics.ssim(y, x).tolist() == pytest.approx(_reference_ssim(y, x).tolist(), abs=1e-6)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError):
+        metrics.psnr(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def _embed_at(kernel, size, top, left):
+    canvas = torch.zeros(1, 1, size, size)
+    kh, kw = kernel.shape[-2:]
+    canvas[..., top : top + kh, left : left + kw] = kernel
+    return canvas
+
+
+def test_mnc_shift_invariant_and_scale_invariant():
+    k = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    shifted = _embed_at(k, 9, 1, 3)  # an off-centre copy in a larger support
+    assert metrics.mnc(k, shifted).item() == pytest.approx(1.0, abs=1e-12)
+    assert metrics.mnc(3.0 * shifted, k).item() == pytest.approx(1.0, abs=1e-12)
+    other = gaussian_kernel(5, 1.0)
+    assert metrics.mnc(other, k).item() < 0.999
+
+
+def test_mnc_hand_computed():
+    dirac = torch.zeros(3, 3)
+    dirac[1, 1] = 1
+    line = torch.zeros(3, 3)
+    line[1, 1] = line[1, 2] = 0.5
+    # best overlap 0.5, norms 1 and sqrt(0.5)
+    assert metrics.mnc(line, dirac).item() == pytest.approx(0.5 / math.sqrt(0.5), abs=1e-12)
+
+
+def test_kernel_mse_zero_for_shifted_copy_and_hand_value():
+    k = motion_kernel(7, 0.5, generator=0)
+    # shift by one pixel inside a zero border: no mass leaves the 9x9 support
+    a, b = _embed_at(k, 9, 1, 1), _embed_at(k, 9, 2, 0)
+    assert metrics.kernel_mse(a, b).item() == pytest.approx(0.0, abs=1e-15)
+    assert metrics.kernel_mse(a, b, align="none").item() > 1e-5
+    assert metrics.kernel_mse(a, b, align="center_of_mass").item() == pytest.approx(0.0, abs=1e-15)
+
+    dirac = torch.zeros(3, 3)
+    dirac[1, 1] = 1
+    line = torch.zeros(3, 3)
+    line[1, 1] = line[1, 2] = 0.5
+    # aligned on one of the two pixels: errors 0.5 and -0.5 over 9 pixels
+    assert metrics.kernel_mse(line, dirac).item() == pytest.approx(0.5 / 9, abs=1e-12)
+    # normalisation to sum 1: the scale of the estimate does not matter
+    assert metrics.kernel_mse(4 * line, dirac).item() == pytest.approx(0.5 / 9, abs=1e-12)
+
+
+def test_kernel_mse_shift_is_min_over_all_translations():
+    generator = torch.Generator().manual_seed(5)
+    est, true = torch.rand(2, 1, 5, 5, generator=generator), torch.rand(2, 1, 5, 5, generator=generator)
+    est, true = est / est.sum((-2, -1), keepdim=True), true / true.sum((-2, -1), keepdim=True)
+    expected = []
+    for i in range(2):
+        best = math.inf
+        for dr in range(-4, 5):
+            for dc in range(-4, 5):  # zero-filled translation of the estimate
+                moved = torch.zeros(5, 5, dtype=torch.float64)
+                src = est[i, 0].double()
+                r0, r1, c0, c1 = max(0, dr), min(5, 5 + dr), max(0, dc), min(5, 5 + dc)
+                moved[r0:r1, c0:c1] = src[r0 - dr : r1 - dr, c0 - dc : c1 - dc]
+                best = min(best, ((moved - true[i, 0].double()) ** 2).mean().item())
+        expected.append(best)
+    assert metrics.kernel_mse(est, true).tolist() == pytest.approx(expected, abs=1e-14)
+
+
+def test_kernel_metrics_accept_different_sizes():
+    small = gaussian_kernel(5, 1.0)
+    large = F.pad(small, (2, 2, 2, 2))  # the same PSF on a 9x9 support
+    assert metrics.kernel_mse(small, large).item() == pytest.approx(0.0, abs=1e-15)
+    assert metrics.kernel_mse(small, large, align="none").item() == pytest.approx(0.0, abs=1e-15)
+    assert metrics.mnc(large, small).item() == pytest.approx(1.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ reblur loss
+@pytest.mark.parametrize("mode", ["circular", "reflect"])
+def test_reblur_loss_near_zero_for_truth(mode):
+    x = smooth_images(batch=1, size=64, seed=4)
+    kernel = motion_kernel(9, 0.5, generator=1)
+    sigma = 0.05
+    noise = sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    clean = fft_blur(x, kernel) if mode == "circular" else spatial_blur(x, kernel.flip(-2, -1), padding="reflect")
+    y = clean + noise
+    loss = metrics.reblur_loss(x, kernel, y, sigma, blur_mode=mode)
+    m = x[0].numel()
+    # per element: mean(n^2) - sigma^2 has std sigma^2 sqrt(2 / M)
+    assert abs(loss.per_element.item()) < 5 * sigma**2 * math.sqrt(2 / m)
+    assert loss.total.item() == pytest.approx(loss.per_element.item() * m, rel=1e-12)
+    # the exact value: ||n||^2 - sigma^2 M
+    assert loss.total.item() == pytest.approx(noise.double().pow(2).sum().item() - sigma**2 * m, rel=1e-6, abs=1e-6)
+    # a wrong kernel (no blur) explains y worse
+    dirac = torch.zeros(1, 1, 9, 9)
+    dirac[..., 4, 4] = 1
+    assert metrics.reblur_loss(x, dirac, y, sigma, blur_mode=mode).per_element.item() > 10 * abs(loss.per_element.item())
+
+
+def test_reblur_loss_per_image_sigma():
+    x = smooth_images(batch=2, size=16)
+    kernel = gaussian_kernel(3, 0.8)
+    y = fft_blur(x, kernel)
+    loss = metrics.reblur_loss(x, kernel, y, torch.tensor([0.0, 0.1]))
+    assert loss.per_element.tolist() == pytest.approx([0.0, -0.01], abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ analytic perceptual
+def test_gmsd_and_sharpness():
+    x = smooth_images(size=48, seed=6)
+    assert metrics.gmsd(x, x).tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+    blurred = fft_blur(x, gaussian_kernel(7, 1.5))
+    assert (metrics.gmsd(blurred, x) > 0.01).all()
+    assert (metrics.laplacian_sharpness(blurred) < metrics.laplacian_sharpness(x)).all()
+
+
+# ------------------------------------------------------------------------------------------ optional metrics
+def test_available_metrics_and_clear_errors():
+    names = metrics.available_metrics()
+    for builtin in ("psnr", "ssim", "kernel_mse", "mnc", "reblur_loss"):
+        assert builtin in names
+    x = smooth_images(size=32)
+    for name, call in (("lpips", lambda: metrics.lpips(x, x)), ("niqe", lambda: metrics.niqe(x)),
+                       ("brisque", lambda: metrics.brisque(x))):
+        reason = metrics.metric_status(name)
+        if reason is None:
+            assert name in names
+            values = call()
+            assert values.shape == (2,) and torch.isfinite(values).all()
+            if name == "lpips":
+                assert values.abs().max().item() < 1e-6
+        else:
+            assert name not in names
+            assert "install" in reason or "weights" in reason or "needs" in reason
+            with pytest.raises(metrics.MetricUnavailableError):
+                call()
+    if metrics.metric_status("fid") is not None:
+        with pytest.raises(metrics.MetricUnavailableError):
+            metrics.fid(x, x)
