@@ -284,8 +284,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                         latents = step.prev_sample + factor * grad
                     else:
                         latents = step.prev_sample
-                else:  # Eq. 16 (DPS): x_{t-1} = x'_{t-1} − ζ_t ∇ ‖y − k ⊛ x̂0‖
-                    norm = dps_residual_norm(measurement_p, x0, kernel_p).sum()
+                else:  # Eq. 16 (DPS): x_{t-1} = x'_{t-1} − ζ_t ∇ ‖y − k ⊛ x̂0‖, the norm in [-1, 1] units
+                    # (2× the [0, 1] norm), the range DPS tuned ζ_t for; both y and x̂0 stay in [0, 1]
+                    # (the reference Fast EM DPS path compares a [-1, 1] x̂0 with a [0, 1] y).
+                    norm = 2 * dps_residual_norm(measurement_p, x0, kernel_p).sum()
                     grad = torch.autograd.grad(norm, x_t)[0]
                     latents = step.prev_sample - zeta * grad
             latents = latents.detach()
