@@ -305,6 +305,10 @@ def cmd_deblur(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"output must be a folder, but {out_dir} is a file")
     device = resolve_device(args.device)
+    same_folder = [p for p in paths if out_dir.exists() and p.parent.resolve() == out_dir.resolve()]
+    if any((p.with_name(f"{p.stem}_kernel.npy")).exists() or p.with_suffix(".json").exists() for p in same_folder):
+        _note(f"{out_dir} holds the inputs and their *_kernel.npy / .json files (e.g. from `blur`); "
+              "they will be replaced by this run's estimates")
     if guidance == "dps" and args.steps < PAPER_DPS_STEPS:
         _note(f"the paper runs DPS guidance with {PAPER_DPS_STEPS} steps; running {args.steps} as asked "
               f"(pass --steps {PAPER_DPS_STEPS} for the paper's setting)")
