@@ -65,16 +65,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ffhq_dps": dict(
         image_size=256, num_channels=128, num_res_blocks=1, channel_mult="", attention_resolutions="16",
         num_heads=4, num_head_channels=64, learn_sigma=True, in_channels=3,
+        use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
     ),
     # BlindDPS kernel prior: configs/kernel_model_config.yaml (grayscale 64x64 kernels)
     "blinddps_kernel": dict(
         image_size=64, num_channels=64, num_res_blocks=1, channel_mult="", attention_resolutions="16",
         num_heads=4, num_head_channels=64, learn_sigma=True, in_channels=1,
+        use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
     ),
     # BlindDPS tilt prior: configs/tilt_model_config.yaml (two-channel 256x256 tilt maps)
     "blinddps_tilt": dict(
         image_size=256, num_channels=64, num_res_blocks=1, channel_mult="", attention_resolutions="16",
         num_heads=4, num_head_channels=64, learn_sigma=True, in_channels=2,
+        use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
     ),
 }
 
@@ -91,23 +94,26 @@ def _parse_tuple(value, cast=int) -> tuple:
 
 
 def guided_diffusion_config(
-    image_size: int = 256,
+    image_size: int = 64,
     num_channels: int = 128,
-    num_res_blocks: int = 1,
+    num_res_blocks: int = 2,
     channel_mult: str | tuple = "",
-    attention_resolutions: str | tuple = "16",
+    attention_resolutions: str | tuple = "16,8",
     num_heads: int = 4,
     num_head_channels: int = -1,
-    learn_sigma: bool = True,
+    learn_sigma: bool = False,
     in_channels: int = 3,
     out_channels: int | None = None,
     use_scale_shift_norm: bool = True,
-    resblock_updown: bool = True,
+    resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     num_classes: int | None = None,
     dropout: float = 0.0,
 ) -> dict[str, Any]:
     """A normalised guided-diffusion UNet configuration, as ``script_util.create_model`` would build it.
+
+    The defaults are guided-diffusion's ``model_and_diffusion_defaults()``; the papers' models
+    differ from them (see :data:`PRESETS`).
 
     ``channel_mult=""`` picks guided-diffusion's default for ``image_size``; ``attention_resolutions``
     are feature-map *resolutions* (``"16"`` = the 16×16 level), converted to down-sampling factors
@@ -179,7 +185,8 @@ def unet_config_from_guided(config: dict) -> dict[str, Any]:
         attention_head_dim = head_dims.pop()
     else:
         raise ValueError(
-            f"num_heads={config['num_heads']} with num_head_channels=-1 gives different head widths {sorted(head_dims)} "
+            f"num_heads={config['num_heads']} with num_head_channels=-1 gives different head widths "
+            f"{sorted(head_dims)} "
             "across attention levels; UNet2DModel supports a single attention_head_dim"
         )
     for c in attn_channels:
@@ -408,7 +415,8 @@ def build_unet(state_dict: dict[str, torch.Tensor], config: dict, dtype: torch.d
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
     if bad_shapes or missing or unexpected:
-        parts = ["The converted state dict does not fit UNet2DModel(" + json.dumps(unet_config_from_guided(config)) + ")"]
+        unet_config = json.dumps(unet_config_from_guided(config))
+        parts = [f"The converted state dict does not fit UNet2DModel({unet_config})"]
         if bad_shapes:
             parts.append("  shape mismatches:\n    " + "\n    ".join(bad_shapes[:40]))
         if missing:
@@ -433,7 +441,9 @@ def _str2bool(value: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="guided-diffusion state dict (.pt)")
     p.add_argument("--config", choices=sorted(PRESETS), default=None, help="architecture preset")
     p.add_argument("--output_dir", required=True)
@@ -481,7 +491,7 @@ def main(argv=None) -> int:
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{args.checkpoint} does not hold a state dict (got {type(state_dict).__name__})")
     for wrapper in ("state_dict", "model", "ema"):  # tolerate {"state_dict": {...}} style files
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict) and not torch.is_tensor(state_dict[wrapper]):
+        if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
             break
     unet = build_unet(state_dict, config, dtype=getattr(torch, args.dtype))

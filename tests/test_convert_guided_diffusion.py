@@ -254,11 +254,11 @@ def reference_forward(sd, program, cfg, x, t, y=None):
 # ----------------------------------------------------------------------------------------------
 SMALL_RGB = dict(  # 2 heads of 32 channels at the 16x16 level and in the middle: tests the legacy qkv order
     image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="16",
-    num_head_channels=32, learn_sigma=True, in_channels=3,
+    num_head_channels=32, learn_sigma=True, in_channels=3, resblock_updown=True,
 )
 SMALL_GRAY = dict(  # BlindDPS-kernel-like: 1 -> 2 channels, one head per attention layer, 2 res blocks
     image_size=32, num_channels=32, num_res_blocks=2, channel_mult="1,2,2", attention_resolutions="16,8",
-    num_heads=1, num_head_channels=-1, learn_sigma=True, in_channels=1,
+    num_heads=1, num_head_channels=-1, learn_sigma=True, in_channels=1, resblock_updown=True,
 )
 SMALL_VARIANTS = dict(  # new attention order, conv up/down, additive time embedding, class-conditional
     image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="8",
@@ -296,8 +296,10 @@ def test_converted_unet_matches_guided_diffusion_forward(overrides):
     assert unet.config.out_channels == (2 if cfg["learn_sigma"] else 1) * cfg["in_channels"]
 
 
-def test_float32_equivalence():
-    _check_equivalence(SMALL_RGB, seed=3, dtype=torch.float32, atol=1e-4)
+def test_blinddps_kernel_preset_full_size_float32():
+    """The real BlindDPS kernel-prior architecture (17 M parameters, 3 heads at 16x16, 4 in the middle)."""
+    cfg, unet = _check_equivalence(conv.PRESETS["blinddps_kernel"], seed=7, dtype=torch.float32, atol=1e-4, batch=1)
+    assert (unet.config.in_channels, unet.config.out_channels) == (1, 2)
 
 
 def test_unet_config_choices():
@@ -311,6 +313,17 @@ def test_unet_config_choices():
     assert unet_cfg["attn_norm_num_groups"] == 32 and unet_cfg["attention_head_dim"] == 32
 
 
+def test_unrepresentable_configs_raise():
+    # guided-diffusion's defaults: 4 heads of 96 (16x16, 384 ch) and of 128 (8x8, 512 ch) channels.
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        conv.unet_config_from_guided(conv.guided_diffusion_config())
+    # ... fine with a fixed head width
+    assert conv.unet_config_from_guided(conv.guided_diffusion_config(num_head_channels=64))["attention_head_dim"] == 64
+    # The 512x512 model's channel_mult starts at 0.5.
+    with pytest.raises(ValueError, match="channel_mult"):
+        conv.unet_config_from_guided(conv.guided_diffusion_config(image_size=512, num_head_channels=64))
+
+
 def test_timestep_embedding_convention():
     from diffusers.models.embeddings import Timesteps
 
@@ -319,15 +332,16 @@ def test_timestep_embedding_convention():
     torch.testing.assert_close(ours, gd_timestep_embedding(t, 128), atol=1e-6, rtol=0)
 
 
+# guided-diffusion UNetModel with the DPS `ffhq_10m.pt` configuration (sum of the state-dict shapes).
+FFHQ_10M_PARAMS = 93_563_910
+
+
 def _meta_state_dict(shapes):
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
-@pytest.mark.parametrize(
-    "preset, expected_params",
-    [("ffhq_dps", None), ("blinddps_kernel", None), ("blinddps_tilt", None)],
-)
-def test_presets_full_size_on_meta_device(preset, expected_params):
+@pytest.mark.parametrize("preset", ["ffhq_dps", "blinddps_kernel", "blinddps_tilt"])
+def test_presets_full_size_on_meta_device(preset):
     """Every full-size preset converts key-for-key and shape-for-shape (no memory allocated)."""
     cfg = conv.guided_diffusion_config(**conv.PRESETS[preset])
     shapes, _ = gd_architecture(cfg)
@@ -347,10 +361,6 @@ def test_presets_full_size_on_meta_device(preset, expected_params):
         assert unet.config.down_block_types[2] == "AttnDownBlock2D"  # 64 / 4 = 16x16
     else:
         assert (unet.config.in_channels, unet.config.out_channels) == (2, 4)
-
-
-# guided-diffusion UNetModel with the DPS `ffhq_10m.pt` configuration (sum of the state-dict shapes).
-FFHQ_10M_PARAMS = 93_563_910
 
 
 def test_legacy_qkv_split_is_per_head():
@@ -432,9 +442,11 @@ def test_scheduler_config():
     cfg = conv.guided_diffusion_config(**conv.PRESETS["ffhq_dps"])
     s = DDPMScheduler(**conv.scheduler_config_from_guided(cfg))
     assert s.config.variance_type == "learned_range"
-    s2 = DDPMScheduler(**conv.scheduler_config_from_guided(conv.guided_diffusion_config(**{**SMALL_RGB, "learn_sigma": False})))
+    fixed = conv.guided_diffusion_config(**{**SMALL_RGB, "learn_sigma": False})
+    s2 = DDPMScheduler(**conv.scheduler_config_from_guided(fixed))
     assert s2.config.variance_type == "fixed_small"
     # guided-diffusion's linear schedule: linspace(1e-4, 0.02, 1000)
-    torch.testing.assert_close(s.betas.double(), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), atol=1e-8, rtol=0)
+    expected = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    torch.testing.assert_close(s.betas.double(), expected, atol=1e-8, rtol=0)
     s.set_timesteps(100)
     assert s.timesteps[0] == 999 and s.timesteps[-1] == 0 and s.timesteps[1] == 989

@@ -137,7 +137,7 @@ def test_fast_em_pipeline_from_converted_guided_diffusion_folder(tmp_path):
     conv = helpers.conv
     args = dict(
         image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-        num_head_channels=32, learn_sigma=True, in_channels=3,
+        num_head_channels=32, learn_sigma=True, in_channels=3, resblock_updown=True,
     )
     shapes, _ = helpers.gd_architecture(conv.guided_diffusion_config(**args))
     state_dict = {k: 0.5 * v for k, v in helpers.random_state_dict(shapes, seed=0, dtype=torch.float32).items()}
