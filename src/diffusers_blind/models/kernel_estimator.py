@@ -111,7 +111,13 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         kernel: torch.Tensor | None = None,
         r: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if measurement.ndim != 4:
+            raise ValueError(f"measurement must be (B, C, H, W), got shape {tuple(measurement.shape)}")
         batch, channels, height, width = measurement.shape
+        if kernel is not None and (
+            kernel.ndim != 4 or kernel.shape[1] != 1 or kernel.shape[-1] != kernel.shape[-2] or kernel.shape[0] not in (1, batch)
+        ):
+            raise ValueError(f"kernel must be a square (1 or B={batch}, 1, k, k) warm start, got {tuple(kernel.shape)}")
         if estimates.ndim != 4 or estimates.shape[1:] != measurement.shape[1:] or estimates.shape[0] % batch:
             raise ValueError(
                 f"estimates {tuple(estimates.shape)} must be (B*n, C, H, W) for a measurement {tuple(measurement.shape)}"
@@ -123,7 +129,7 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         dtype = torch.float32 if measurement.dtype in (torch.float16, torch.bfloat16) else measurement.dtype
         if kernel is None:
             kernel = dirac_kernel(size, batch, measurement.device, dtype)
-        kernel = kernel.to(dtype).expand(batch, 1, size, size)
+        kernel = kernel.to(device=measurement.device, dtype=dtype).expand(batch, 1, size, size)
 
         y_hat = torch.fft.fft2(measurement.to(dtype))  # (B, C, H, W)
         x_hat = torch.fft.fft2(estimates.to(dtype)).reshape(batch, n, channels, height, width)
