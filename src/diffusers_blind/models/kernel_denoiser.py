@@ -30,6 +30,8 @@ class KernelDenoiser(ModelMixin, ConfigMixin):
         input_scale: float = 1.0,
     ):
         super().__init__()
+        if in_channels != 2:
+            raise ValueError(f"in_channels must be 2 (the kernel and its noise-level map), got {in_channels}")
         if num_layers < 2:
             raise ValueError(f"num_layers must be >= 2, got {num_layers}")
         widths = [in_channels] + [hidden_channels] * (num_layers - 1) + [out_channels]
