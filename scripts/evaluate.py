@@ -261,36 +261,73 @@ def degrade(x: torch.Tensor, kernel: torch.Tensor, sigma_255: float, args, index
 
 
 # ----------------------------------------------------------------------------------------- methods
-def wiener_deconvolution(y: torch.Tensor, kernel: torch.Tensor, sigma: float, blur_mode: str) -> torch.Tensor:
-    """Non-blind Wiener deconvolution in Fourier with a ``1/|ω|²`` image spectrum (``sigma`` in ``[0, 1]`` units).
+def wiener_deconvolution(
+    y: torch.Tensor, kernel: torch.Tensor, sigma: float, blur_mode: str, max_iterations: int = 100
+) -> torch.Tensor:
+    """Non-blind Wiener deconvolution with a ``1/|ω|²`` image spectrum (``sigma`` in ``[0, 1]`` units).
 
-    ``x̂ = F⁻¹[conj(K)·Y / (|K|² + λ·|D|²)]`` with ``|D|²`` the squared response of the horizontal and
-    vertical finite differences (a natural-image spectrum whose gradients are white) and
-    ``λ = σ² / (2 g²)``; ``g²``, the gradient variance of the sharp image, is fitted to the
-    measurement: ``E[(∂y)²] = g²·mean|K|² + 2σ²``. ``σ`` is floored at 0.5/255 (8-bit
-    quantisation) so that σ = 0 stays stable. For reflect-blurred data the measurement is
-    reflect-padded by the kernel size first, then cropped.
+    The Wiener filter of a Gaussian image whose gradients are white with variance ``g²`` is the
+    minimiser of ``‖k ⊛ x − y‖² + λ‖∇x‖²`` with ``λ = σ² / (2 g²)``; ``g²`` is fitted to the
+    measurement, ``E[(∂y)²] = g²·mean|K|² + 2σ²`` (the blur attenuates white gradients by
+    ``mean|K|²``), and ``σ`` is floored at 0.5/255 (8-bit quantisation) so that σ = 0 stays stable.
+
+    * ``"circular"``: the closed form in Fourier, ``x̂ = F⁻¹[conj(K)·Y / (|K|² + λ·|D|²)]``;
+    * ``"reflect"``: the same objective with the reflect-padded blur operator (no circular model,
+      hence no wrap-around artefacts), solved by conjugate gradients from ``y``.
     """
     from diffusers_blind.ops import p2o
 
     sigma = max(float(sigma), 0.5 / 255)
     y = y.double()
-    margin = max(kernel.shape[-2:]) if blur_mode == "reflect" else 0
-    if margin:
-        mode = "reflect" if margin < min(y.shape[-2:]) else "replicate"
-        y = F.pad(y, (margin,) * 4, mode=mode)
+    kernel = kernel.double()
     height, width = y.shape[-2:]
-    otf = p2o(kernel.double(), (height, width))
-    wy = 2 * math.pi * torch.fft.fftfreq(height, dtype=torch.float64).view(-1, 1)
-    wx = 2 * math.pi * torch.fft.fftfreq(width, dtype=torch.float64).view(1, -1)
-    d2 = 4 * torch.sin(wy / 2) ** 2 + 4 * torch.sin(wx / 2) ** 2
+    otf = p2o(kernel, (height, width))
     grad_var = 0.5 * ((y.diff(dim=-1) ** 2).mean() + (y.diff(dim=-2) ** 2).mean())
     g2 = (grad_var - 2 * sigma**2).clamp_min(1e-6) / (otf.abs() ** 2).mean()
-    lam = sigma**2 / (2 * g2)
-    estimate = torch.fft.ifft2(otf.conj() * torch.fft.fft2(y) / (otf.abs() ** 2 + lam * d2)).real
-    if margin:
-        estimate = estimate[..., margin:-margin, margin:-margin]
-    return estimate.float().clamp(0, 1)
+    lam = float(sigma**2 / (2 * g2))
+
+    if blur_mode == "circular":
+        wy = 2 * math.pi * torch.fft.fftfreq(height, dtype=torch.float64).view(-1, 1)
+        wx = 2 * math.pi * torch.fft.fftfreq(width, dtype=torch.float64).view(1, -1)
+        d2 = 4 * torch.sin(wy / 2) ** 2 + 4 * torch.sin(wx / 2) ** 2
+        estimate = torch.fft.ifft2(otf.conj() * torch.fft.fft2(y) / (otf.abs() ** 2 + lam * d2)).real
+        return estimate.float().clamp(0, 1)
+
+    kh, kw = kernel.shape[-2:]
+    pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
+    padded_otf = p2o(kernel, (height + kh - 1, width + kw - 1))
+
+    def blur_op(x):  # = spatial_blur(x, kernel.flip(-2, -1), "reflect"), the measurement model, computed by FFT
+        padded = F.pad(x, pads, mode="reflect")
+        out = torch.fft.ifft2(torch.fft.fft2(padded) * padded_otf).real
+        return out[..., pads[2] : pads[2] + height, pads[0] : pads[0] + width]
+
+    def energy(x, target=None):
+        residual = blur_op(x) if target is None else blur_op(x) - target
+        return 0.5 * residual.pow(2).sum() + 0.5 * lam * (x.diff(dim=-1).pow(2).sum() + x.diff(dim=-2).pow(2).sum())
+
+    def gradient(x, target=None):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            return torch.autograd.grad(energy(x, target), x)[0]
+
+    # Normal equations N x = Aᵀy with N = AᵀA + λ DᵀD: N x = ∇E₀(x), and Aᵀy = N x − ∇E_y(x) at any x.
+    x = y.clone()
+    residual = -gradient(x, y)
+    direction = residual.clone()
+    rs = residual.pow(2).sum()
+    tolerance = 1e-6 * float(rs)  # stop when the residual norm has dropped by 1e3
+    for _ in range(max_iterations):
+        if rs <= tolerance:
+            break
+        applied = gradient(direction)
+        step = rs / (direction * applied).sum()
+        x = x + step * direction
+        residual = residual - step * applied
+        rs_new = residual.pow(2).sum()
+        direction = residual + (rs_new / rs) * direction
+        rs = rs_new
+    return x.float().clamp(0, 1)
 
 
 def run_method(method, y, kernel_true, sigma_255, args, pipe, index, device):
@@ -509,7 +546,8 @@ def _tile(array_or_image, size: int) -> Image.Image:
     image = array_or_image if isinstance(array_or_image, Image.Image) else Image.open(array_or_image)
     image = image.convert("RGB")
     scale = size / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.NEAREST)
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS  # show pixels, avoid aliasing
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
 
 
 def _kernel_image(path: Path, size: int) -> Image.Image:
@@ -570,7 +608,7 @@ def perception_distortion_plot(rows: list[dict], output_dir: Path) -> Path | Non
         y_key, y_label = "lpips_mean", "LPIPS (lower is better)"
     elif all(row.get("sharpness_ratio_mean") is not None for row in rows):
         y_key = "sharpness_ratio_mean"
-        y_label = "Laplacian-variance sharpness, output / ground truth (1 = as sharp; no-reference proxy)"
+        y_label = "sharpness ratio output / ground truth\n(Laplacian variance, a no-reference proxy; 1 = as sharp)"
     else:
         return None
     points = [(row["psnr_mean"], row[y_key], f"{row['method']} sigma={row['sigma']:g}") for row in rows]
@@ -602,7 +640,7 @@ def perception_distortion_plot(rows: list[dict], output_dir: Path) -> Path | Non
         pass
     if y_key == "sharpness_ratio_mean":  # log scale, as with matplotlib
         points = [(x, math.log10(y), label) for x, y, label in points if y > 0]
-        _pil_scatter(points, "PSNR (dB, higher is better)", "log10 of " + y_label, path, reference=0.0)
+        _pil_scatter(points, "PSNR (dB, higher is better)", "log10 " + y_label.replace("\n", " "), path, reference=0.0)
     else:
         _pil_scatter(points, "PSNR (dB, higher is better)", y_label, path)
     return path
@@ -689,6 +727,7 @@ def main(argv=None) -> int:
     jobs = [(index, sigma, method) for index, _ in usable for sigma in args.sigma for method in args.methods]
     done = {job_key(r) for r in read_records(output_dir)}
     pending = [job for job in jobs if job_key(job) not in done]
+    state.wait_for_everyone()  # every process has read the same "done" set before anyone writes a new result
     if state.is_main_process:
         print(f"{len(jobs)} jobs ({len(usable)} images × {len(args.sigma)} σ × {len(args.methods)} methods), "
               f"{len(jobs) - len(pending)} already done, {len(pending)} to run on {state.num_processes} process(es).")
@@ -701,6 +740,11 @@ def main(argv=None) -> int:
         pipe.set_progress_bar_config(disable=True)
 
     results_path = output_dir / ("results.jsonl" if state.num_processes == 1 else f"results.rank{state.process_index}.jsonl")
+    if results_path.is_file() and results_path.stat().st_size > 0:
+        with open(results_path, "rb+") as handle:  # a kill may have left half a line: start on a fresh one
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
     new_records = []
     with state.split_between_processes(pending) as my_jobs:
         cache = {}
@@ -742,9 +786,7 @@ def main(argv=None) -> int:
                 progress.set_postfix(psnr=f"{record['psnr']:.2f}", method=method)
                 if args.stop_after is not None and count >= args.stop_after:
                     print(f"--stop_after {args.stop_after}: process {state.process_index} stops early", flush=True)
-                    handle.close()
-                    sys.stdout.flush()
-                    os._exit(3)
+                    raise SystemExit(3)  # like a kill: no merge, no summary
 
     gathered = gather_object(new_records)  # records of every process (also without a shared file system)
     state.wait_for_everyone()

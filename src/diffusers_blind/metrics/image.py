@@ -46,26 +46,41 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10 * torch.log10(data_range**2 / mse)
 
 
+def _gaussian_window(size: int = 11, std: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
+    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * std**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity per image (Wang et al. 2004), via torchmetrics.
+    """Structural similarity per image (Wang et al. 2004), in-house, float64.
 
-    Convention: Gaussian window 11×11 with σ = 1.5, ``K1 = 0.01``, ``K2 = 0.03``, ``data_range = 1``
-    on images clamped to ``[0, 1]``; the SSIM map is computed per channel on the "valid" part
-    (torchmetrics pads by reflection and crops the 5-pixel border) and averaged over channels
-    and pixels (RGB, not Y). Identical images give exactly 1.
+    Convention (KAIR ``calculate_ssim`` / scikit-image ``gaussian_weights=True`` style): images
+    clamped to ``[0, data_range]``; local statistics with an 11×11 Gaussian window of σ = 1.5;
+    ``C1 = (0.01·data_range)²``, ``C2 = (0.03·data_range)²``; the SSIM map is computed per channel
+    on the **valid** part only (no padding: a 5-pixel border is dropped) and averaged over channels
+    and pixels (RGB, not Y). Identical images give exactly 1. torchmetrics'
+    ``structural_similarity_index_measure`` differs only at the border (it reflect-pads and keeps it).
     """
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     x, y = _check_pair(x, y)
     x = x.double().clamp(0, data_range)
     y = y.double().clamp(0, data_range)
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 (window 11), got {tuple(x.shape[-2:])}")
-    values = structural_similarity_index_measure(
-        x, y, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=data_range, k1=0.01, k2=0.03,
-        reduction="none",
-    )
-    return values.reshape(-1).double()
+    channels = x.shape[1]
+    window = _gaussian_window(device=x.device).expand(channels, 1, 11, 11)
+
+    def local_mean(t):
+        return F.conv2d(t, window, groups=channels)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x**2
+    var_y = local_mean(y * y) - mu_y**2
+    cov = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
 
 
 class ReblurLoss(NamedTuple):

@@ -1,0 +1,248 @@
+"""End-to-end tests of scripts/evaluate.py (CPU, offline, tiny random model).
+
+Subprocess runs: one single-process run, one interrupted run (``--stop_after``) and its resumption with
+``accelerate launch`` on 2 CPU processes; the resumed multi-process results must equal the
+single-process ones. The rest runs the script's ``main`` in-process.
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "evaluate.py"
+METHODS = ["fastem-pigdm", "identity", "wiener-known-kernel"]
+DETERMINISTIC = {"identity", "wiener-known-kernel"}
+METRICS = ["psnr", "ssim", "gmsd", "sharpness", "kernel_mse", "mnc", "reblur_per_element"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = load_script()
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusers_blind import FastEMDeblurPipeline, KernelEstimator
+
+    root = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16, in_channels=3,
+        out_channels=3, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, variance_type="fixed_small",
+                              timestep_spacing="linspace")
+    pipe = FastEMDeblurPipeline(unet=unet, scheduler=scheduler, kernel_estimator=KernelEstimator(kernel_size=5, num_iterations=2))
+    pipe.save_pretrained(root / "model")
+
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:28, 0:30] / 28.0
+    for i in range(4):  # random smooth colour patterns, larger than the 24x24 crop
+        channels = [0.5 + 0.4 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * cols + rng.uniform(0.5, 2) * rows) + rng.uniform(0, 6))
+                    for _ in range(3)]
+        Image.fromarray((np.stack(channels, -1) * 255).round().astype(np.uint8)).save(images / f"img{i}.png")
+    Image.fromarray(np.full((10, 12, 3), 128, np.uint8)).save(images / "small.png")  # skipped at --resolution 24
+    return root
+
+
+@pytest.fixture()
+def hf_env(fixture_dir, monkeypatch):
+    env = {"HF_DATASETS_CACHE": str(fixture_dir / "hf_cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TQDM_DISABLE": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return {**os.environ, **env}
+
+
+def common_args(fixture_dir, output_dir, methods=METHODS):
+    return ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--steps", "2",
+            "--sigma", "10", "--methods", *methods, "--model", str(fixture_dir / "model"), "--output_dir", str(output_dir),
+            "--num_grid", "2"]
+
+
+def run(command, env, expect=0):
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def records_by_key(output_dir):
+    records = [json.loads(line) for line in (Path(output_dir) / "results.jsonl").read_text().splitlines()]
+    keys = [(r["image_index"], r["method"], r["sigma"]) for r in records]
+    assert len(keys) == len(set(keys)), "a job is recorded twice"
+    return dict(zip(keys, records))
+
+
+def assert_same_results(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        for metric in METRICS:
+            va, vb = a[key][metric], b[key][metric]
+            if va is None:
+                assert vb is None
+            elif key[1] in DETERMINISTIC:
+                assert vb == pytest.approx(va, abs=1e-5), (key, metric)
+            else:  # diffusion: same per-image seed; only float summation order may differ between thread counts
+                assert vb == pytest.approx(va, rel=1e-4, abs=1e-5), (key, metric)
+
+
+@pytest.fixture(scope="module")
+def single_run(fixture_dir, tmp_path_factory):
+    env = {**os.environ, "HF_DATASETS_CACHE": str(fixture_dir / "hf_cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    output_dir = tmp_path_factory.mktemp("single")
+    result = run([sys.executable, str(SCRIPT), *common_args(fixture_dir, output_dir)], env)
+    return output_dir, result
+
+
+def test_single_process_outputs(single_run):
+    output_dir, result = single_run
+    assert "Skipping 1 image(s) smaller than 24x24" in result.stdout
+    records = records_by_key(output_dir)
+    assert len(records) == 4 * len(METHODS)  # 4 usable images x 1 sigma x 3 methods
+    for (index, method, sigma), record in records.items():
+        assert sigma == 10.0 and record["resolution"] == [24, 24] and record["time_s"] >= 0
+        assert np.isfinite(record["psnr"]) and -1 <= record["ssim"] <= 1
+        assert (record["kernel_mse"] is None) == (method == "wiener-known-kernel")  # true kernel: not scored
+        if record["mnc"] is not None:
+            assert 0 < record["mnc"] <= 1 + 1e-9
+    # the Wiener filter with the true kernel beats doing nothing on these smooth images
+    wiener = np.mean([r["psnr"] for k, r in records.items() if k[1] == "wiener-known-kernel"])
+    identity = np.mean([r["psnr"] for k, r in records.items() if k[1] == "identity"])
+    assert wiener > identity
+    for name in ("summary.md", "summary.csv", "grid.png", "perception_distortion.png", "config.json"):
+        assert (output_dir / name).is_file(), name
+    assert not list(output_dir.glob("results.rank*.jsonl"))
+    summary = (output_dir / "summary.md").read_text()
+    for method in METHODS:
+        assert f"| {method} | 10 | 4 |" in summary
+    csv_header = (output_dir / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"method", "sigma", "n", "psnr_mean", "psnr_std", "mnc_mean", "time_s_mean"} <= set(csv_header)
+    grid = Image.open(output_dir / "grid.png")
+    assert grid.height > grid.width / 8  # two image rows
+
+
+def test_interrupted_run_resumes_on_two_processes(single_run, fixture_dir, tmp_path, hf_env):
+    output_dir = tmp_path / "resumed"
+    args = common_args(fixture_dir, output_dir)
+    with pytest.raises(SystemExit) as stopped:  # the test hook stops like a kill after 2 jobs
+        evaluate.main([*args, "--stop_after", "2"])
+    assert stopped.value.code == 3
+    lines = (output_dir / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    first_two = [json.loads(line) for line in lines]
+    with open(output_dir / "results.jsonl", "a") as handle:  # a kill in the middle of a write
+        handle.write('{"image_index": 3, "method": "identity", "sig')
+    with pytest.raises(SystemExit):  # one more job, appended after the broken line without being glued to it
+        evaluate.main([*args, "--stop_after", "1"])
+    valid = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines() if line.endswith("}")]
+    assert len(valid) == 3 and valid[:2] == first_two
+    done_before = valid
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    result = run([*launch, str(SCRIPT), *args], hf_env)
+    assert "3 already done, 9 to run on 2 process(es)" in result.stdout
+    resumed = records_by_key(output_dir)
+    assert len(resumed) == 4 * len(METHODS)
+    assert {r["process"] for r in resumed.values()} == {0, 1}
+    for record in done_before:  # kept as they were, not recomputed
+        assert resumed[(record["image_index"], record["method"], record["sigma"])] == record
+    assert not list(output_dir.glob("results.rank*.jsonl"))
+    assert_same_results(records_by_key(single_run[0]), resumed)
+
+    # a third run has nothing to do and keeps every job exactly once
+    assert evaluate.main(args) == 0
+    assert records_by_key(output_dir).keys() == resumed.keys()
+
+
+def test_refuses_to_mix_settings(single_run, fixture_dir, hf_env):
+    output_dir, _ = single_run
+    args = common_args(fixture_dir, output_dir)
+    args[args.index("--kernel_size") + 1] = "3"
+    with pytest.raises(SystemExit, match="kernel_size"):
+        evaluate.main(args)
+
+
+def test_degradation_is_a_pure_function_of_seed_and_index():
+    args = evaluate.parse_args(["--data_dir", ".", "--output_dir", "x", "--kernel_size", "7", "--methods", "identity"])
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    first = [evaluate.make_kernel(args, i, None)[0] for i in (0, 1, 2)]
+    again = [evaluate.make_kernel(args, i, None)[0] for i in (2, 0, 1)]  # another order, another process
+    assert torch.equal(first[0], again[1]) and torch.equal(first[2], again[0])
+    assert not torch.equal(first[0], first[1])
+    torch.manual_seed(123)  # the global RNG plays no part
+    y1 = evaluate.degrade(x, first[0], 10.0, args, 0)
+    torch.manual_seed(456)
+    assert torch.equal(y1, evaluate.degrade(x, first[0], 10.0, args, 0))
+    assert not torch.equal(y1, evaluate.degrade(x, first[0], 10.0, args, 1))
+    args.seed = 1
+    assert not torch.equal(first[0], evaluate.make_kernel(args, 0, None)[0])
+
+
+def test_user_kernels_reflect_blur_and_padding(fixture_dir, tmp_path, hf_env):
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    line = np.zeros((5, 5))
+    line[2, 1:4] = 1.0
+    np.save(kernels / "a_line.npy", line)
+    Image.fromarray(np.pad(np.full((1, 3), 255, np.uint8), 1)).save(kernels / "b_bar.png")  # 3 rows x 5 columns
+    output_dir = tmp_path / "out"
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "26", "--small_images", "pad",
+            "--kernel", str(kernels), "--blur_mode", "reflect", "--sigma", "0", "--limit", "5",
+            "--methods", "identity", "wiener-known-kernel", "--output_dir", str(output_dir), "--num_grid", "1"]
+    assert evaluate.main(args) == 0
+    records = records_by_key(output_dir)
+    assert len(records) == 5 * 2  # the 10x12 image is padded, not skipped
+    names = {r["image_index"]: r["kernel"] for r in records.values()}
+    assert names == {0: "a_line.npy", 1: "b_bar.png", 2: "a_line.npy", 3: "b_bar.png", 4: "a_line.npy"}
+    assert all(r["resolution"] == [26, 26] for r in records.values())
+    # a known kernel and sigma = 0: the re-blur residual of the Wiener estimate is small
+    wiener = [r for k, r in records.items() if k[1] == "wiener-known-kernel" and k[2] == 0.0]
+    assert all(abs(r["reblur_per_element"]) < 1e-3 for r in wiener)
+
+
+def test_wiener_deconvolution_recovers_a_blurred_image():
+    from diffusers_blind import metrics
+    from diffusers_blind.ops import fft_blur, gaussian_kernel
+
+    coarse = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.interpolate(coarse, size=(48, 48), mode="bicubic", align_corners=False).clamp(0, 1)
+    kernel = gaussian_kernel(9, 2.0)
+    y = fft_blur(x, kernel) + 2 / 255 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    restored = evaluate.wiener_deconvolution(y, kernel, 2 / 255, "circular")
+    assert metrics.psnr(restored, x).item() > metrics.psnr(y, x).item() + 2
+
+
+def test_pil_scatter_fallback(tmp_path):
+    path = tmp_path / "plot.png"
+    evaluate._pil_scatter([(20.0, 0.3, "a sigma=5"), (25.0, 0.1, "b sigma=5")], "PSNR", "LPIPS", path)
+    image = np.asarray(Image.open(path).convert("L"))
+    assert image.shape == (520, 720) and image.min() < 128  # something was drawn
