@@ -1,6 +1,6 @@
 """Physics of blur: pure torch functions, batched, differentiable, device-agnostic."""
 
-from .blur import crop_kernel, fft_blur, fft_blur_adjoint, o2p, p2o, pad_kernel, spatial_blur
+from .blur import crop_kernel, edge_taper_window, fft_blur, fft_blur_adjoint, o2p, p2o, pad_kernel, spatial_blur
 from .guidance import dps_residual_norm, pigdm_guidance
 from .kernels import (
     GaussianKernelGenerator,
@@ -26,6 +26,7 @@ __all__ = [
     "crop_kernel",
     "dirac_kernel",
     "dps_residual_norm",
+    "edge_taper_window",
     "estimate_noise_sigma",
     "fft_blur",
     "fft_blur_adjoint",

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...models.kernel_estimator import KernelEstimator
+from ...ops.blur import edge_taper_window
 from ...ops.guidance import dps_residual_norm, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import estimate_noise_sigma
@@ -254,6 +255,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         step_offset: int,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs: list[str],
+        taper_window: torch.Tensor,
     ):
         """One full reverse diffusion with guidance; the kernel is re-estimated each step when ``estimate_kernel``."""
         timesteps = self.scheduler.timesteps
@@ -272,7 +274,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 x0 = ((step.pred_original_sample.float() + 1) / 2).clamp(0, 1)  # x̂0 in [0, 1]
 
                 if estimate_kernel:  # M-step (Eqs. 24-25) then recentre (§4.2)
-                    kernel = self.kernel_estimator(measurement, x0.detach(), sigma, kernel, r=math.sqrt(r2))
+                    kernel = self.kernel_estimator(taper_window * measurement, taper_window * x0.detach(), sigma, kernel, r=math.sqrt(r2))
                     kernel = center_kernel(kernel)
                 kernel_p = kernel.repeat_interleave(num_particles, dim=0)
 
@@ -342,6 +344,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             r_schedule: ``"fastem"`` (``r_t² = β̃_t/(1+β̃_t)``, the reference code) or ``"pigdm"`` (``1 − ᾱ_t``).
             boundary_margin: pixels of reflection padding added around the image before the circular FFT
                 model, removed at the end (default ``kernel_size // 2``; use 0 for data blurred circularly).
+                With a margin, the M-step also sees both images through a ``kernel_size``-wide edge taper.
             eta: DDIM's ``η`` (ignored by DDPM).
             generator: a ``torch.Generator``, or a list with one per image (or per particle) for reproducibility.
             latents: the initial noise ``x_T``, ``(B·n, C, H', W')`` on the padded grid.
@@ -384,6 +387,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
         padded, window = pad_to_multiple(measurement, multiple, margin)
 
+        # The M-step sees measurement and estimate through an edge taper, so that the border of a
+        # non-periodic photograph does not enter the Fourier kernel estimate (none when margin = 0).
+        taper = min(kernel_size, min(padded.shape[-2:]) // 2) if margin > 0 else 0
+        taper_window = edge_taper_window(padded.shape[-2:], taper, device=device)
+
         estimate_kernel = kernel is None
         if estimate_kernel:
             kernel = dirac_kernel(kernel_size, batch, device)
@@ -407,10 +415,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                     run_latents, padded, sigma, kernel, estimate_kernel and em_iterations is None, guidance,
                     guidance_scale, r_schedule, num_particles, extra_step_kwargs, progress_bar,
                     run * len(self.scheduler.timesteps), callback_on_step_end, callback_on_step_end_tensor_inputs,
+                    taper_window,
                 )
                 if em_iterations is not None:  # Diffusion EM: M-step on the final samples (Alg. A.1)
                     final = ((run_latents.float() + 1) / 2).clamp(0, 1)
-                    kernel = center_kernel(self.kernel_estimator(padded, final, sigma, kernel))
+                    kernel = center_kernel(self.kernel_estimator(taper_window * padded, taper_window * final, sigma, kernel))
         self.maybe_free_model_hooks()
 
         if output_type == "latent":
