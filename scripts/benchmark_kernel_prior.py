@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from diffusers_blind.models import KernelEstimator
-from diffusers_blind.ops import MotionKernelGenerator, dirac_kernel, fft_blur
+from diffusers_blind.ops import MotionKernelGenerator, dirac_kernel, fft_blur, gaussian_kernel
 
 
 DEFAULT_ESTIMATOR = Path(__file__).resolve().parents[1] / "src" / "diffusers_blind" / "default_model" / "kernel_estimator"
@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", type=str, nargs="+", default=["pnp", "l1", "l2", "none"])
     p.add_argument("--pnp_lambdas", type=float, nargs="+", default=None)
     p.add_argument("--l1_lambdas", type=float, nargs="+", default=None)
+    p.add_argument("--estimate_blur_std", type=float, default=0.0,
+                   help="if > 0, give the M-step a degraded estimate (the sharp image blurred by a Gaussian of this std, "
+                   "mimicking the smooth x0 predictions of the diffusion E-step) instead of the true sharp image")
     p.add_argument("--noise_seed", type=int, default=0)
     p.add_argument("--output", type=str, default=None, help="write all results to this JSON file")
     p.add_argument("--num_threads", type=int, default=None)
@@ -90,6 +93,9 @@ def make_problem(image_name: str, args, kernel_size: int, seed: int):
     gen = torch.Generator().manual_seed(args.noise_seed + seed)
     clean = fft_blur(sharp, kernels.double())
     noise = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    if args.estimate_blur_std > 0:
+        blur = gaussian_kernel(2 * int(3 * args.estimate_blur_std) + 1, args.estimate_blur_std).double()
+        sharp = fft_blur(sharp, blur)  # the estimate handed to the M-step; y was made from the true image
     return sharp, kernels.double(), clean, noise
 
 

@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val_seed", type=int, default=1_000_003)
     p.add_argument("--resume", type=str, default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--init_from", type=str, default=None,
+                   help="initialise the weights from a KernelDenoiser folder, a KernelEstimator folder or a checkpoint folder "
+                   "(e.g. fine-tune a 64x64 denoiser from the 33x33 one; the fully convolutional weights fit any size)")
+    p.add_argument("--max_minutes", type=float, default=None, help="stop (validate, checkpoint, export) after this wall time")
     p.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--no_plot", action="store_true")
     return p.parse_args(argv)
@@ -202,6 +206,19 @@ def write_outputs(output_dir: Path, history: dict, args, final: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------- main
+def load_body_weights(path: Path) -> dict:
+    """The ``body.*`` weights of a denoiser saved as a KernelDenoiser / KernelEstimator folder or a checkpoint."""
+    from safetensors.torch import load_file
+
+    files = [path / "model.safetensors", path / "diffusion_pytorch_model.safetensors"]
+    state = load_file(str(next(f for f in files if f.exists())))
+    body = {}
+    for name, value in state.items():
+        if "body." in name:
+            body[name[name.index("body.") + len("body.") :]] = value
+    return body
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     if resume != "latest":
         return Path(resume)
@@ -224,6 +241,9 @@ def main(argv=None) -> dict:
     val_kernels = make_kernels(k, args.num_val_kernels, args.val_seed, args)
 
     model = KernelDenoiser(hidden_channels=args.hidden_channels, num_layers=args.num_layers, input_scale=input_scale)
+    if args.init_from:
+        model.body.load_state_dict(load_body_weights(Path(args.init_from)))
+        accelerator.print(f"initialised the denoiser weights from {args.init_from}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.max_steps, 1), eta_min=args.lr_min)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -244,7 +264,8 @@ def main(argv=None) -> dict:
     log_sigma = (math.log(args.sigma_min), math.log(args.sigma_max))
     running, t0 = 0.0, time.time()
     model.train()
-    while step < args.max_steps:
+    stop = False
+    while step < args.max_steps and not stop:
         idx = torch.randint(0, pool.shape[0], (args.batch_size,))
         clean = augment(pool[idx]).to(device)
         sigma = torch.empty(args.batch_size).uniform_(*log_sigma).exp().to(device)
@@ -262,14 +283,17 @@ def main(argv=None) -> dict:
         scheduler.step()
         step += 1
         running += loss.item()
+        stop = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        if stop:
+            accelerator.print(f"--max_minutes {args.max_minutes} reached at step {step}: stopping")
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if step % args.log_every == 0 or step == args.max_steps or stop:
             n = args.log_every if step % args.log_every == 0 else (step % args.log_every)
             lr = scheduler.get_last_lr()[0]
             history["train"].append({"step": step, "loss": running / n, "lr": lr})
             accelerator.print(f"step {step}: train {args.loss} (scaled units) {running / n:.4e}  lr {lr:.2e}  {time.time() - t0:.0f}s")
             running = 0.0
-        if step % args.val_every == 0 or step == args.max_steps:
+        if step % args.val_every == 0 or step == args.max_steps or stop:
             rows = validate(accelerator.unwrap_model(model), val_kernels, args.val_seed, device)
             history["val"].extend({"step": step, **r} for r in rows)
             accelerator.print(
@@ -277,7 +301,7 @@ def main(argv=None) -> dict:
             )
             if accelerator.is_main_process:
                 write_outputs(output_dir, history, args, final=False)
-        if step % args.checkpoint_every == 0 or step == args.max_steps:
+        if step % args.checkpoint_every == 0 or step == args.max_steps or stop:
             ckpt = output_dir / "checkpoints" / f"checkpoint-{step}"
             accelerator.save_state(str(ckpt))
             if accelerator.is_main_process:

@@ -27,7 +27,8 @@ class KernelEstimator(ModelMixin, ConfigMixin):
       ``Z_c = F⁻¹[(Σ_i conj(X_i,c)·Y_c + α·F(z)) / (Σ_i |X_i,c|² + α [+ n·N·r²])]``,
       then the mean over channels, crop to the ``k×k`` support, project (``≥ 0``, sum 1);
     * prior step (Eq. 25), ``z = D_{√(λ/β)}(Z)`` (``"pnp"``), ``max(Z − λ/β, 0)`` (``"l1"``),
-      ``βZ/(2λ + β)`` (``"l2"``) or nothing (``"none"``), then project again.
+      ``βZ/(2λ + β)`` (``"l2"``; a pure rescaling that the projection undoes, so it equals
+      ``"none"`` — kept for parity with the reference code) or nothing (``"none"``), then project again.
 
     The defaults reproduce the public code: α not scaled by the number of particles ``n``,
     per-channel solve then mean, no uncertainty term. ``scale_alpha_by_particles=True`` gives the
@@ -73,6 +74,8 @@ class KernelEstimator(ModelMixin, ConfigMixin):
     @classmethod
     def from_denoiser(cls, denoiser: KernelDenoiser, **config) -> "KernelEstimator":
         """An estimator around an existing (trained) :class:`KernelDenoiser`, copying its weights."""
+        if config.pop("regularization", "pnp") != "pnp":
+            raise ValueError("from_denoiser builds a 'pnp' estimator; other regularizations have no denoiser")
         estimator = cls(
             regularization="pnp",
             denoiser_hidden_channels=denoiser.config.hidden_channels,

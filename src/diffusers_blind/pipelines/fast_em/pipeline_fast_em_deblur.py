@@ -83,6 +83,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         scheduler ([`DDPMScheduler`] or [`DDIMScheduler`]): the reverse process. Use
             ``timestep_spacing="linspace"`` to reproduce the reference 100-step respacing.
         kernel_estimator ([`KernelEstimator`], *optional*): the M-step; needed for blind runs.
+        guidance_scale (`float`): default multiplier of the reference step size ``ζ_t = √ᾱ_t`` (1 = the
+            paper); saved in ``model_index.json`` so a shipped prior can carry its tuned value.
     """
 
     model_cpu_offload_seq = "unet"
@@ -94,9 +96,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         unet: UNet2DModel,
         scheduler: DDPMScheduler | DDIMScheduler,
         kernel_estimator: KernelEstimator | None = None,
+        guidance_scale: float = 1.0,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, kernel_estimator=kernel_estimator)
+        self.register_to_config(guidance_scale=guidance_scale)
 
     @property
     def num_timesteps(self) -> int:
@@ -337,13 +341,14 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             kernel: the true kernel for the non-blind Pi-GDM / DPS baselines; ``None`` for blind deblurring.
             num_inference_steps: diffusion steps (100 for Pi-GDM in the paper, 1000 for DPS).
             guidance: ``"pigdm"`` (Fourier closed form, Eq. 17) or ``"dps"`` (Eq. 16).
-            guidance_scale: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (default 1, the paper's).
+            guidance_scale: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (default: the pipeline's
+                ``config.guidance_scale``; 1 is the paper's step).
             kernel_size: size of the estimated kernel (default: the estimator's ``kernel_size``).
             num_particles: ``n`` posterior samples per image, run as a batch sharing one kernel.
             em_iterations: if set, Diffusion EM (Alg. A.1): this many full runs, one M-step after each.
             r_schedule: ``"fastem"`` (``r_t² = β̃_t/(1+β̃_t)``, the reference code) or ``"pigdm"`` (``1 − ᾱ_t``).
             boundary_margin: pixels of reflection padding added around the image before the circular FFT
-                model, removed at the end (default ``kernel_size // 2``; use 0 for data blurred circularly).
+                model, removed at the end (default ``kernel_size``; use 0 for data blurred circularly).
                 With a margin, the M-step also sees both images through a ``kernel_size``-wide edge taper.
             eta: DDIM's ``η`` (ignored by DDPM).
             generator: a ``torch.Generator``, or a list with one per image (or per particle) for reproducibility.
@@ -378,12 +383,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if grayscale:
             measurement = measurement.expand(-1, 3, -1, -1)
         sigma = self.prepare_sigma(sigma, measurement).to(device)
-        guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
+        guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
 
         # Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet multiple.
-        margin = kernel_size // 2 if boundary_margin is None else int(boundary_margin)
+        margin = kernel_size if boundary_margin is None else int(boundary_margin)
         multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
         padded, window = pad_to_multiple(measurement, multiple, margin)
 
