@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     meth.add_argument("--model", default=None, help="FastEMDeblurPipeline folder (default: diffusers_blind.DEFAULT_MODEL)")
     meth.add_argument("--steps", type=int, default=100, help="diffusion steps")
     meth.add_argument("--particles", type=int, default=1, help="Fast EM particles per image")
-    meth.add_argument("--guidance_scale", type=float, default=None, help="multiplier of the guidance step (default 1)")
+    meth.add_argument("--guidance_scale", type=float, default=None, help="multiplier of the guidance step (default: the pipeline config, 3 for the shipped model)")
     meth.add_argument("--em_iterations", type=int, default=10, help="full runs of 'diffusion-em'")
 
     out = p.add_argument_group("output")
@@ -514,7 +514,7 @@ def summarise(records: list[dict], args, output_dir: Path, missing_metrics: dict
     )
     if any(METHODS[m][0] == "pipeline" for m in args.methods):
         lines.append(f"Model `{args.model}`, {args.steps} steps, {args.particles} particle(s), "
-                     f"guidance scale {args.guidance_scale or 1.0}, Diffusion EM iterations {args.em_iterations}.")
+                     f"guidance scale {args.guidance_scale or 'pipeline default'}, Diffusion EM iterations {args.em_iterations}.")
     lines += ["", "Mean ± standard deviation over images; σ in 8-bit levels. Kernel metrics are not reported for "
               "known-kernel methods; `identity` is scored with a Dirac kernel.", ""]
     header = ["method", "σ", "n", *[formats[m][0] for m in present]]
