@@ -210,6 +210,7 @@ def _atomic_copy_dir(src: Path, dst: Path) -> None:
         if f.is_file():
             tmp = dst / f".{f.name}.tmp"
             shutil.copy2(f, tmp)
+            os.chmod(tmp, 0o644)  # readable by everyone (safetensors may be written 0600)
             os.replace(tmp, dst / f.name)
 
 
