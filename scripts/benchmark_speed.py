@@ -108,7 +108,7 @@ def main(argv=None):
                                             size=(args.size, args.size), mode="bicubic").clamp(0, 1).to(device)
     kernel = motion_kernel(args.kernel_size, 0.5, 0).to(device)
     y = (fft_blur(sharp, kernel) + 10 / 255 * torch.randn_like(sharp)).clamp(0, 1)
-    margin = args.kernel_size // 2
+    margin = args.kernel_size  # the pipeline's default boundary margin
     multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     padded = -(-(args.size + 2 * margin) // multiple) * multiple
 
