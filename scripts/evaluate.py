@@ -514,7 +514,8 @@ def summarise(records: list[dict], args, output_dir: Path, missing_metrics: dict
     )
     if any(METHODS[m][0] == "pipeline" for m in args.methods):
         lines.append(f"Model `{args.model}`, {args.steps} steps, {args.particles} particle(s), "
-                     f"guidance scale {args.guidance_scale or 'pipeline default'}, Diffusion EM iterations {args.em_iterations}.")
+                     f"guidance scale {args.guidance_scale or 'pipeline default'}"
+                     + (f", Diffusion EM iterations {args.em_iterations}" if "diffusion-em" in args.methods else "") + ".")
     lines += ["", "Mean ± standard deviation over images; σ in 8-bit levels. Kernel metrics are not reported for "
               "known-kernel methods; `identity` is scored with a Dirac kernel.", ""]
     header = ["method", "σ", "n", *[formats[m][0] for m in present]]
