@@ -265,6 +265,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         measurement_p = measurement.repeat_interleave(num_particles, dim=0)
         sigma_p = sigma.repeat_interleave(num_particles)
+        tapered_measurement = taper_window * measurement  # what the M-step sees, fixed for the whole run
         x0 = None
         for i, t in enumerate(timesteps):
             if self.interrupt:
@@ -278,7 +279,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 x0 = ((step.pred_original_sample.float() + 1) / 2).clamp(0, 1)  # x̂0 in [0, 1]
 
                 if estimate_kernel:  # M-step (Eqs. 24-25) then recentre (§4.2)
-                    kernel = self.kernel_estimator(taper_window * measurement, taper_window * x0.detach(), sigma, kernel, r=math.sqrt(r2))
+                    kernel = self.kernel_estimator(tapered_measurement, taper_window * x0.detach(), sigma, kernel, r=math.sqrt(r2))
                     kernel = center_kernel(kernel)
                 kernel_p = kernel.repeat_interleave(num_particles, dim=0)
 
