@@ -9,8 +9,14 @@ from pathlib import Path
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks these names up here)
 
 from . import ops
-from .models import KernelDenoiser, KernelEstimator
-from .pipelines import FastEMDeblurPipeline, FastEMDeblurPipelineOutput
+from .models import DeblurPredictor, KernelDenoiser, KernelEstimator
+from .pipelines import (
+    FastEMDeblurPipeline,
+    FastEMDeblurPipelineOutput,
+    StochasticRefinementDeblurPipeline,
+    StochasticRefinementDeblurPipelineOutput,
+)
+from .schedulers import ContinuousNoiseLevelScheduler
 
 
 __version__ = "0.1.0"
@@ -18,11 +24,19 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = str(Path(__file__).parent / "default_model")
 """Path of the shipped default Fast EM pipeline folder (load with ``FastEMDeblurPipeline.from_pretrained``)."""
 
+DVSR_DEFAULT_MODEL = str(Path(__file__).parent / "dvsr_default_model")
+"""Path of the shipped DvSR pipeline folder (load with ``StochasticRefinementDeblurPipeline.from_pretrained``)."""
+
 __all__ = [
+    "ContinuousNoiseLevelScheduler",
     "DEFAULT_MODEL",
+    "DVSR_DEFAULT_MODEL",
+    "DeblurPredictor",
     "FastEMDeblurPipeline",
     "FastEMDeblurPipelineOutput",
     "KernelDenoiser",
     "KernelEstimator",
+    "StochasticRefinementDeblurPipeline",
+    "StochasticRefinementDeblurPipelineOutput",
     "ops",
 ]

@@ -1,0 +1,374 @@
+"""Deblurring via Stochastic Refinement (Whang, Delbracio, Talebi, Saharia, Dimakis, Milanfar; CVPR 2022), Alg. 1."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
+from ...models.deblur_predictor import DeblurPredictor
+from ...models.kernel_estimator import KernelEstimator
+from ...ops.blur import edge_taper_window
+from ...ops.kernels import center_kernel, dirac_kernel
+from ...ops.noise import estimate_noise_sigma
+from ...schedulers.scheduling_continuous_noise_level import ContinuousNoiseLevelScheduler
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch, diffusers_blind
+        >>> from diffusers_blind import StochasticRefinementDeblurPipeline
+        >>> from PIL import Image
+
+        >>> pipe = StochasticRefinementDeblurPipeline.from_pretrained(diffusers_blind.DVSR_DEFAULT_MODEL)
+        >>> out = pipe(Image.open("blurry.png"), perception_distortion=1.0, generator=torch.manual_seed(0))
+        >>> out.images[0].save("restored.png")   # mean of the samples (low distortion)
+        >>> out = pipe(Image.open("blurry.png"), perception_distortion=0.0, generator=torch.manual_seed(0))
+        >>> out.images[0].save("sharp_sample.png")  # one long-chain sample (perceptual end)
+        ```
+"""
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# the two ends of the perception-distortion knob: (denoising steps, averaged samples)
+PERCEPTION_END = (100, 1)
+DISTORTION_END = (10, 4)
+
+
+@dataclass
+class StochasticRefinementDeblurPipelineOutput(BaseOutput):
+    """Output of [`StochasticRefinementDeblurPipeline`].
+
+    Args:
+        images: restored images ``x_init + z_0``, averaged over the samples: a list of PIL images, a
+            ``(B, H, W, C)`` array (``"np"``) or a ``(B, C, H, W)`` tensor (``"pt"``); for ``"latent"``
+            the raw padded samples ``(B·n, C, H', W')`` in ``[-1, 1]``.
+        kernels: ``None``, or when the pipeline has a ``kernel_estimator``, the kernel that the M-step
+            finds from the input and the restored image, ``(B, k, k)`` array (``(B, 1, k, k)`` tensor for ``"pt"``).
+        uncertainty: per-pixel std over the samples (mean over channels), ``(B, H, W)`` (``(B, 1, H, W)``
+            for ``"pt"``), or ``None`` with one sample.
+        samples: every sample, ``(B, n, H, W, C)`` array (``(B, n, C, H, W)`` tensor for ``"pt"``).
+        x_init: the predictor's estimate ``g(y)``, same type and layout as ``images``.
+        sigma: the noise level (8-bit levels) given to the kernel M-step, or ``None``.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    kernels: np.ndarray | torch.Tensor | None = None
+    uncertainty: np.ndarray | torch.Tensor | None = None
+    samples: np.ndarray | torch.Tensor | None = None
+    x_init: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+    sigma: list[float] | None = None
+
+
+def perception_distortion_setting(value: float) -> tuple[int, int]:
+    """Map the knob ``p ∈ [0, 1]`` to ``(num_inference_steps, num_samples)`` by geometric interpolation.
+
+    ``p = 0`` is the perceptual end ("Ours" in the paper: a long chain, one sample, sharp and plausible),
+    ``p = 1`` the distortion end ("Ours-SA": a short chain averaged over several samples, smoother and
+    closer to the MMSE estimate, i.e. higher PSNR): ``steps = 100^(1−p)·10^p``, ``samples = 4^p``, rounded.
+    """
+    value = float(value)
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"perception_distortion must be in [0, 1], got {value}")
+    steps = math.exp((1 - value) * math.log(PERCEPTION_END[0]) + value * math.log(DISTORTION_END[0]))
+    samples = math.exp((1 - value) * math.log(PERCEPTION_END[1]) + value * math.log(DISTORTION_END[1]))
+    return int(round(steps)), int(round(samples))
+
+
+class StochasticRefinementDeblurPipeline(DiffusionPipeline):
+    r"""Blind deblurring by a deterministic predictor refined by conditional diffusion on the residual.
+
+    Paper Algorithm 1: ``x_init = g(y)``; ``z_T ~ N(0, I)``; for each level of the scheduler's chain
+    ``z_prev = step(f([z_t, y], c(ᾱ_t)), z_t)``; output ``x̂ = x_init + z_0``. With ``num_samples = n > 1``
+    the output is the mean of ``n`` samples (sample averaging, "SA"), and their per-pixel std is
+    returned as ``uncertainty``. Images are in ``[0, 1]`` outside and ``[-1, 1]`` inside the networks.
+    The method estimates no kernel; given a ``kernel_estimator``, the pipeline also returns the kernel
+    that a few M-steps (Fast EM's HQS) find from ``y`` and the restored image.
+
+    Args:
+        predictor ([`DeblurPredictor`]): the deterministic initial predictor ``g``.
+        denoiser ([`UNet2DModel`]): the conditional denoiser ``f``, ``2C`` input channels (``z_t`` and ``y``),
+            ``C`` output channels (ε), timestep input = continuous noise level.
+        scheduler ([`ContinuousNoiseLevelScheduler`]): the noise-level chain.
+        kernel_estimator ([`KernelEstimator`], *optional*): M-step used to report a kernel.
+    """
+
+    model_cpu_offload_seq = "predictor->denoiser"
+    _optional_components = ["kernel_estimator"]
+    _callback_tensor_inputs = ["latents", "x_init", "pred_original_sample"]
+
+    def __init__(
+        self,
+        predictor: DeblurPredictor,
+        denoiser: UNet2DModel,
+        scheduler: ContinuousNoiseLevelScheduler,
+        kernel_estimator: KernelEstimator | None = None,
+    ):
+        super().__init__()
+        if denoiser.config.in_channels != 2 * denoiser.config.out_channels:
+            raise ValueError(
+                f"denoiser must take [z_t, y] (2C channels) and return C: got in {denoiser.config.in_channels}, "
+                f"out {denoiser.config.out_channels}"
+            )
+        if predictor.config.out_channels != denoiser.config.out_channels:
+            raise ValueError("predictor and denoiser must have the same number of image channels")
+        self.register_modules(predictor=predictor, denoiser=denoiser, scheduler=scheduler, kernel_estimator=kernel_estimator)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def pad_multiple(self) -> int:
+        """Height and width are padded to a multiple of this (both networks' downsampling factor)."""
+        unet_factor = 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+        return math.lcm(unet_factor, self.predictor.downsample_factor)
+
+    def _device(self) -> torch.device:
+        # a KernelEstimator without a PnP denoiser has no parameters, and diffusers' device lookup fails on it
+        try:
+            return self._execution_device
+        except StopIteration:
+            return self.predictor.device
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(
+        self, measurement, num_inference_steps, num_samples, output_type, eta, boundary_margin,
+        kernel_iterations, callback_on_step_end_tensor_inputs,
+    ) -> None:
+        channels = self.predictor.config.in_channels
+        if measurement.shape[1] not in (1, channels):
+            raise ValueError(f"image has {measurement.shape[1]} channels; the model takes {channels} (or 1, grayscale)")
+        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if eta is not None and (not math.isfinite(eta) or eta < 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        if int(boundary_margin) != boundary_margin or boundary_margin < 0:
+            raise ValueError(f"boundary_margin must be an integer >= 0, got {boundary_margin}")
+        if int(kernel_iterations) != kernel_iterations or kernel_iterations < 1:
+            raise ValueError(f"kernel_iterations must be a positive integer, got {kernel_iterations}")
+        if min(measurement.shape[-2:]) < 2:
+            raise ValueError(f"image must be at least 2x2, got {tuple(measurement.shape[-2:])}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
+
+    @staticmethod
+    def _expand_generator(generator, batch: int, num_samples: int):
+        """A list of ``B`` generators seeds every sample of image ``b`` from ``generator[b]``."""
+        if not isinstance(generator, list):
+            return generator
+        if len(generator) == batch * num_samples:
+            return generator
+        if len(generator) != batch:
+            raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * num_samples}")
+        return [g for g in generator for _ in range(num_samples)]
+
+    def prepare_latents(self, shape, generator, device, dtype, latents=None) -> torch.Tensor:
+        """``z_T ~ N(0, I)`` of ``shape = (B·n, C, H, W)`` (or the given ``latents``)."""
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+            return latents.to(device=device, dtype=dtype)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ kernel (optional)
+    @torch.no_grad()
+    def estimate_kernel(
+        self, measurement: torch.Tensor, restored: torch.Tensor, sigma: torch.Tensor, iterations: int = 3
+    ) -> torch.Tensor:
+        """Kernel from ``y`` and the restored ``x̂`` (both ``(B, C, H, W)`` in ``[0, 1]``) by ``iterations`` M-steps.
+
+        Each round runs the estimator's HQS from the current kernel (a Dirac first) and recentres the
+        result (``ops.center_kernel``). Both images are reflect-padded by the kernel size and multiplied
+        by the same edge taper, so the circular Fourier model of the M-step does not see the borders.
+        """
+        if self.kernel_estimator is None:
+            raise ValueError("this pipeline has no kernel_estimator")
+        size = self.kernel_estimator.config.kernel_size
+        margin = min(size, min(measurement.shape[-2:]) - 1)
+        y_pad, _ = pad_to_multiple(measurement, 1, margin)
+        x_pad, _ = pad_to_multiple(restored, 1, margin)
+        if size > min(y_pad.shape[-2:]):
+            raise ValueError(f"kernel_size {size} is larger than the padded image {tuple(y_pad.shape[-2:])}")
+        taper = edge_taper_window(y_pad.shape[-2:], min(size, min(y_pad.shape[-2:]) // 2), device=y_pad.device)
+        kernel = dirac_kernel(size, measurement.shape[0], measurement.device)
+        for _ in range(iterations):
+            kernel = center_kernel(self.kernel_estimator(taper * y_pad, taper * x_pad, sigma, kernel))
+        return kernel
+
+    def _prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
+        if isinstance(sigma, str):
+            if sigma != "auto":
+                raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
+            return estimate_noise_sigma(measurement).float()
+        values = torch.as_tensor(sigma, dtype=torch.float32).flatten()
+        if values.numel() not in (1, measurement.shape[0]):
+            raise ValueError(f"sigma must be a scalar or one value per image ({measurement.shape[0]}), got {values.numel()}")
+        if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
+            raise ValueError(f"sigma is in 8-bit levels and must be finite and in [0, 255], got {sigma!r}")
+        return (values / 255).expand(measurement.shape[0]).clone().to(measurement.device)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image: ImageInput,
+        num_inference_steps: int | None = None,
+        num_samples: int | None = None,
+        perception_distortion: float | None = None,
+        eta: float | None = None,
+        noise_levels: list[float] | None = None,
+        boundary_margin: int = 0,
+        sigma: float | str = "auto",
+        kernel_iterations: int = 3,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""Deblur ``image`` (PIL, numpy or torch, ``[0, 1]``; RGB or grayscale; any size; a batch).
+
+        Args:
+            image: the blurry photograph(s).
+            num_inference_steps: length of the noise-level chain (default: from ``perception_distortion``).
+            num_samples: samples per image; ``> 1`` averages them (SA) (default: from ``perception_distortion``).
+            perception_distortion: one knob in ``[0, 1]`` (default ``1``) setting both of the above
+                (see :func:`perception_distortion_setting`): ``0`` = 100 steps, 1 sample (sharpest,
+                most plausible; the paper's "Ours"), ``1`` = 10 steps averaged over 4 samples (lowest
+                distortion; "Ours-SA"). Cannot be combined with explicit ``num_inference_steps`` /
+                ``num_samples``.
+            eta: stochasticity of each step (``1`` ancestral DDPM as in the paper, ``0`` deterministic);
+                default from the scheduler config.
+            noise_levels: an explicit chain ``√ᾱ`` (noisiest first, increasing in ``(0, 1)``) instead of
+                ``num_inference_steps``.
+            boundary_margin: reflect padding added around the image before the networks (cropped after).
+            sigma: noise level in 8-bit levels for the kernel M-step, or ``"auto"`` (estimated); only
+                used with a ``kernel_estimator``.
+            kernel_iterations: M-step rounds for the returned kernel.
+            generator: ``torch.Generator`` or a list of one per image (every sample of image ``b`` draws from it).
+            latents: optional ``z_T`` of shape ``(B·n, C, H', W')`` (padded size).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: return a [`StochasticRefinementDeblurPipelineOutput`] instead of a tuple.
+            callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` after each step; may replace ``latents``.
+            callback_on_step_end_tensor_inputs: tensors given to the callback (``latents``, ``x_init``,
+                ``pred_original_sample``).
+
+        Examples:
+
+        Returns:
+            [`StochasticRefinementDeblurPipelineOutput`] or ``(images, kernels, uncertainty)``.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        # 1. Resolve the perception-distortion setting
+        if perception_distortion is not None and (num_inference_steps is not None or num_samples is not None):
+            raise ValueError("give either perception_distortion or num_inference_steps/num_samples, not both")
+        if noise_levels is not None and (num_inference_steps is not None or perception_distortion is not None):
+            raise ValueError("noise_levels replaces num_inference_steps and perception_distortion")
+        pd_steps, pd_samples = perception_distortion_setting(1.0 if perception_distortion is None else perception_distortion)
+        if noise_levels is not None:
+            num_inference_steps = len(noise_levels)
+        num_inference_steps = pd_steps if num_inference_steps is None else num_inference_steps
+        num_samples = pd_samples if num_samples is None else num_samples
+
+        # 2. Inputs
+        measurement = to_tensor(image)
+        self.check_inputs(measurement, num_inference_steps, num_samples, output_type, eta, boundary_margin,
+                          kernel_iterations, callback_on_step_end_tensor_inputs)
+        device = self._device()
+        dtype = self.denoiser.dtype
+        batch, n = measurement.shape[0], int(num_samples)
+        measurement = measurement.to(device)
+        grayscale = measurement.shape[1] == 1 and self.predictor.config.in_channels != 1
+        rgb = measurement.expand(-1, self.predictor.config.in_channels, -1, -1) if grayscale else measurement
+        padded, window = pad_to_multiple(rgb, self.pad_multiple, int(boundary_margin))
+        y = (padded * 2 - 1).to(dtype)
+
+        # 3. Initial prediction x_init = g(y)
+        x_init = self.predictor(y.to(self.predictor.dtype)).to(dtype)
+
+        # 4. Noise-level chain and z_T
+        if noise_levels is not None:
+            self.scheduler.set_timesteps(sqrt_alphas_cumprod=noise_levels, device=device)
+        else:
+            self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
+        generator = self._expand_generator(generator, batch, n)
+        y_rep = y.repeat_interleave(n, dim=0)
+        x_init_rep = x_init.repeat_interleave(n, dim=0)
+        z = self.prepare_latents(y_rep.shape, generator, device, dtype, latents)
+        pred_original = torch.zeros_like(z)
+
+        # 5. Reverse diffusion on the residual (Alg. 1)
+        step_kwargs = {} if eta is None else {"eta": float(eta)}
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                eps = self.denoiser(torch.cat([z, y_rep], dim=1), t.to(dtype).expand(z.shape[0])).sample
+                z, pred_original = self.scheduler.step(eps, t, z, generator=generator, return_dict=False, **step_kwargs)
+                if callback_on_step_end is not None:
+                    available = {"latents": z, "x_init": x_init_rep, "pred_original_sample": pred_original}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    z = outputs.pop("latents", z)
+                progress_bar.update()
+        self.maybe_free_model_hooks()
+        restored = x_init_rep + z  # x̂ = x_init + z_0, in [-1, 1]
+
+        # 6. Outputs: crop, average the samples, optional kernel
+        if output_type == "latent":
+            if not return_dict:
+                return restored, None, None
+            return StochasticRefinementDeblurPipelineOutput(images=restored, x_init=x_init)
+        samples = crop_window(((restored.float() + 1) / 2).clamp(0, 1), window)
+        init = crop_window(((x_init.float() + 1) / 2).clamp(0, 1), window)
+        if not torch.isfinite(samples).all():
+            raise RuntimeError("the sampler produced non-finite values; check the model weights and the noise levels")
+        if grayscale:
+            samples, init = samples.mean(1, keepdim=True), init.mean(1, keepdim=True)
+        samples = samples.reshape(batch, n, *samples.shape[1:])
+        mean = samples.mean(1)
+        std = samples.std(1, unbiased=False).mean(1, keepdim=True) if n > 1 else None
+        kernels, sigma_255 = None, None
+        if self.kernel_estimator is not None:
+            sigma_t = self._prepare_sigma(sigma, measurement)
+            kernels = self.estimate_kernel(measurement.float(), mean, sigma_t, int(kernel_iterations))
+            sigma_255 = (sigma_t * 255).cpu().tolist()
+        images, x_init_out = tensor_to_output(mean, output_type), tensor_to_output(init, output_type)
+        if output_type == "pt":
+            samples_out = samples.cpu()
+            uncertainty = std.cpu() if std is not None else None
+            kernels = kernels.cpu() if kernels is not None else None
+        else:
+            samples_out = samples.permute(0, 1, 3, 4, 2).cpu().numpy()
+            uncertainty = std[:, 0].cpu().numpy() if std is not None else None
+            kernels = kernels[:, 0].cpu().numpy() if kernels is not None else None
+        if not return_dict:
+            return images, kernels, uncertainty
+        return StochasticRefinementDeblurPipelineOutput(
+            images=images, kernels=kernels, uncertainty=uncertainty, samples=samples_out, x_init=x_init_out, sigma=sigma_255
+        )
