@@ -251,9 +251,10 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
 
         Args:
             image: the blurry photograph(s).
-            num_inference_steps: length of the noise-level chain (default: from ``perception_distortion``).
-            num_samples: samples per image; ``> 1`` averages them (SA) (default: from ``perception_distortion``).
-            perception_distortion: one knob in ``[0, 1]`` (default ``1``) setting both of the above
+            num_inference_steps: length of the noise-level chain (default 10 when ``num_samples`` is given).
+            num_samples: samples per image; ``> 1`` averages them (SA) (default 1 when ``num_inference_steps`` is given).
+            perception_distortion: one knob in ``[0, 1]`` setting both of the above (``1`` when none of
+                ``perception_distortion``, ``num_inference_steps``, ``num_samples``, ``noise_levels`` is given)
                 (see :func:`perception_distortion_setting`): ``0`` = 100 steps, 1 sample (sharpest,
                 most plausible; the paper's "Ours"), ``1`` = 10 steps averaged over 4 samples (lowest
                 distortion; "Ours-SA"). Cannot be combined with explicit ``num_inference_steps`` /
@@ -286,11 +287,14 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             raise ValueError("give either perception_distortion or num_inference_steps/num_samples, not both")
         if noise_levels is not None and (num_inference_steps is not None or perception_distortion is not None):
             raise ValueError("noise_levels replaces num_inference_steps and perception_distortion")
-        pd_steps, pd_samples = perception_distortion_setting(1.0 if perception_distortion is None else perception_distortion)
+        if perception_distortion is None and num_inference_steps is None and num_samples is None and noise_levels is None:
+            perception_distortion = 1.0
+        if perception_distortion is not None:
+            num_inference_steps, num_samples = perception_distortion_setting(perception_distortion)
         if noise_levels is not None:
             num_inference_steps = len(noise_levels)
-        num_inference_steps = pd_steps if num_inference_steps is None else num_inference_steps
-        num_samples = pd_samples if num_samples is None else num_samples
+        num_inference_steps = DISTORTION_END[0] if num_inference_steps is None else num_inference_steps
+        num_samples = 1 if num_samples is None else num_samples
 
         # 2. Inputs
         measurement = to_tensor(image)
