@@ -4,7 +4,8 @@
   (analytic perceptual full-reference), :func:`laplacian_sharpness` (no-reference sharpness proxy),
   :func:`reblur_loss` (Fast EM Eq. 34);
 * kernel: :func:`kernel_mse` (sum-1 kernels, aligned by the best integer shift), :func:`mnc`;
-* optional (extra packages / downloaded weights): :func:`lpips`, :func:`fid`, :func:`niqe`,
+* no-reference, offline: :func:`niqe` (pristine model fitted on the training photographs);
+* optional (extra packages / downloaded weights): :func:`lpips`, :func:`fid`, :func:`niqe_pyiqa`,
   :func:`brisque`; they raise :class:`MetricUnavailableError` when they cannot run, and
   :func:`available_metrics` lists what works here.
 
@@ -21,6 +22,7 @@ from .perceptual import (
     lpips,
     metric_status,
     niqe,
+    niqe_pyiqa,
 )
 
 
@@ -39,6 +41,7 @@ __all__ = [
     "metric_status",
     "mnc",
     "niqe",
+    "niqe_pyiqa",
     "normalize_kernel",
     "psnr",
     "reblur_loss",

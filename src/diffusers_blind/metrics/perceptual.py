@@ -8,7 +8,8 @@ install or where to put the weights (ecosystem.md §4):
   for ``net="alex"``) in ``$TORCH_HOME/hub/checkpoints`` (see ``torch.hub.get_dir()``); the small
   LPIPS linear heads ship inside ``torchmetrics``.
 * **FID** (``fid``): ``torch-fidelity`` + ``weights-inception-2015-12-05-6726825d.pth`` in the same folder.
-* **NIQE** (``niqe``): ``pyiqa`` with its NIQE parameter file in pyiqa's cache.
+* **NIQE**: built in and offline (:mod:`diffusers_blind.metrics.niqe_offline`, pristine model fitted on the
+  training photographs); ``niqe_pyiqa`` uses ``pyiqa`` and its MATLAB parameter file when present.
 * **BRISQUE** (``brisque``): the ``brisque`` package (ships its SVM model; needs ``scikit-image``,
   ``libsvm-official`` and ``opencv-python-headless``): ``pip install brisque opencv-python-headless``.
 
@@ -154,7 +155,7 @@ def _niqe_model():
         ) from error
 
 
-def niqe(x: torch.Tensor) -> torch.Tensor:
+def niqe_pyiqa(x: torch.Tensor) -> torch.Tensor:
     """NIQE per image (``(B,)``, no reference, lower is better) via pyiqa. Raises :class:`MetricUnavailableError` offline."""
     model = _niqe_model()
     x = _as_batch(x).cpu()
@@ -200,7 +201,29 @@ def brisque(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- registry
-OPTIONAL_METRICS = {"lpips": lambda: _lpips_model("alex"), "fid": _check_fid, "niqe": _niqe_model, "brisque": _brisque_model}
+def _check_offline_niqe():
+    from .niqe_offline import load_niqe_model
+
+    try:
+        load_niqe_model()
+    except OSError as error:  # the shipped pristine model is missing from this installation
+        raise MetricUnavailableError(f"NIQE needs its pristine model file, which is missing: {error}") from error
+
+
+def niqe(x: torch.Tensor) -> torch.Tensor:
+    """NIQE per image (``(B,)``, no reference, lower is better), offline: see :mod:`diffusers_blind.metrics.niqe_offline`."""
+    from .niqe_offline import niqe as offline_niqe
+
+    return offline_niqe(_as_batch(x))
+
+
+OPTIONAL_METRICS = {
+    "lpips": lambda: _lpips_model("alex"),
+    "fid": _check_fid,
+    "niqe": _check_offline_niqe,
+    "niqe_pyiqa": _niqe_model,
+    "brisque": _brisque_model,
+}
 
 
 def metric_status(name: str) -> str | None:
