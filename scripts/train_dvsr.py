@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_train_timesteps", type=int, default=2000)
     p.add_argument("--beta_start", type=float, default=1e-6)
     p.add_argument("--beta_end", type=float, default=1e-2)
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction", "sample"], default="v_prediction",
+                   help="what f outputs; the loss is L1 on the ε it implies in every case")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=2e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -210,8 +212,8 @@ def write_pipeline_folder(predictor, denoiser, scheduler, folder: Path, info: di
         "_diffusers_version": diffusers.__version__,
         "denoiser": ["diffusers", "UNet2DModel"],
         "kernel_estimator": [None, None],
-        "predictor": ["diffusers_blind", "DeblurPredictor"],
-        "scheduler": ["diffusers_blind", "ContinuousNoiseLevelScheduler"],
+        "predictor": ["diffusers_blind.models.deblur_predictor", "DeblurPredictor"],
+        "scheduler": ["diffusers_blind.schedulers.scheduling_continuous_noise_level", "ContinuousNoiseLevelScheduler"],
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    layers_per_block=args.denoiser_layers_per_block,
                                    norm_num_groups=args.denoiser_norm_groups)
     scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=args.num_train_timesteps,
-                                              beta_start=args.beta_start, beta_end=args.beta_end)
+                                              beta_start=args.beta_start, beta_end=args.beta_end,
+                                              prediction_type=args.prediction_type)
     models = torch.nn.ModuleDict({"predictor": predictor, "denoiser": denoiser})
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     ema = EMAModel(models.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power)

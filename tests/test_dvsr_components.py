@@ -79,6 +79,24 @@ def test_step_with_true_noise_lands_on_the_forward_process():
     assert torch.allclose(last.prev_sample, z0, atol=1e-5)  # ᾱ_prev = 1: no noise added at the end
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_are_read_consistently(prediction_type):
+    scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100, clip_sample=False, prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    level = torch.tensor([0.05, 0.5, 0.99])
+    z = scheduler.add_noise_at_level(z0, eps, level)
+    s, c = level.view(-1, 1, 1, 1), (1 - level.view(-1, 1, 1, 1) ** 2).sqrt()
+    output = {"epsilon": eps, "v_prediction": s * eps - c * z0, "sample": z0}[prediction_type]
+    assert torch.allclose(scheduler.predict_epsilon(output, z, level), eps, atol=1e-4)
+    assert torch.allclose(scheduler.predict_original(output, z, level), z0, atol=1e-3)
+    scheduler.set_timesteps(sqrt_alphas_cumprod=[0.5, 0.8])
+    out = scheduler.step(output[1:2], scheduler.timesteps[0], z[1:2], eta=0.0)
+    assert torch.allclose(out.prev_sample, 0.8 * z0[1:2] + 0.6 * eps[1:2], atol=1e-4)
+    with pytest.raises(ValueError, match="prediction_type"):
+        ContinuousNoiseLevelScheduler(prediction_type="flow")
+
+
 def test_step_eta_controls_randomness_and_add_noise(tmp_path):
     scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100)
     scheduler.set_timesteps(5)

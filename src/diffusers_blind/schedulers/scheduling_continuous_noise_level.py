@@ -12,6 +12,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 @dataclass
 class ContinuousNoiseLevelSchedulerOutput(BaseOutput):
     """``prev_sample``: ``z_{t-1}``; ``pred_original_sample``: the clean estimate ``ẑ_0`` at this step."""
@@ -43,6 +46,11 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
     ``z_prev = √ᾱ_prev ẑ_0 + √(1−ᾱ_prev−σ_t²) ε̂ + σ_t ξ``;
     ``η = 1`` is the ancestral DDPM step of DvSR Alg. 1 (posterior variance), ``η = 0`` is deterministic.
     The last step goes to ``ᾱ = 1`` and returns ``ẑ_0``.
+
+    **Model output** (``prediction_type``): ``"epsilon"`` (``ε̂``), ``"sample"`` (``ẑ_0``) or
+    ``"v_prediction"`` (``v = √ᾱ ε − √(1−ᾱ) z_0``, so ``ε̂ = √ᾱ v̂ + √(1−ᾱ) z_t`` and
+    ``ẑ_0 = √ᾱ z_t − √(1−ᾱ) v̂``). With ``"epsilon"`` an error ``δ`` of ``ε̂`` becomes an error
+    ``δ √(1−ᾱ)/√ᾱ`` of ``ẑ_0``, which explodes at high noise; with ``"v_prediction"`` it stays ``≤ δ``.
     """
 
     order = 1
@@ -59,7 +67,10 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
         eta: float = 1.0,
         clip_sample: bool = True,
         clip_sample_range: float = 2.0,
+        prediction_type: str = "epsilon",
     ):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if beta_schedule not in ("linear", "scaled_linear"):
             raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {beta_schedule!r}")
         if num_train_timesteps < 1:
@@ -123,6 +134,28 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
         """diffusers-style ``add_noise`` where ``timesteps`` are continuous conditioning values (see class doc)."""
         level = self.timestep_to_noise_level(torch.as_tensor(timesteps).cpu())
         return self.add_noise_at_level(original_samples, noise, level.to(original_samples.device))
+
+    def _level(self, sqrt_alpha_bar, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.as_tensor(sqrt_alpha_bar, device=sample.device, dtype=sample.dtype).reshape(-1, *([1] * (sample.ndim - 1)))
+        return s, (1 - s.square()).clamp_min(0).sqrt()
+
+    def predict_epsilon(self, model_output: torch.Tensor, sample: torch.Tensor, sqrt_alpha_bar) -> torch.Tensor:
+        """``ε̂`` from the model output at level ``√ᾱ`` (per batch element or scalar), by ``prediction_type``."""
+        s, c = self._level(sqrt_alpha_bar, sample)
+        if self.config.prediction_type == "epsilon":
+            return model_output
+        if self.config.prediction_type == "v_prediction":
+            return s * model_output + c * sample
+        return (sample - s * model_output) / c
+
+    def predict_original(self, model_output: torch.Tensor, sample: torch.Tensor, sqrt_alpha_bar) -> torch.Tensor:
+        """``ẑ_0`` from the model output at level ``√ᾱ``, by ``prediction_type``."""
+        s, c = self._level(sqrt_alpha_bar, sample)
+        if self.config.prediction_type == "epsilon":
+            return (sample - c * model_output) / s
+        if self.config.prediction_type == "v_prediction":
+            return s * sample - c * model_output
+        return model_output
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -190,7 +223,7 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
         eta: float | None = None,
         return_dict: bool = True,
     ) -> ContinuousNoiseLevelSchedulerOutput | tuple:
-        """One generalised DDIM step ``z_t → z_prev`` from the predicted noise ``model_output`` (see class doc)."""
+        """One generalised DDIM step ``z_t → z_prev`` from the model output (``prediction_type``; see class doc)."""
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
         eta = self.config.eta if eta is None else eta
@@ -200,8 +233,8 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
         a_t = float(self.sqrt_alphas_cumprod[index]) ** 2
         a_prev = float(self.sqrt_alphas_cumprod[index + 1]) ** 2 if index + 1 < self.num_inference_steps else 1.0
 
-        pred_original = (sample - math.sqrt(1 - a_t) * model_output) / math.sqrt(a_t)
-        eps = model_output
+        pred_original = self.predict_original(model_output, sample, math.sqrt(a_t))
+        eps = self.predict_epsilon(model_output, sample, math.sqrt(a_t))
         if self.config.clip_sample:
             limit = self.config.clip_sample_range
             pred_original = pred_original.clamp(-limit, limit)

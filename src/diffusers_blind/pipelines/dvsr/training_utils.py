@@ -103,8 +103,9 @@ def dvsr_loss(
 
     ``mode="joint"`` (paper Eq. 6 with its typos corrected): the residual ``r = x_0 − g(y)``,
     ``√ᾱ`` drawn by :meth:`~ContinuousNoiseLevelScheduler.sample_training_levels`,
-    ``z = √ᾱ·r + √(1−ᾱ)·ε`` and ``L = ‖ε − f([z, y], c(ᾱ))‖₁`` (mean), with gradients into both
-    ``f`` and ``g``; ``predictor_loss_weight`` adds ``w·‖g(y) − x_0‖²`` (0 in the paper).
+    ``z = √ᾱ·r + √(1−ᾱ)·ε`` and ``L = ‖ε − ε̂‖₁`` (mean) with ``ε̂`` the noise that ``f([z, y], c(ᾱ))``
+    predicts (its output read by the scheduler's ``prediction_type``: ``ε̂ = f`` for ``"epsilon"``,
+    ``ε̂ = √ᾱ f + √(1−ᾱ) z`` for ``"v_prediction"``), with gradients into both ``f`` and ``g``; ``predictor_loss_weight`` adds ``w·‖g(y) − x_0‖²`` (0 in the paper).
     ``mode="predictor"`` trains ``g`` alone with ``‖g(y) − x_0‖²`` (the paper's ablation, Table 4).
     """
     if mode not in ("joint", "predictor"):
@@ -119,7 +120,8 @@ def dvsr_loss(
     noise = torch.randn(residual.shape, generator=generator, dtype=residual.dtype).to(residual.device)
     noisy = scheduler.add_noise_at_level(residual, noise, level)
     timestep = scheduler.noise_level_to_timestep(level.cpu()).to(sharp.device)
-    eps = denoiser(torch.cat([noisy, blurry], dim=1), timestep).sample
+    output = denoiser(torch.cat([noisy, blurry], dim=1), timestep).sample
+    eps = scheduler.predict_epsilon(output, noisy, level)
     eps_l1 = F.l1_loss(eps.float(), noise.float())
     loss = eps_l1 + predictor_loss_weight * predictor_l2 if predictor_loss_weight else eps_l1
     return {"loss": loss, "eps_l1": eps_l1, "predictor_l2": predictor_l2}
