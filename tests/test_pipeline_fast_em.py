@@ -346,3 +346,78 @@ def test_bad_images_raise_clear_errors(pipe, image, error, match):
 def test_default_model_path_is_inside_the_package():
     assert diffusers_blind.DEFAULT_MODEL.endswith("default_model")
     assert os.path.dirname(diffusers_blind.DEFAULT_MODEL) == os.path.dirname(diffusers_blind.__file__)
+
+
+def test_guidance_scale_property_is_the_call_value_and_callback_can_change_it(recwarn):
+    pipe = make_pipe()
+    pipe.register_to_config(guidance_scale=2.5)
+    assert pipe.guidance_scale == 2.5  # the saved default before any call
+    assert not [w for w in recwarn.list if issubclass(w.category, FutureWarning)]
+    seen = []
+
+    def record(p, step, timestep, tensors):
+        seen.append(p.guidance_scale)
+        return tensors
+
+    run(pipe, smooth_images(1), guidance_scale=4.0, callback_on_step_end=record)
+    assert seen == [4.0, 4.0, 4.0] and pipe.guidance_scale == 4.0
+    seen.clear()
+    run(pipe, smooth_images(1), callback_on_step_end=record)
+    assert seen == [2.5, 2.5, 2.5]
+
+    def switch_off(p, step, timestep, tensors):
+        p._guidance_scale = 0.0
+        return tensors
+
+    image = smooth_images(1)
+    kwargs = dict(kernel=gaussian_kernel(5, 1.0), num_inference_steps=4, guidance_scale=20.0)
+    changed = run(pipe, image, callback_on_step_end=switch_off, **kwargs)
+    unchanged = run(pipe, image, **kwargs)
+    assert np.abs(changed.images - unchanged.images).max() > 1e-4
+    with pytest.raises(AttributeError):
+        pipe.guidance_scale = 1.0
+
+
+@pytest.mark.parametrize("regularization", ["pnp", "l1", "l2", "none"])
+def test_every_regularization_runs_and_round_trips(tmp_path, regularization):
+    torch.manual_seed(0)
+    estimator = KernelEstimator(kernel_size=5, num_iterations=2, regularization=regularization, lambda_=1e-3)
+    pipe = FastEMDeblurPipeline(tiny_unet(), ddpm(), estimator)
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_images(1)
+    expected = run(pipe, image)
+    assert np.isfinite(expected.images).all()
+    np.testing.assert_allclose(expected.kernels.sum(), 1.0, atol=1e-5)
+    pipe.save_pretrained(tmp_path)
+    loaded = FastEMDeblurPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.kernel_estimator.config.regularization == regularization
+    np.testing.assert_allclose(run(loaded, image).kernels, expected.kernels, atol=1e-6)
+    np.testing.assert_allclose(run(loaded, image).images, expected.images, atol=1e-5)
+
+
+def test_kernel_carries_no_autograd_graph_between_steps(pipe):
+    """The M-step output is data: no graph may grow from one step to the next (memory per step stays flat)."""
+    graphs = []
+
+    def inspect_kernel(p, step, timestep, tensors):
+        graphs.append((tensors["kernel"].requires_grad, tensors["kernel"].grad_fn, tensors["latents"].grad_fn))
+        return tensors
+
+    for kwargs in (dict(), dict(guidance="dps"), dict(em_iterations=2)):
+        graphs.clear()
+        run(pipe, smooth_images(1), num_inference_steps=4, callback_on_step_end=inspect_kernel,
+            callback_on_step_end_tensor_inputs=["latents", "kernel"], **kwargs)
+        assert graphs and all(g == (False, None, None) for g in graphs), kwargs
+
+
+def test_estimator_without_weights_folder_loads_from_its_config(tmp_path):
+    pipe = make_pipe()
+    pipe.kernel_estimator = None
+    pipe.register_modules(kernel_estimator=KernelEstimator(kernel_size=5, regularization="l1"))
+    pipe.save_pretrained(tmp_path)
+    for weights in (tmp_path / "kernel_estimator").glob("diffusion_pytorch_model*"):
+        weights.unlink()  # a hand-written l1 folder: config.json only
+    loaded = FastEMDeblurPipeline.from_pretrained(tmp_path)
+    assert loaded.kernel_estimator.config.regularization == "l1"
+    assert run(loaded, smooth_images(1)).kernels.shape == (1, 5, 5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,11 @@ from .kernel_denoiser import KernelDenoiser
 
 REGULARIZATIONS = ("pnp", "l1", "l2", "none")
 UNCERTAINTY_MODES = ("none", "pigdm")
+MAX_ITERATIONS = 1000  # HQS iterations per M-step; more never pays and only burns time and memory
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class KernelEstimator(ModelMixin, ConfigMixin):
@@ -63,13 +70,29 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {uncertainty!r}")
         if kernel_size < 1 or num_iterations < 1 or beta <= 0 or lambda_ < 0:
             raise ValueError("kernel_size and num_iterations must be >= 1, beta > 0 and lambda_ >= 0")
+        if not _is_int(num_iterations) or num_iterations > MAX_ITERATIONS:
+            raise ValueError(f"num_iterations must be an integer in [1, {MAX_ITERATIONS}], got {num_iterations!r}")
+        if not _is_int(kernel_size) or not (math.isfinite(beta) and math.isfinite(lambda_)):
+            raise ValueError(f"kernel_size must be an integer and beta, lambda_ finite; got {kernel_size!r}, {beta!r}, {lambda_!r}")
         self.denoiser = None
+        if regularization != "pnp":  # no parameters: a one-element buffer gives the module a device, a
+            self.register_buffer("anchor", torch.zeros(1))  # dtype and a weights file for save/load
         if regularization == "pnp":
             self.denoiser = KernelDenoiser(
                 hidden_channels=denoiser_hidden_channels,
                 num_layers=denoiser_num_layers,
                 input_scale=denoiser_input_scale,
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As ``ModelMixin.from_pretrained``; a local ``l1``/``l2``/``none`` folder may hold only ``config.json``."""
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if folder.is_dir() and (folder / "config.json").is_file() and not any(folder.glob("diffusion_pytorch_model*")):
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("regularization", "pnp") != "pnp":  # nothing to load: the estimator has no weights
+                return cls.from_config(config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_denoiser(cls, denoiser: KernelDenoiser, **config) -> "KernelEstimator":
