@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..ops.blur import fft_blur, spatial_blur
+from ..ops.operators import BLUR_PADDINGS, BlurOperator
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,19 +110,14 @@ def reblur_loss(
         k_est: estimated kernels ``(B or 1, 1, k, k)``; used as given (normalise them first if needed).
         y: the measurement ``(B, C, H, W)``.
         sigma: noise std in ``[0, 1]`` units (``10 / 255`` for 8-bit σ = 10), scalar or ``(B,)``.
-        blur_mode: ``"circular"`` (``ops.fft_blur``, the Fast EM model) or ``"reflect"`` (true
-            convolution with reflect padding, ``spatial_blur(x, k.flip(-2, -1), "reflect")``), to
-            match how ``y`` was made.
+        blur_mode: the padding of the true convolution ``k̂ ⊛ x̂`` (:class:`~diffusers_blind.ops.BlurOperator`):
+            ``"circular"`` (the Fast EM model), ``"reflect"`` or ``"zeros"``, to match how ``y`` was made.
     """
+    if blur_mode not in BLUR_PADDINGS:
+        raise ValueError(f"blur_mode must be one of {BLUR_PADDINGS}, got {blur_mode!r}")
     x_est, y = _check_pair(x_est, y)
     x_est, y = x_est.double(), y.double()
-    kernel = k_est.double()
-    if blur_mode == "circular":
-        reblurred = fft_blur(x_est, kernel)
-    elif blur_mode == "reflect":
-        reblurred = spatial_blur(x_est, kernel.flip(-2, -1), padding="reflect")
-    else:
-        raise ValueError(f"blur_mode must be 'circular' or 'reflect', got {blur_mode!r}")
+    reblurred = BlurOperator(padding=blur_mode)(x_est, k_est.double())
     m = x_est[0].numel()
     sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten()
     if sigma.numel() not in (1, x_est.shape[0]):

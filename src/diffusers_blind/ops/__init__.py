@@ -1,6 +1,18 @@
-"""Physics of blur: pure torch functions, batched, differentiable, device-agnostic."""
+"""Physics of blur: forward operators (``operators``) and pure torch functions, batched, differentiable, device-agnostic."""
 
-from .blur import crop_kernel, edge_taper_window, fft_blur, fft_blur_adjoint, o2p, p2o, pad_kernel, spatial_blur
+from .blur import (
+    crop_kernel,
+    edge_taper_window,
+    fft_blur,
+    fft_blur_adjoint,
+    flip_kernel,
+    o2p,
+    p2o,
+    pad_adjoint,
+    pad_kernel,
+    spatial_blur,
+    spatial_blur_adjoint,
+)
 from .guidance import dps_residual_norm, pigdm_guidance
 from .kernels import (
     GaussianKernelGenerator,
@@ -16,9 +28,15 @@ from .kernels import (
     shift_kernel,
 )
 from .noise import estimate_noise_sigma
+from .operators import BlurOperator, LinearOperator, TiltBlurOperator, TiltOperator
+from .warp import warp, warp_adjoint
 
 
 __all__ = [
+    "BlurOperator",
+    "LinearOperator",
+    "TiltBlurOperator",
+    "TiltOperator",
     "GaussianKernelGenerator",
     "MotionKernelGenerator",
     "as_numpy_generator",
@@ -30,15 +48,20 @@ __all__ = [
     "estimate_noise_sigma",
     "fft_blur",
     "fft_blur_adjoint",
+    "flip_kernel",
     "gaussian_kernel",
     "kernel_center_of_mass",
     "motion_kernel",
     "o2p",
     "p2o",
+    "pad_adjoint",
     "pad_kernel",
     "pigdm_guidance",
     "project_kernel",
     "random_gaussian_kernel",
     "shift_kernel",
     "spatial_blur",
+    "spatial_blur_adjoint",
+    "warp",
+    "warp_adjoint",
 ]

@@ -1,14 +1,18 @@
 """Blur operators on image tensors.
 
-Conventions (algorithms.md §0): images are float tensors ``(B, C, H, W)``; kernels are
+Conventions (docs/conventions.md, "Kernels and blur"): images are float tensors ``(B, C, H, W)``; kernels are
 ``(B or 1, 1, kh, kw)`` non-negative with sum 1 and their centre at index ``(kh // 2, kw // 2)``.
 
 * :func:`fft_blur` is a **circular, true convolution** ``y = k ⊛ x`` computed in Fourier
   (Fast Diffusion EM's forward model).
-* :func:`spatial_blur` is a **cross-correlation** with zero or reflect padding
+* :func:`spatial_blur` is a **cross-correlation** with zero, reflect or circular padding
   (``F.conv2d(..., padding="same")``, the BlindDPS / DPS forward model). Away from the borders
   ``spatial_blur(x, k) == fft_blur(x, k.flip(-2, -1))``: a BlindDPS kernel is the 180° rotation
-  of the same point-spread function in the FFT convention.
+  of the same point-spread function in the FFT convention (:func:`flip_kernel`, the one place
+  this flip is made).
+
+:class:`~diffusers_blind.ops.operators.BlurOperator` wraps these as one true-convolution operator with a
+``padding`` choice and its adjoint.
 """
 
 from __future__ import annotations
@@ -98,12 +102,78 @@ def spatial_blur(image: torch.Tensor, kernel: torch.Tensor, padding: str = "zero
     b, c, h, w = image.shape
     _check_kernel_fits(kernel, (h, w))
     kh, kw = kernel.shape[-2:]
-    pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
+    pads = _same_pads(kh, kw)
     mode = "constant" if padding == "zeros" else padding
     padded = F.pad(image, pads, mode=mode)
     weight = kernel.to(image.dtype).expand(b, 1, kh, kw).repeat_interleave(c, dim=0)
     out = F.conv2d(padded.reshape(1, b * c, *padded.shape[-2:]), weight, groups=b * c)
     return out.reshape(b, c, h, w)
+
+
+def flip_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """The 180° rotation between a true-convolution kernel and a correlation kernel (both ways).
+
+    A true convolution with ``k`` (centre ``k // 2``) is a correlation with ``flip_kernel(k)``
+    (centre ``(k − 1) // 2``, where ``"same"`` padding puts it). BlindDPS and DPS blur by
+    correlation (``F.conv2d``), so a kernel read from or written for them is flipped here.
+
+    Example:
+        >>> flip_kernel(torch.arange(4.0).reshape(1, 1, 2, 2))[0, 0]
+        tensor([[3., 2.],
+                [1., 0.]])
+    """
+    return kernel.flip(-2, -1)
+
+
+def _same_pads(kh: int, kw: int) -> tuple[int, int, int, int]:
+    """``F.pad`` order ``(left, right, top, bottom)``: ``(k − 1) // 2`` before and ``k // 2`` after."""
+    return ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
+
+
+def _padding_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
+    """Source index of every position of a 1-D axis of length ``n`` padded by ``before``/``after``."""
+    index = torch.arange(-before, n + after, device=device)
+    if mode == "circular":
+        return index % n
+    if n == 1:
+        return torch.zeros_like(index)
+    period = 2 * (n - 1)  # reflect without repeating the edge sample
+    index = index % period
+    return torch.where(index < n, index, period - index)
+
+
+def pad_adjoint(padded: torch.Tensor, pads: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+    """Adjoint of ``F.pad(x, pads, mode)`` for ``mode`` in ``"zeros"``, ``"reflect"``, ``"circular"``.
+
+    Zero padding's adjoint is the crop; reflect and circular padding's adjoint adds every padded
+    sample back onto the pixel it was copied from.
+    """
+    left, right, top, bottom = pads
+    height = padded.shape[-2] - top - bottom
+    width = padded.shape[-1] - left - right
+    if mode == "zeros":
+        return padded[..., top : top + height, left : left + width]
+    rows = _padding_index(height, top, bottom, mode, padded.device)
+    cols = _padding_index(width, left, right, mode, padded.device)
+    out = padded.new_zeros(*padded.shape[:-2], height, padded.shape[-1]).index_add(-2, rows, padded)
+    return out.new_zeros(*padded.shape[:-2], height, width).index_add(-1, cols, out)
+
+
+def spatial_blur_adjoint(image: torch.Tensor, kernel: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Adjoint of :func:`spatial_blur` in the image: ``⟨spatial_blur(x, k), y⟩ = ⟨x, spatial_blur_adjoint(y, k)⟩``.
+
+    The transposed "valid" correlation (``F.conv_transpose2d``, a full convolution) followed by the
+    adjoint of the padding (:func:`pad_adjoint`). Differentiable in both arguments.
+    """
+    _check_image_kernel(image, kernel)
+    if padding not in ("zeros", "reflect", "circular"):
+        raise ValueError(f"padding must be 'zeros', 'reflect' or 'circular', got {padding!r}")
+    b, c, h, w = image.shape
+    _check_kernel_fits(kernel, (h, w))
+    kh, kw = kernel.shape[-2:]
+    weight = kernel.to(image.dtype).expand(b, 1, kh, kw).repeat_interleave(c, dim=0)
+    full = F.conv_transpose2d(image.reshape(1, b * c, h, w), weight, groups=b * c)
+    return pad_adjoint(full.reshape(b, c, h + kh - 1, w + kw - 1), _same_pads(kh, kw), padding)
 
 
 def edge_taper_window(shape: tuple[int, int], width: int, device=None, dtype=torch.float32) -> torch.Tensor:
