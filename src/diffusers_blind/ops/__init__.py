@@ -13,7 +13,7 @@ from .blur import (
     spatial_blur,
     spatial_blur_adjoint,
 )
-from .guidance import dps_residual_norm, pigdm_guidance
+from .guidance import JointGradient, dps_joint_gradient, dps_residual_norm, kernel_l1, pigdm_guidance
 from .kernels import (
     GaussianKernelGenerator,
     MotionKernelGenerator,
@@ -34,15 +34,17 @@ from .warp import warp, warp_adjoint
 
 __all__ = [
     "BlurOperator",
+    "GaussianKernelGenerator",
+    "JointGradient",
     "LinearOperator",
+    "MotionKernelGenerator",
     "TiltBlurOperator",
     "TiltOperator",
-    "GaussianKernelGenerator",
-    "MotionKernelGenerator",
     "as_numpy_generator",
     "center_kernel",
     "crop_kernel",
     "dirac_kernel",
+    "dps_joint_gradient",
     "dps_residual_norm",
     "edge_taper_window",
     "estimate_noise_sigma",
@@ -51,6 +53,7 @@ __all__ = [
     "flip_kernel",
     "gaussian_kernel",
     "kernel_center_of_mass",
+    "kernel_l1",
     "motion_kernel",
     "o2p",
     "p2o",

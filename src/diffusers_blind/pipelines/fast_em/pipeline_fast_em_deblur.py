@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...models.kernel_estimator import KernelEstimator
 from ...ops.blur import edge_taper_window
-from ...ops.guidance import dps_residual_norm, pigdm_guidance
+from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import estimate_noise_sigma
 from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, to_unit_range
@@ -313,8 +313,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 vector = pigdm_guidance(y, x0.detach(), kernel_p, sigma, math.sqrt(r2))
                 grad = torch.autograd.grad((vector * x0).sum(), x_t)[0]
                 return prev_sample + factor * grad
-            norm = 2 * dps_residual_norm(y, x0, kernel_p).sum()
-            grad = torch.autograd.grad(norm, x_t)[0]
+            (grad,) = dps_joint_gradient(y, x0, (kernel_p,), (x_t,), scale=2.0).gradients
             return prev_sample - zeta * grad
 
     def denoising_step(self, denoiser: UNetDenoiser, problem: FastEMProblem, state: FastEMState, step_index: int, t,
