@@ -176,24 +176,42 @@ def spatial_blur_adjoint(image: torch.Tensor, kernel: torch.Tensor, padding: str
     return pad_adjoint(full.reshape(b, c, h + kh - 1, w + kw - 1), _same_pads(kh, kw), padding)
 
 
-def edge_taper_window(shape: tuple[int, int], width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def edge_taper_window(
+    shape: tuple[int, int],
+    width: int,
+    device=None,
+    dtype=torch.float32,
+    region: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """A ``(1, 1, H, W)`` window, 1 inside and falling to 0 along the borders with a raised cosine of ``width`` pixels.
 
     Multiplying both the measurement and the image estimate by it removes the jump that the
     circular FFT model sees at the image border of a non-periodic photograph, so a Fourier kernel
     estimate is not polluted by it (the windowed pair obeys ``w·(k ⊛ x) ≈ k ⊛ (w·x)`` when ``width``
     exceeds the kernel size). ``width = 0`` gives all ones.
+
+    ``region = (top, left, height, width)`` restricts the window to that rectangle: zero outside
+    it, rising over ``width`` pixels inside its edges. For a photograph padded by a reflected margin
+    this keeps the invented margin (where ``y = k ⊛ x`` does not hold) out of the kernel estimate.
+
+    >>> w = edge_taper_window((10, 10), 2, region=(2, 2, 6, 6))
+    >>> [round(v, 2) for v in w[0, 0, :, 5].tolist()]
+    [0.0, 0.0, 0.25, 0.75, 1.0, 1.0, 0.75, 0.25, 0.0, 0.0]
     """
     height, width_px = shape
-    if width < 0 or 2 * width > min(height, width_px):
-        raise ValueError(f"taper width {width} must be in [0, min(H, W) / 2] for an image of {height}x{width_px}")
+    top, left, inner_h, inner_w = region if region is not None else (0, 0, height, width_px)
+    if top < 0 or left < 0 or inner_h < 1 or inner_w < 1 or top + inner_h > height or left + inner_w > width_px:
+        raise ValueError(f"region {region} does not fit an image of {height}x{width_px}")
+    if width < 0 or 2 * width > min(inner_h, inner_w):
+        raise ValueError(f"taper width {width} must be in [0, min(H, W) / 2] for a region of {inner_h}x{inner_w}")
 
-    def ramp(n: int) -> torch.Tensor:
-        values = torch.ones(n, device=device, dtype=torch.float64)
+    def ramp(n: int, start: int, length: int) -> torch.Tensor:
+        values = torch.zeros(n, device=device, dtype=torch.float64)
+        values[start : start + length] = 1
         if width > 0:
             rise = 0.5 - 0.5 * torch.cos(torch.linspace(0, torch.pi, width + 2, device=device, dtype=torch.float64)[1:-1])
-            values[:width] = rise
-            values[n - width :] = rise.flip(0)
+            values[start : start + width] = rise
+            values[start + length - width : start + length] = rise.flip(0)
         return values
 
-    return (ramp(height)[:, None] * ramp(width_px)[None, :]).to(dtype)[None, None]
+    return (ramp(height, top, inner_h)[:, None] * ramp(width_px, left, inner_w)[None, :]).to(dtype)[None, None]
