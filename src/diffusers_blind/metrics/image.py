@@ -35,9 +35,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     pixels (RGB PSNR, not Y). Identical images give ``+inf`` (no cap).
 
     Example:
-        >>> x = torch.full((1, 3, 8, 8), 0.5)
-        >>> float(psnr(x + 0.1, x))  # MSE = 0.01 -> 20 dB
-        20.0...
+        >>> x = torch.full((1, 3, 8, 8), 0.5, dtype=torch.float64)
+        >>> round(float(psnr(x + 0.1, x)), 6)  # MSE = 0.01 -> 20 dB
+        20.0
     """
     x, y = _check_pair(x, y)
     x = x.double().clamp(0, data_range)

@@ -219,7 +219,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
             return estimate_noise_sigma(measurement).to(torch.float32)
-        values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+        try:
+            values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}") from None
         if values.numel() not in (1, batch):
             raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
         if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
