@@ -204,7 +204,7 @@ def test_linspace_spacing_matches_reference_respacing(pipe):
     expected = np.round(np.linspace(0, 999, 100)).astype(int)[::-1]
     np.testing.assert_array_equal(pipe.scheduler.timesteps.numpy(), expected)
     sqrt_ab, r2, v = pipe.guidance_coefficients(0, pipe.scheduler.timesteps, "fastem")
-    # algorithms.md §1.2 table: t = 999 → v ≈ 0.182, r² ≈ 0.154
+    # docs/conventions.md, "Guidance": t = 999 → v ≈ 0.182, r² ≈ 0.154
     assert abs(v - 0.182) < 2e-3 and abs(r2 - 0.154) < 2e-3 and abs(sqrt_ab**2 - 4.0e-5) < 1e-6
     assert pipe.guidance_coefficients(99, pipe.scheduler.timesteps, "fastem")[1] == 0.0
     _, r2_pigdm, _ = pipe.guidance_coefficients(0, pipe.scheduler.timesteps, "pigdm")

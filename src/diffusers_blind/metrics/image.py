@@ -1,6 +1,6 @@
 """Full-reference image metrics and the re-blur loss, per image, on ``[0, 1]`` tensors.
 
-Conventions (algorithms.md §1.7, §6): images are ``(B, C, H, W)`` float tensors in ``[0, 1]``
+Conventions (docs/conventions.md, "Metrics"): images are ``(B, C, H, W)`` float tensors in ``[0, 1]``
 (RGB or grayscale, no conversion to Y), both arguments are clamped to ``[0, 1]`` before a
 full-reference metric, every metric is returned **per image** as a ``(B,)`` float64 tensor and
 averaged by the caller. Noise levels are in ``[0, 1]`` units here (``10 / 255`` for "σ = 10").

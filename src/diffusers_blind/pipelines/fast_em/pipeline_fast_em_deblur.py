@@ -274,7 +274,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         return float(getattr(self.scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
 
     def guidance_coefficients(self, step_index: int, timesteps: torch.Tensor, r_schedule: str):
-        """``(√ᾱ_t, r_t², v_t)`` for the Pi-GDM update (docs/conventions.md, "Pi-GDM variance").
+        """``(√ᾱ_t, r_t², v_t)`` for the Pi-GDM update (docs/conventions.md, "Guidance").
 
         ``v_t = β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_{t−1})`` on the respaced chain; ``r_t² = v/(1+v)``
         (``"fastem"``, the reference code) or ``1 − ᾱ_t`` (``"pigdm"``, the Pi-GDM paper).
