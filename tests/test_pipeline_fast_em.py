@@ -361,3 +361,19 @@ def test_estimator_without_weights_folder_loads_from_its_config(tmp_path):
     loaded = FastEMDeblurPipeline.from_pretrained(tmp_path)
     assert loaded.kernel_estimator.config.regularization == "l1"
     assert run(loaded, smooth_images(1)).kernels.shape == (1, 5, 5)
+
+
+@pytest.mark.parametrize("em_iterations", [None, 2])
+def test_interrupt_returns_the_state_where_it_stopped(pipe, em_iterations):
+    stopped = {}
+
+    def stop(p, step, timestep, tensors):
+        if step == 1:
+            stopped.update(latents=tensors["latents"].clone(), kernel=tensors["kernel"].clone())
+            p._interrupt = True
+        return tensors
+
+    out = run(pipe, smooth_images(1), num_inference_steps=3, em_iterations=em_iterations, output_type="latent",
+              callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents", "kernel"])
+    torch.testing.assert_close(out.images, stopped["latents"])  # not a fresh x_T of a later EM run
+    torch.testing.assert_close(out.kernels, stopped["kernel"])

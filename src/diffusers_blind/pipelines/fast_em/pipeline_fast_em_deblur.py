@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -83,6 +83,9 @@ class FastEMProblem:
     guidance: str
     r_schedule: str
     estimate_kernel: bool
+    measurement_per_particle: torch.Tensor = field(init=False, repr=False)
+    sigma_per_particle: torch.Tensor = field(init=False, repr=False)
+    tapered_measurement: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
         self.measurement_per_particle = self.measurement.repeat_interleave(self.num_particles, dim=0)
@@ -498,6 +501,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 )
                 kernel = state.kernel
+                if self.interrupt:  # keep the state where the callback stopped; no further run or M-step
+                    break
                 if em_iterations is not None:  # Diffusion EM: M-step on the final samples (Alg. A.1)
                     kernel = self.m_step(problem, to_unit_range(state.latents), kernel)
         self.maybe_free_model_hooks()
