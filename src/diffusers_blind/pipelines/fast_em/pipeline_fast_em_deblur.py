@@ -308,7 +308,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         (2× the ``[0, 1]`` norm, the range DPS tuned ``ζ_t`` for); ``ζ_t = guidance_scale · √ᾱ_t``.
         """
         sqrt_alpha_bar, r2, v = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
-        zeta = self._guidance_scale * sqrt_alpha_bar
+        zeta = self.guidance_scale * sqrt_alpha_bar
         kernel_p = kernel.repeat_interleave(problem.num_particles, dim=0)
         y, sigma = problem.measurement_per_particle, problem.sigma_per_particle
         with torch.enable_grad():
