@@ -1,6 +1,6 @@
 """Full-reference image metrics and the re-blur loss, per image, on ``[0, 1]`` tensors.
 
-Conventions (algorithms.md §1.7, §6): images are ``(B, C, H, W)`` float tensors in ``[0, 1]``
+Conventions (docs/conventions.md, "Metrics"): images are ``(B, C, H, W)`` float tensors in ``[0, 1]``
 (RGB or grayscale, no conversion to Y), both arguments are clamped to ``[0, 1]`` before a
 full-reference metric, every metric is returned **per image** as a ``(B,)`` float64 tensor and
 averaged by the caller. Noise levels are in ``[0, 1]`` units here (``10 / 255`` for "σ = 10").
@@ -35,9 +35,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     pixels (RGB PSNR, not Y). Identical images give ``+inf`` (no cap).
 
     Example:
-        >>> x = torch.full((1, 3, 8, 8), 0.5)
-        >>> float(psnr(x + 0.1, x))  # MSE = 0.01 -> 20 dB
-        20.0...
+        >>> x = torch.full((1, 3, 8, 8), 0.5, dtype=torch.float64)
+        >>> round(float(psnr(x + 0.1, x)), 6)  # MSE = 0.01 -> 20 dB
+        20.0
     """
     x, y = _check_pair(x, y)
     x = x.double().clamp(0, data_range)

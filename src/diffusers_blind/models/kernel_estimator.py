@@ -1,4 +1,4 @@
-"""The M-step of Fast Diffusion EM: half-quadratic splitting over the kernel (Fast EM Eqs. 24-25, §1.3)."""
+"""The M-step of Fast Diffusion EM: half-quadratic splitting over the kernel (Fast EM Eqs. 24-25; docs/conventions.md, "M-step (kernel update)")."""
 
 from __future__ import annotations
 

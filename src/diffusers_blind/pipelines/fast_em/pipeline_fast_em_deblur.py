@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -83,6 +83,9 @@ class FastEMProblem:
     guidance: str
     r_schedule: str
     estimate_kernel: bool
+    measurement_per_particle: torch.Tensor = field(init=False, repr=False)
+    sigma_per_particle: torch.Tensor = field(init=False, repr=False)
+    tapered_measurement: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
         self.measurement_per_particle = self.measurement.repeat_interleave(self.num_particles, dim=0)
@@ -219,7 +222,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
             return estimate_noise_sigma(measurement).to(torch.float32)
-        values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+        try:
+            values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}") from None
         if values.numel() not in (1, batch):
             raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
         if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
@@ -271,7 +277,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         return float(getattr(self.scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
 
     def guidance_coefficients(self, step_index: int, timesteps: torch.Tensor, r_schedule: str):
-        """``(√ᾱ_t, r_t², v_t)`` for the Pi-GDM update (docs/conventions.md, "Pi-GDM variance").
+        """``(√ᾱ_t, r_t², v_t)`` for the Pi-GDM update (docs/conventions.md, "Guidance").
 
         ``v_t = β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_{t−1})`` on the respaced chain; ``r_t² = v/(1+v)``
         (``"fastem"``, the reference code) or ``1 − ᾱ_t`` (``"pigdm"``, the Pi-GDM paper).
@@ -302,7 +308,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         (2× the ``[0, 1]`` norm, the range DPS tuned ``ζ_t`` for); ``ζ_t = guidance_scale · √ᾱ_t``.
         """
         sqrt_alpha_bar, r2, v = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
-        zeta = self._guidance_scale * sqrt_alpha_bar
+        zeta = self.guidance_scale * sqrt_alpha_bar
         kernel_p = kernel.repeat_interleave(problem.num_particles, dim=0)
         y, sigma = problem.measurement_per_particle, problem.sigma_per_particle
         with torch.enable_grad():
@@ -495,6 +501,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 )
                 kernel = state.kernel
+                if self.interrupt:  # keep the state where the callback stopped; no further run or M-step
+                    break
                 if em_iterations is not None:  # Diffusion EM: M-step on the final samples (Alg. A.1)
                     kernel = self.m_step(problem, to_unit_range(state.latents), kernel)
         self.maybe_free_model_hooks()
