@@ -11,6 +11,7 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks
 from . import ops
 from .models import DeblurPredictor, KernelDenoiser, KernelEstimator
 from .pipelines import (
+    DeblurPipelineOutput,
     FastEMDeblurPipeline,
     FastEMDeblurPipelineOutput,
     StochasticRefinementDeblurPipeline,
@@ -31,6 +32,7 @@ __all__ = [
     "ContinuousNoiseLevelScheduler",
     "DEFAULT_MODEL",
     "DVSR_DEFAULT_MODEL",
+    "DeblurPipelineOutput",
     "DeblurPredictor",
     "FastEMDeblurPipeline",
     "FastEMDeblurPipelineOutput",
