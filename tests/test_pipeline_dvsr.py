@@ -1,4 +1,7 @@
-"""diffusers-style fast tests of StochasticRefinementDeblurPipeline on tiny components (CPU, offline)."""
+"""diffusers-style fast tests of StochasticRefinementDeblurPipeline on tiny components (CPU, offline).
+
+The generic pipeline contract comes from ``PipelineTesterMixin``; the rest is specific to DvSR.
+"""
 
 import numpy as np
 import PIL.Image
@@ -16,16 +19,21 @@ from diffusers_blind import (
 from diffusers_blind.models import build_dvsr_denoiser
 from diffusers_blind.ops import fft_blur, gaussian_kernel
 from diffusers_blind.pipelines.dvsr import perception_distortion_setting
+from pipeline_mixin import PipelineTesterMixin
 
 
-def make_pipe(estimator=False):
+def make_components(estimator=False):
     torch.manual_seed(0)
     predictor = DeblurPredictor(block_out_channels=(8, 16), layers_per_block=1)
     torch.nn.init.normal_(predictor.conv_out.weight, std=0.05)  # not the identity, so x_init is visible
     denoiser = build_dvsr_denoiser(block_out_channels=(8, 16), norm_num_groups=4)
     scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100)
     est = KernelEstimator(kernel_size=5, num_iterations=2) if estimator else None
-    pipe = StochasticRefinementDeblurPipeline(predictor, denoiser, scheduler, est)
+    return {"predictor": predictor, "denoiser": denoiser, "scheduler": scheduler, "kernel_estimator": est}
+
+
+def make_pipe(estimator=False):
+    pipe = StochasticRefinementDeblurPipeline(**make_components(estimator))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -45,6 +53,31 @@ def run(pipe, image, seed=0, **kwargs):
 @pytest.fixture(scope="module")
 def pipe():
     return make_pipe()
+
+
+class TestStochasticRefinementDeblurPipeline(PipelineTesterMixin):
+    pipeline_class = StochasticRefinementDeblurPipeline
+    returns_kernel = False
+    extra_bad_inputs = [
+        (dict(num_samples=0), ValueError, "num_samples"),
+        (dict(perception_distortion=2.0), ValueError, "not both"),
+        (dict(eta=-1.0), ValueError, "eta"),
+    ]
+
+    def get_dummy_components(self):
+        return make_components(estimator=False)
+
+    def get_dummy_inputs(self, seed=0, batch=1):
+        generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)] if batch > 1 else torch.Generator().manual_seed(seed)
+        return {"image": images(batch, height=16, width=16, seed=seed), "generator": generator,
+                "num_inference_steps": 3, "num_samples": 2, "output_type": "np"}
+
+
+class TestStochasticRefinementDeblurPipelineWithKernel(TestStochasticRefinementDeblurPipeline):
+    returns_kernel = True
+
+    def get_dummy_components(self):
+        return make_components(estimator=True)
 
 
 def test_output_is_x_init_plus_z0(pipe):

@@ -11,7 +11,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
@@ -21,6 +21,7 @@ from ...ops.blur import edge_taper_window
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import estimate_noise_sigma
 from ...schedulers.scheduling_continuous_noise_level import ContinuousNoiseLevelScheduler
+from ..pipeline_utils import DeblurPipelineOutput
 
 
 EXAMPLE_DOC_STRING = """
@@ -45,8 +46,8 @@ DISTORTION_END = (10, 4)
 
 
 @dataclass
-class StochasticRefinementDeblurPipelineOutput(BaseOutput):
-    """Output of [`StochasticRefinementDeblurPipeline`].
+class StochasticRefinementDeblurPipelineOutput(DeblurPipelineOutput):
+    """Output of [`StochasticRefinementDeblurPipeline`] (a [`DeblurPipelineOutput`] plus ``x_init``).
 
     Args:
         images: restored images ``x_init + z_0``, averaged over the samples: a list of PIL images, a
@@ -56,17 +57,18 @@ class StochasticRefinementDeblurPipelineOutput(BaseOutput):
             finds from the input and the restored image, ``(B, k, k)`` array (``(B, 1, k, k)`` tensor for ``"pt"``).
         uncertainty: per-pixel std over the samples (mean over channels), ``(B, H, W)`` (``(B, 1, H, W)``
             for ``"pt"``), or ``None`` with one sample.
-        samples: every sample, ``(B, n, H, W, C)`` array (``(B, n, C, H, W)`` tensor for ``"pt"``).
-        x_init: the predictor's estimate ``g(y)``, same type and layout as ``images``.
+        particles: every sample, ``(B, n, H, W, C)`` array (``(B, n, C, H, W)`` tensor for ``"pt"``);
+            also readable as ``samples``.
         sigma: the noise level (8-bit levels) given to the kernel M-step, or ``None``.
+        x_init: the predictor's estimate ``g(y)``, same type and layout as ``images``.
     """
 
-    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    kernels: np.ndarray | torch.Tensor | None = None
-    uncertainty: np.ndarray | torch.Tensor | None = None
-    samples: np.ndarray | torch.Tensor | None = None
     x_init: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
-    sigma: list[float] | None = None
+
+    @property
+    def samples(self):
+        """The samples averaged into ``images`` (the same object as ``particles``)."""
+        return self.particles
 
 
 def perception_distortion_setting(value: float) -> tuple[int, int]:
@@ -374,5 +376,5 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         if not return_dict:
             return images, kernels, uncertainty
         return StochasticRefinementDeblurPipelineOutput(
-            images=images, kernels=kernels, uncertainty=uncertainty, samples=samples_out, x_init=x_init_out, sigma=sigma_255
+            images=images, kernels=kernels, uncertainty=uncertainty, particles=samples_out, sigma=sigma_255, x_init=x_init_out
         )
