@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_train_timesteps", type=int, default=2000)
     p.add_argument("--beta_start", type=float, default=1e-6)
     p.add_argument("--beta_end", type=float, default=1e-2)
+    p.add_argument("--residual_scale", type=float, default=1.0,
+                   help="diffuse (x0 - g(y)) / s; the x0-clipping range of the scheduler becomes 2 / s")
+    p.add_argument("--init_predictor_from", type=Path, default=None,
+                   help="start g from the predictor/ of a pipeline folder (a fresh run only)")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction", "sample"], default="v_prediction",
                    help="what f outputs; the loss is L1 on the ε it implies in every case")
     p.add_argument("--batch_size", type=int, default=8)
@@ -198,7 +202,7 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def write_pipeline_folder(predictor, denoiser, scheduler, folder: Path, info: dict) -> None:
+def write_pipeline_folder(predictor, denoiser, scheduler, folder: Path, info: dict, residual_scale: float = 1.0) -> None:
     """Save the components and a ``model_index.json`` for ``StochasticRefinementDeblurPipeline`` (atomically replaced)."""
     import diffusers
 
@@ -214,6 +218,7 @@ def write_pipeline_folder(predictor, denoiser, scheduler, folder: Path, info: di
         "kernel_estimator": [None, None],
         "predictor": ["diffusers_blind.models.deblur_predictor", "DeblurPredictor"],
         "scheduler": ["diffusers_blind.schedulers.scheduling_continuous_noise_level", "ContinuousNoiseLevelScheduler"],
+        "residual_scale": residual_scale,
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -228,7 +233,7 @@ def write_pipeline_folder(predictor, denoiser, scheduler, folder: Path, info: di
 
 
 @torch.no_grad()
-def validate(predictor, denoiser, scheduler, blurry, sharp, steps: int, seed: int) -> dict:
+def validate(predictor, denoiser, scheduler, blurry, sharp, steps: int, seed: int, residual_scale: float = 1.0) -> dict:
     """PSNR (dB, [0,1]) of the blurry input, ``x_init`` and one ``steps``-step sample on fixed pairs."""
     def psnr(a, b):
         mse = ((a.clamp(0, 1) - b) ** 2).flatten(1).mean(1)
@@ -242,7 +247,7 @@ def validate(predictor, denoiser, scheduler, blurry, sharp, steps: int, seed: in
     for t in scheduler.timesteps:
         eps = denoiser(torch.cat([z, y], 1), t.expand(y.shape[0])).sample
         z = scheduler.step(eps, t, z, generator=g).prev_sample
-    out = (x_init + z + 1) / 2
+    out = (x_init + residual_scale * z + 1) / 2
     return {"psnr_blurry": psnr(blurry, sharp), "psnr_x_init": psnr((x_init + 1) / 2, sharp), f"psnr_sample_{steps}": psnr(out, sharp)}
 
 
@@ -275,7 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
                                    norm_num_groups=args.denoiser_norm_groups)
     scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=args.num_train_timesteps,
                                               beta_start=args.beta_start, beta_end=args.beta_end,
-                                              prediction_type=args.prediction_type)
+                                              prediction_type=args.prediction_type,
+                                              clip_sample_range=2.0 / args.residual_scale)
+    if args.init_predictor_from is not None:
+        predictor.load_state_dict(DeblurPredictor.from_pretrained(args.init_predictor_from / "predictor").state_dict())
     models = torch.nn.ModuleDict({"predictor": predictor, "denoiser": denoiser})
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     ema = EMAModel(models.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power)
@@ -313,12 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def do_export(reason: str) -> dict:
         g, f = ema_models()
-        val = validate(g, f, scheduler, val_blurry, val_sharp, steps=20, seed=args.seed)
+        val = validate(g, f, scheduler, val_blurry, val_sharp, steps=20, seed=args.seed, residual_scale=args.residual_scale)
         info = {"step": global_step, "reason": reason, "params": n_params, "minutes_this_run": (time.time() - t_start) / 60,
                 "loss_avg": loss_avg, "data": data.description, "validation_ema": val, "args": json.loads((args.output_dir / "args.json").read_text())}
-        write_pipeline_folder(g, f, scheduler, args.output_dir / "export", info)
+        write_pipeline_folder(g, f, scheduler, args.output_dir / "export", info, args.residual_scale)
         if args.export_dir is not None:
-            write_pipeline_folder(g, f, scheduler, Path(args.export_dir), info)
+            write_pipeline_folder(g, f, scheduler, Path(args.export_dir), info, args.residual_scale)
         accelerator.print(f"[train_dvsr] export at step {global_step} ({reason}): {val}", flush=True)
         return info
 
@@ -340,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
         sharp = (sharp * 2 - 1).to(accelerator.device)
         with accelerator.accumulate(models):
             losses = dvsr_loss(models["predictor"], models["denoiser"], scheduler, sharp, blurry, generator=g,
-                               mode=args.mode, predictor_loss_weight=args.predictor_loss_weight)
+                               mode=args.mode, predictor_loss_weight=args.predictor_loss_weight,
+                               residual_scale=args.residual_scale)
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(models.parameters(), args.max_grad_norm)

@@ -217,3 +217,23 @@ def test_loss_modes():
     assert torch.allclose(weighted["loss"], joint["eps_l1"] + 2.0 * joint["predictor_l2"])
     with pytest.raises(ValueError, match="mode"):
         dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, mode="other")
+    with pytest.raises(ValueError, match="residual_scale"):
+        dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, residual_scale=0.0)
+
+
+def test_residual_scale_divides_the_diffused_residual():
+    """With ε-prediction and a denoiser that returns 0, ε̂ = 0, so the loss is E|ε| whatever the scale; with
+    sample-prediction and f = 0 the implied ε̂ = z/√(1−ᾱ) differs from ε by √ᾱ·r/(s·√(1−ᾱ)): a smaller s gives a larger loss."""
+    predictor, _ = tiny_models()
+    blurry, sharp = _batch()
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(sample=torch.zeros_like(x[:, :3]))
+
+    scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100, prediction_type="sample")
+    losses = [float(dvsr_loss(predictor, Zero(), scheduler, sharp, blurry, generator=torch.Generator().manual_seed(0),
+                              residual_scale=s)["eps_l1"].detach()) for s in (1.0, 0.1)]
+    assert losses[1] > losses[0]

@@ -80,8 +80,11 @@ class TestStochasticRefinementDeblurPipelineWithKernel(TestStochasticRefinementD
         return make_components(estimator=True)
 
 
-def test_output_is_x_init_plus_z0(pipe):
-    """Alg. 1: the restored image is x_init + z_0 (the final latents), mapped to [0, 1]."""
+@pytest.mark.parametrize("residual_scale", [1.0, 0.1])
+def test_output_is_x_init_plus_z0(residual_scale):
+    """Alg. 1: the restored image is x_init + s·z_0 (the final latents; s = 1 in the paper), mapped to [0, 1]."""
+    pipe = StochasticRefinementDeblurPipeline(**make_components(), residual_scale=residual_scale)
+    pipe.set_progress_bar_config(disable=True)
     seen = {}
 
     def grab(p, i, t, tensors):
@@ -90,7 +93,7 @@ def test_output_is_x_init_plus_z0(pipe):
 
     out = run(pipe, images(1, height=16, width=16), num_samples=1, callback_on_step_end=grab,
               callback_on_step_end_tensor_inputs=["latents", "x_init"])
-    expected = ((seen["x_init"] + seen["latents"] + 1) / 2).clamp(0, 1)
+    expected = ((seen["x_init"] + residual_scale * seen["latents"] + 1) / 2).clamp(0, 1)
     assert torch.allclose(out.images, expected, atol=1e-6)
     assert torch.allclose(out.x_init, ((seen["x_init"] + 1) / 2).clamp(0, 1), atol=1e-6)
     assert not torch.allclose(out.images, out.x_init, atol=1e-3)
@@ -238,17 +241,23 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
 
 def test_save_load_round_trip(tmp_path):
     for estimator in (False, True):
-        pipe = make_pipe(estimator=estimator)
+        pipe = StochasticRefinementDeblurPipeline(**make_components(estimator), residual_scale=0.25)
+        pipe.set_progress_bar_config(disable=True)
         folder = tmp_path / f"pipe_{estimator}"
         pipe.save_pretrained(folder)
         assert (folder / "predictor" / "diffusion_pytorch_model.safetensors").is_file()
         loaded = StochasticRefinementDeblurPipeline.from_pretrained(folder)
         loaded.set_progress_bar_config(disable=True)
-        assert (loaded.kernel_estimator is None) == (not estimator)
+        assert (loaded.kernel_estimator is None) == (not estimator) and loaded.config.residual_scale == 0.25
         a, b = run(pipe, images(1), num_samples=2), run(loaded, images(1), num_samples=2)
         assert torch.equal(a.images, b.images)
         if estimator:
             assert torch.equal(a.kernels, b.kernels)
+
+
+def test_residual_scale_must_be_positive():
+    with pytest.raises(ValueError, match="residual_scale"):
+        StochasticRefinementDeblurPipeline(**make_components(), residual_scale=0.0)
 
 
 def test_kernel_from_the_m_step():

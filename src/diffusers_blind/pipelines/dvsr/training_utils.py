@@ -98,6 +98,7 @@ def dvsr_loss(
     generator: torch.Generator | None = None,
     mode: str = "joint",
     predictor_loss_weight: float = 0.0,
+    residual_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     r"""The DvSR training loss on images in ``[-1, 1]``; returns ``{"loss", "eps_l1", "predictor_l2"}``.
 
@@ -106,6 +107,7 @@ def dvsr_loss(
     ``z = √ᾱ·r + √(1−ᾱ)·ε`` and ``L = ‖ε − ε̂‖₁`` (mean) with ``ε̂`` the noise that ``f([z, y], c(ᾱ))``
     predicts (its output read by the scheduler's ``prediction_type``: ``ε̂ = f`` for ``"epsilon"``,
     ``ε̂ = √ᾱ f + √(1−ᾱ) z`` for ``"v_prediction"``), with gradients into both ``f`` and ``g``; ``predictor_loss_weight`` adds ``w·‖g(y) − x_0‖²`` (0 in the paper).
+    ``residual_scale = s`` diffuses ``r / s`` instead of ``r`` (the pipeline outputs ``x_init + s·z_0``).
     ``mode="predictor"`` trains ``g`` alone with ``‖g(y) − x_0‖²`` (the paper's ablation, Table 4).
     """
     if mode not in ("joint", "predictor"):
@@ -114,7 +116,9 @@ def dvsr_loss(
     predictor_l2 = F.mse_loss(x_init.float(), sharp.float())
     if mode == "predictor":
         return {"loss": predictor_l2, "eps_l1": torch.zeros((), device=sharp.device), "predictor_l2": predictor_l2}
-    residual = sharp - x_init
+    if residual_scale <= 0:
+        raise ValueError(f"residual_scale must be > 0, got {residual_scale}")
+    residual = (sharp - x_init) / residual_scale
     level, _ = scheduler.sample_training_levels(sharp.shape[0], generator=generator)
     level = level.to(sharp.device)
     noise = torch.randn(residual.shape, generator=generator, dtype=residual.dtype).to(residual.device)
