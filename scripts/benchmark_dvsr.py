@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_images", type=int, default=3, help="write outputs of the first N inputs")
+    p.add_argument("--summarize_only", action="store_true", help="rebuild the table and plot from <output>/records.jsonl")
     return p.parse_args(argv)
 
 
@@ -105,6 +106,10 @@ def main(argv=None) -> int:
     import diffusers_blind
     from diffusers_blind import StochasticRefinementDeblurPipeline, metrics
 
+    if args.summarize_only:
+        lines = (args.output / "records.jsonl").read_text().splitlines()
+        summarize([json.loads(line) for line in lines if line.strip()], args)
+        return 0
     pipe = StochasticRefinementDeblurPipeline.from_pretrained(args.model or diffusers_blind.DVSR_DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
     settings = [tuple(int(v) for v in s.lower().split("x")) for s in args.settings]
@@ -135,9 +140,17 @@ def main(argv=None) -> int:
                 save_png(image, args.output / f"{f.stem}_s{int(sigma)}_{name.replace(' ', '_')}.png")
         if index < args.save_images:
             save_png(sharp, args.output / f"{f.stem}_s{int(sigma)}_sharp.png")
+        with open(args.output / "records.jsonl", "a") as fh:  # partial results survive an interruption
+            for rec in records[-len(outputs):]:
+                fh.write(json.dumps(rec) + "\n")
         line = " | ".join(f"{r['row']} {r['psnr']:.2f}/{r['niqe']:.2f}" for r in records[-len(outputs):])
         print(f"[bench] {f.stem} σ={sigma:g} k={kernel.shape[-1]}: {line}", flush=True)
+    summarize(records, args)
+    return 0
 
+
+def summarize(records: list[dict], args) -> None:
+    """Mean per row and σ → ``results.json``, ``table.md``, ``pd_plot.png``."""
     summary: dict = {}
     for rec in records:
         summary.setdefault(rec["row"], {}).setdefault(f"{rec['sigma']:g}", []).append(rec)
@@ -152,7 +165,6 @@ def main(argv=None) -> int:
     (args.output / "table.md").write_text("\n".join(lines) + "\n")
     pd_plot(summary, args.output / "pd_plot.png")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ The export (``<run>/export`` of ``scripts/train_dvsr.py``) is loaded as a pipeli
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +38,11 @@ def main(argv=None) -> int:
     shutil.copy2(args.export / "training_info.json", tmp / "training_info.json")
     if card is not None:
         (tmp / "README.md").write_text(card)
+    index = json.loads((tmp / "model_index.json").read_text())
+    index.pop("_name_or_path", None)  # a path of the training machine
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for f in tmp.rglob("*"):
+        os.chmod(f, 0o755 if f.is_dir() else 0o644)  # safetensors may be written 0600
     shutil.rmtree(args.target, ignore_errors=True)
     tmp.rename(args.target)
     size = sum(f.stat().st_size for f in args.target.rglob("*") if f.is_file())
