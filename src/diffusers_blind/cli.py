@@ -111,35 +111,17 @@ def _note(message: str) -> None:
 
 
 def load_image(path: Path) -> tuple[np.ndarray, str]:
-    """Read an image file as float32 ``(H, W)`` (grayscale) or ``(H, W, 3)`` in ``[0, 1]`` and its PIL mode.
+    """Read an image file as float32 ``(H, W)`` or ``(H, W, 3)`` in ``[0, 1]`` and its PIL mode.
 
-    EXIF rotation is applied; alpha is dropped (RGBA → RGB, LA → L); palette and CMYK images become
-    RGB; 16-bit images keep their precision.
+    The package's one decoder (``diffusers_blind.io.read_image``): EXIF rotation applied, alpha dropped,
+    16-bit and float images read at full precision.
     """
+    from .io import read_image
+
     try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            image = PIL.ImageOps.exif_transpose(image)
-    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise CLIError(f"cannot read image {path}: {error}") from None
-    mode = image.mode
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        array = np.asarray(image).astype(np.float32)
-        array = array / (65535.0 if array.max(initial=0) > 255 or mode.startswith("I;16") else 255.0)
-    elif mode == "F":
-        array = np.asarray(image).astype(np.float32)
-    elif mode in GRAYSCALE_MODES:
-        array = np.asarray(image.convert("L")).astype(np.float32) / 255.0
-    else:
-        array = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
-    if array.ndim != 2 and array.ndim != 3 or array.size == 0:
-        raise CLIError(f"cannot read image {path}: unexpected shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise CLIError(f"image {path} contains NaN or infinite values")
-    return np.clip(array, 0.0, 1.0), mode
+        return read_image(path)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def load_kernel_file(path: Path) -> np.ndarray:

@@ -21,7 +21,7 @@ from ...models.kernel_estimator import KernelEstimator
 from ...ops.blur import edge_taper_window
 from ...ops.guidance import dps_residual_norm, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
-from ...ops.noise import estimate_noise_sigma
+from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
 
 
 EXAMPLE_DOC_STRING = """
@@ -157,10 +157,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
     def prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
         """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``."""
         batch = measurement.shape[0]
+        if sigma is None:
+            raise ValueError("sigma (the noise std in 8-bit levels, e.g. 10) is required; pass a number or 'auto'")
         if isinstance(sigma, str):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
-            return estimate_noise_sigma(measurement).to(torch.float32)
+            return estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
         values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
         if values.numel() not in (1, batch):
             raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
