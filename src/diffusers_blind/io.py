@@ -113,16 +113,44 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     return data
 
 
-def check_writable_folder(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and prove a file can be written there; ``OSError`` with a clear message if not."""
+def check_writable_folder(folder: str | os.PathLike, create: bool = False) -> Path:
+    """Prove a file can be written in ``folder`` (or, if it does not exist yet, in the nearest existing
+    parent, where it would be created); ``OSError`` with a clear message if not. ``create`` makes it."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OSError(f"output must be a folder, but {folder} is a file")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True):
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-", delete=True):
             pass
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         reason = error.strerror or str(error)
         raise OSError(f"cannot write to the output folder {folder}: {reason}") from None
     return folder
+
+
+def probe_image(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the file header, without decoding pixels; ``ImageReadError`` for files
+    that are not images or exceed the decompression-bomb limit."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                size = image.size
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise ImageReadError(
+            f"cannot read image {path}: too large to decode safely ({error}). Downscale or crop it first "
+            "(or raise PIL.Image.MAX_IMAGE_PIXELS in Python if you trust the file)"
+        ) from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from None
+    if size[0] == 0 or size[1] == 0:
+        raise ImageReadError(f"cannot read image {path}: it is empty ({size[0]}x{size[1]} pixels)")
+    return size
