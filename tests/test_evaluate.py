@@ -1,11 +1,10 @@
-"""End-to-end tests of scripts/evaluate.py (CPU, offline, tiny random model).
+"""End-to-end tests of the evaluation (``scripts/evaluate.py`` → ``diffusers_blind.evaluation``; CPU, offline, tiny model).
 
 Subprocess runs: one single-process run, one interrupted run (``--stop_after``) and its resumption with
 ``accelerate launch`` on 2 CPU processes; the resumed multi-process results must equal the
 single-process ones. The rest runs the script's ``main`` in-process.
 """
 
-import importlib.util
 import json
 import os
 import socket
@@ -26,14 +25,8 @@ DETERMINISTIC = {"identity", "wiener-known-kernel"}
 METRICS = ["psnr", "ssim", "gmsd", "sharpness", "kernel_mse", "mnc", "reblur_per_element"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = load_script()
+from diffusers_blind.baselines import wiener_deconvolution  # noqa: E402
+from diffusers_blind.evaluation import degradations, figures, runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +145,7 @@ def test_interrupted_run_resumes_on_two_processes(single_run, fixture_dir, tmp_p
     output_dir = tmp_path / "resumed"
     args = common_args(fixture_dir, output_dir)
     with pytest.raises(SystemExit) as stopped:  # the test hook stops like a kill after 2 jobs
-        evaluate.main([*args, "--stop_after", "2"])
+        runner.main([*args, "--stop_after", "2"])
     assert stopped.value.code == 3
     lines = (output_dir / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -160,7 +153,7 @@ def test_interrupted_run_resumes_on_two_processes(single_run, fixture_dir, tmp_p
     with open(output_dir / "results.jsonl", "a") as handle:  # a kill in the middle of a write
         handle.write('{"image_index": 3, "method": "identity", "sig')
     with pytest.raises(SystemExit):  # one more job, appended after the broken line without being glued to it
-        evaluate.main([*args, "--stop_after", "1"])
+        runner.main([*args, "--stop_after", "1"])
     valid = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines() if line.endswith("}")]
     assert len(valid) == 3 and valid[:2] == first_two
     done_before = valid
@@ -179,7 +172,7 @@ def test_interrupted_run_resumes_on_two_processes(single_run, fixture_dir, tmp_p
     assert_same_results(records_by_key(single_run[0]), resumed)
 
     # a third run has nothing to do and keeps every job exactly once
-    assert evaluate.main(args) == 0
+    assert runner.main(args) == 0
     assert records_by_key(output_dir).keys() == resumed.keys()
 
 
@@ -188,23 +181,23 @@ def test_refuses_to_mix_settings(single_run, fixture_dir, hf_env):
     args = common_args(fixture_dir, output_dir)
     args[args.index("--kernel_size") + 1] = "3"
     with pytest.raises(SystemExit, match="kernel_size"):
-        evaluate.main(args)
+        runner.main(args)
 
 
 def test_degradation_is_a_pure_function_of_seed_and_index():
-    args = evaluate.parse_args(["--data_dir", ".", "--output_dir", "x", "--kernel_size", "7", "--methods", "identity"])
+    args = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--kernel_size", "7", "--methods", "identity"])
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    first = [evaluate.make_kernel(args, i, None)[0] for i in (0, 1, 2)]
-    again = [evaluate.make_kernel(args, i, None)[0] for i in (2, 0, 1)]  # another order, another process
+    first = [degradations.make_kernel(args, i, None)[0] for i in (0, 1, 2)]
+    again = [degradations.make_kernel(args, i, None)[0] for i in (2, 0, 1)]  # another order, another process
     assert torch.equal(first[0], again[1]) and torch.equal(first[2], again[0])
     assert not torch.equal(first[0], first[1])
     torch.manual_seed(123)  # the global RNG plays no part
-    y1 = evaluate.degrade(x, first[0], 10.0, args, 0)
+    y1 = degradations.degrade(x, first[0], 10.0, args, 0)
     torch.manual_seed(456)
-    assert torch.equal(y1, evaluate.degrade(x, first[0], 10.0, args, 0))
-    assert not torch.equal(y1, evaluate.degrade(x, first[0], 10.0, args, 1))
+    assert torch.equal(y1, degradations.degrade(x, first[0], 10.0, args, 0))
+    assert not torch.equal(y1, degradations.degrade(x, first[0], 10.0, args, 1))
     args.seed = 1
-    assert not torch.equal(first[0], evaluate.make_kernel(args, 0, None)[0])
+    assert not torch.equal(first[0], degradations.make_kernel(args, 0, None)[0])
 
 
 def test_user_kernels_reflect_blur_and_padding(fixture_dir, tmp_path, hf_env):
@@ -218,7 +211,7 @@ def test_user_kernels_reflect_blur_and_padding(fixture_dir, tmp_path, hf_env):
     args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "26", "--small_images", "pad",
             "--kernel", str(kernels), "--blur_mode", "reflect", "--sigma", "0", "--limit", "5",
             "--methods", "identity", "wiener-known-kernel", "--output_dir", str(output_dir), "--num_grid", "1"]
-    assert evaluate.main(args) == 0
+    assert runner.main(args) == 0
     records = records_by_key(output_dir)
     assert len(records) == 5 * 2  # the 10x12 image is padded, not skipped
     names = {r["image_index"]: r["kernel"] for r in records.values()}
@@ -237,12 +230,12 @@ def test_wiener_deconvolution_recovers_a_blurred_image():
     x = torch.nn.functional.interpolate(coarse, size=(48, 48), mode="bicubic", align_corners=False).clamp(0, 1)
     kernel = gaussian_kernel(9, 2.0)
     y = fft_blur(x, kernel) + 2 / 255 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    restored = evaluate.wiener_deconvolution(y, kernel, 2 / 255, "circular")
+    restored = wiener_deconvolution(y, kernel, 2 / 255, "circular")
     assert metrics.psnr(restored, x).item() > metrics.psnr(y, x).item() + 2
 
 
 def test_pil_scatter_fallback(tmp_path):
     path = tmp_path / "plot.png"
-    evaluate._pil_scatter([(20.0, 0.3, "a sigma=5"), (25.0, 0.1, "b sigma=5")], "PSNR", "LPIPS", path)
+    figures._pil_scatter([(20.0, 0.3, "a sigma=5"), (25.0, 0.1, "b sigma=5")], "PSNR", "LPIPS", path)
     image = np.asarray(Image.open(path).convert("L"))
     assert image.shape == (520, 720) and image.min() < 128  # something was drawn

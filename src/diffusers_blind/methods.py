@@ -247,10 +247,10 @@ def _wiener_run(y, *, sigma, kernel, generator, pipeline, blur):
 
 
 def _identity_run(y, *, sigma, kernel, generator, pipeline, blur, kernel_size):
-    """The measurement itself, scored with a Dirac kernel of ``kernel_size`` (the true kernel's size when known)."""
+    """The measurement itself, with a Dirac kernel of ``kernel_size`` (at most the image's smaller side)."""
     from .ops import dirac_kernel
 
-    size = kernel.shape[-1] if kernel is not None else kernel_size or 1
+    size = min(kernel_size or 1, min(y.shape[-2:]))
     return MethodResult(y.clamp(0, 1).cpu(), dirac_kernel(size))
 
 

@@ -1,0 +1,6 @@
+import sys
+
+from .runner import main
+
+
+sys.exit(main())
