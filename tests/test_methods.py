@@ -1,0 +1,96 @@
+"""The methods registry: a method added with one ``register_method`` call runs from the command line and in
+the evaluation, without any edit of ``cli.py`` or ``diffusers_blind.evaluation``."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_blind import methods
+from diffusers_blind.cli import build_parser, main
+from diffusers_blind.evaluation import runner
+from diffusers_blind.methods import METHODS, Method, MethodResult, Option, register_method, unregister_method
+
+
+def gamma_run(y, *, sigma, kernel, generator, pipeline, blur, gamma_exponent):
+    """A dummy 'restoration' that estimates no kernel."""
+    assert pipeline is None and kernel is None and isinstance(generator, torch.Generator)
+    return MethodResult(image=y.clamp(0, 1) ** gamma_exponent, kernel=None)
+
+
+@pytest.fixture
+def gamma_method():
+    method = register_method(Method(
+        "dummy-gamma", gamma_run, "a dummy method for the tests (gamma curve, no kernel)", returns_kernel=False,
+        options=(Option("gamma_exponent", float, 1.0, "exponent of the dummy gamma curve"),),
+    ))
+    yield method
+    unregister_method("dummy-gamma")
+
+
+def test_builtin_methods_are_registered():
+    assert {"fastem-pigdm", "fastem-dps", "diffusion-em", "pigdm-known-kernel", "dps-known-kernel",
+            "wiener-known-kernel", "identity"} <= set(METHODS)
+    assert METHODS["wiener-known-kernel"].needs_kernel and METHODS["wiener-known-kernel"].pipeline_class is None
+    assert METHODS["fastem-pigdm"].accepts_kernel and not METHODS["diffusion-em"].accepts_kernel
+    assert "em_iterations" in METHODS["diffusion-em"].option_names
+    assert "em_iterations" not in METHODS["fastem-pigdm"].option_names
+
+
+def test_registry_rejects_duplicates_and_conflicting_options(gamma_method):
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method("dummy-gamma", gamma_run))
+    with pytest.raises(ValueError, match="differs"):
+        register_method(Method("dummy-other", gamma_run, options=(Option("steps", int, 7, "other default"),)))
+    assert "dummy-other" not in METHODS
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.get_method("nope")
+
+
+def test_dummy_method_in_help_cli_and_evaluation(gamma_method, tmp_path, capsys, monkeypatch):
+    for key, value in {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    help_text = build_parser()._subparsers._group_actions[0].choices["deblur"].format_help()
+    assert "dummy-gamma" in help_text and "--gamma-exponent" in help_text
+
+    image = np.full((20, 24, 3), 0.25, np.float32)
+    PIL.Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    code = main(["deblur", str(tmp_path / "in.png"), "-o", str(out), "--method", "dummy-gamma",
+                 "--gamma-exponent", "0.5", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    restored = np.asarray(PIL.Image.open(out / "in_deblurred.png"), dtype=np.float64) / 255
+    np.testing.assert_allclose(restored, 0.5, atol=1 / 255)  # 0.25 ** 0.5
+    assert not (out / "in_kernel.npy").exists() and not (out / "in_kernel.png").exists()
+    record = json.loads((out / "in.json").read_text())
+    assert record["settings"]["method"] == "dummy-gamma" and record["settings"]["gamma_exponent"] == 0.5
+    assert record["kernel_size"] is None and record["model"] is None and set(record["outputs"]) == {"image"}
+    # an option of another method is refused, naming the methods that have it
+    code = main(["deblur", str(tmp_path / "in.png"), "-o", str(tmp_path / "o2"), "--method", "dummy-gamma",
+                 "--steps", "3"])
+    assert code == 2 and "--steps does not apply to --method dummy-gamma" in capsys.readouterr().err
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        PIL.Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    evaluation = tmp_path / "eval"
+    args = ["--data_dir", str(images), "--resolution", "16", "--kernel_size", "5", "--sigma", "5",
+            "--methods", "dummy-gamma", "identity", "--gamma_exponent", "1.0", "--output_dir", str(evaluation),
+            "--extra_metrics", "none", "--num_grid", "1"]
+    assert runner.main(args) == 0
+    records = [json.loads(line) for line in (evaluation / "results.jsonl").read_text().splitlines()]
+    gamma = [r for r in records if r["method"] == "dummy-gamma"]
+    identity = [r for r in records if r["method"] == "identity"]
+    assert len(gamma) == 2 and len(identity) == 2
+    for g, i in zip(gamma, identity):  # exponent 1 = identity: the same image scores
+        assert g["psnr"] == pytest.approx(i["psnr"]) and g["gamma_exponent"] == 1.0
+        assert g["kernel_mse"] is None and g["mnc"] is None and g["reblur_total"] is None  # no kernel
+        assert i["kernel_mse"] is not None
+    summary = (evaluation / "summary.md").read_text()
+    assert "| dummy-gamma | 5 | 2 |" in summary and "`dummy-gamma`: gamma_exponent 1.0" in summary
+    assert json.loads((evaluation / "config.json").read_text())["gamma_exponent"] == 1.0
