@@ -234,8 +234,114 @@ def test_wiener_deconvolution_recovers_a_blurred_image():
     assert metrics.psnr(restored, x).item() > metrics.psnr(y, x).item() + 2
 
 
+def test_wiener_on_valid_data_solves_for_the_unseen_margin():
+    """A photograph's blur (valid) deconvolved with a reflect boundary rings; the valid model does not."""
+    from diffusers_blind import metrics
+    from diffusers_blind.ops import motion_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(1, 3, 10, 10, generator=generator)
+    large = torch.nn.functional.interpolate(coarse, size=(24, 24), mode="bicubic", align_corners=False).clamp(0, 1)
+    kernel = motion_kernel(5, 0.5, np.random.default_rng(1))
+    y = degradations.blur(large, kernel, "valid") + 2 / 255 * torch.randn(1, 3, 20, 20, generator=generator)
+    truth = large[..., 2:22, 2:22]
+    valid = metrics.psnr(wiener_deconvolution(y, kernel, 2 / 255, "valid"), truth).item()
+    reflect = metrics.psnr(wiener_deconvolution(y, kernel, 2 / 255, "reflect"), truth).item()
+    assert valid > reflect + 3 and valid > metrics.psnr(y.clamp(0, 1), truth).item() + 2
+
+
 def test_pil_scatter_fallback(tmp_path):
     path = tmp_path / "plot.png"
     figures._pil_scatter([(20.0, 0.3, "a sigma=5"), (25.0, 0.1, "b sigma=5")], "PSNR", "LPIPS", path)
     image = np.asarray(Image.open(path).convert("L"))
     assert image.shape == (520, 720) and image.min() < 128  # something was drawn
+
+
+# ---------------------------------------------------------------------------- --blur valid, config.json
+def test_valid_blur_is_a_linear_convolution_without_wrap_around():
+    from diffusers_blind.ops import fft_blur
+
+    generator = torch.Generator().manual_seed(0)
+    large = torch.rand(1, 3, 20, 23, generator=generator, dtype=torch.float64)
+    kernel = torch.rand(1, 1, 5, 4, generator=generator, dtype=torch.float64)
+    kernel /= kernel.sum()
+    y = degradations.blur(large, kernel, "valid")
+    assert y.shape == (1, 3, 16, 20)
+    kh, kw = kernel.shape[-2:]
+    direct = sum(kernel[0, 0, a, b] * large[..., kh - 1 - a : kh - 1 - a + 16, kw - 1 - b : kw - 1 - b + 20]
+                 for a in range(kh) for b in range(kw))  # y[i] = Σ_m k[m] x[i + k - 1 - m]
+    torch.testing.assert_close(y, direct)
+    # the same numbers as the circular blur away from the border, where the circular one wraps around
+    circular = fft_blur(large, kernel)[..., (kh - 1) // 2 : 20 - kh // 2, (kw - 1) // 2 : 23 - kw // 2]
+    torch.testing.assert_close(y, circular)
+    centre = large[..., (kh - 1) // 2 : (kh - 1) // 2 + 16, (kw - 1) // 2 : (kw - 1) // 2 + 20]
+    wrapped = fft_blur(centre, kernel)  # --blur circular on the same truth: the first row mixes in the last
+    assert not torch.allclose(wrapped[..., 0, :], y[..., 0, :], atol=1e-3)
+    torch.testing.assert_close(wrapped[..., kh // 2 : 16 - kh // 2, kw // 2 : 20 - kw // 2],
+                               y[..., kh // 2 : 16 - kh // 2, kw // 2 : 20 - kw // 2])
+
+
+def test_valid_scene_crops_the_same_truth_with_a_kernel_margin(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (30, 31, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    dataset = [{"image": {"path": str(tmp_path / "a.png"), "bytes": None}}]
+    kernel = torch.ones(1, 1, 5, 4) / 20
+    circular = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--methods", "identity"])
+    valid = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--blur", "valid",
+                               "--methods", "identity"])
+    truth, source = degradations.load_scene(dataset, "image", 0, circular, kernel)
+    assert torch.equal(truth, source) and truth.shape == (1, 3, 16, 16)
+    truth_v, source_v = degradations.load_scene(dataset, "image", 0, valid, kernel)
+    assert torch.equal(truth_v, truth) and source_v.shape == (1, 3, 20, 19)
+    assert torch.equal(source_v[..., 2:18, 1:17], truth)  # (kh - 1) // 2 rows above, (kw - 1) // 2 columns left
+    y = degradations.degrade(source_v, kernel, 0.0, valid, 0)
+    assert y.shape == truth.shape
+    exact = degradations.reblur_scores(truth, kernel, y, 0.0, "valid")  # the truth explains y exactly
+    assert abs(exact.per_element.item()) < 1e-12
+    shifted = degradations.reblur_scores(truth.roll(1, -1), kernel, y, 0.0, "valid")
+    assert shifted.per_element.item() > 1e-4
+
+
+def test_valid_blur_end_to_end_and_summary(fixture_dir, tmp_path, hf_env):
+    output_dir = tmp_path / "valid"
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "20", "--kernel_size", "5", "--blur", "valid",
+            "--sigma", "2", "--methods", "identity", "wiener-known-kernel", "--output_dir", str(output_dir),
+            "--extra_metrics", "none", "--num_grid", "1"]
+    assert runner.main(args) == 0
+    records = records_by_key(output_dir)
+    assert len(records) == 4 * 2 and all(r["blur_mode"] == "valid" for r in records.values())
+    wiener = [r for k, r in records.items() if k[1] == "wiener-known-kernel"]
+    assert all(abs(r["reblur_per_element"]) < 1e-3 for r in wiener)  # the estimate explains the measurement
+    summary = (output_dir / "summary.md").read_text()
+    assert "blur `valid` (linear blur of a larger crop" in summary
+    assert "valid" in (output_dir / "summary.csv").read_text().splitlines()[1].split(",")
+    assert json.loads((output_dir / "config.json").read_text())["blur_mode"] == "valid"
+
+
+def test_empty_or_corrupt_config_json(fixture_dir, tmp_path, hf_env, capsys):
+    output_dir = tmp_path / "cfg"
+    output_dir.mkdir()
+    (output_dir / "config.json").write_text("")  # killed during the first write, before any result
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--sigma", "5",
+            "--methods", "identity", "--output_dir", str(output_dir), "--extra_metrics", "none", "--limit", "2"]
+    assert runner.main(args) == 0
+    assert "is empty" in capsys.readouterr().err
+    assert json.loads((output_dir / "config.json").read_text())["kernel_size"] == 5
+    (output_dir / "config.json").write_text('{"kernel_size": 5, "blur')  # cut short, with results present
+    with pytest.raises(SystemExit, match="not valid JSON.*delete config.json.*--overwrite"):
+        runner.main(args)
+    assert not list(output_dir.glob(".config.json.*.tmp"))
+
+
+def test_old_config_without_method_options_still_resumes(fixture_dir, tmp_path, hf_env):
+    output_dir = tmp_path / "old"
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--sigma", "5",
+            "--methods", "identity", "--output_dir", str(output_dir), "--extra_metrics", "none", "--limit", "2"]
+    assert runner.main(args) == 0
+    config = json.loads((output_dir / "config.json").read_text())
+    config.pop("kernel_size", None)  # stands for a setting a newer method added
+    (output_dir / "config.json").write_text(json.dumps(config))
+    before = records_by_key(output_dir)
+    assert runner.main(args) == 0
+    assert records_by_key(output_dir) == before
+    assert json.loads((output_dir / "config.json").read_text())["kernel_size"] == 5  # added back

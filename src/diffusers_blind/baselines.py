@@ -21,8 +21,11 @@ def wiener_deconvolution(
     ``mean|K|²``), and ``σ`` is floored at 0.5/255 (8-bit quantisation) so that σ = 0 stays stable.
 
     * ``"circular"``: the closed form in Fourier, ``x̂ = F⁻¹[conj(K)·Y / (|K|² + λ·|D|²)]``;
-    * anything else (``"valid"``, ``"reflect"``: a photograph's boundary): the same objective with the reflect-padded blur operator (no circular model,
-      hence no wrap-around artefacts), solved by conjugate gradients from ``y``.
+    * ``"reflect"``: the same objective with the reflect-padded blur operator (no circular model,
+      hence no wrap-around artefacts), solved by conjugate gradients from ``y``;
+    * ``"valid"`` (a photograph: ``y`` only sees the scene through the kernel's footprint): the unknown
+      is ``y``'s scene plus a ``(kh − 1, kw − 1)`` margin, ``y`` its valid blur; conjugate gradients
+      from the edge-replicated ``y``, then the centre is returned. No boundary condition is assumed.
     """
     sigma = max(float(sigma), 0.5 / 255)
     y = y.double()
@@ -44,8 +47,10 @@ def wiener_deconvolution(
     pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
     padded_otf = p2o(kernel, (height + kh - 1, width + kw - 1))
 
-    def blur_op(x):  # = spatial_blur(x, kernel.flip(-2, -1), "reflect"), the measurement model, computed by FFT
-        padded = F.pad(x, pads, mode="reflect")
+    extended = blur_mode == "valid"  # unknown: the image plus the kernel's margin, of which y is the valid blur
+
+    def blur_op(x):  # reflect: spatial_blur(x, kernel.flip(-2, -1), "reflect"); valid: the valid blur of x
+        padded = x if extended else F.pad(x, pads, mode="reflect")
         out = torch.fft.ifft2(torch.fft.fft2(padded) * padded_otf).real
         return out[..., pads[2] : pads[2] + height, pads[0] : pads[0] + width]
 
@@ -59,7 +64,7 @@ def wiener_deconvolution(
             return torch.autograd.grad(energy(x, target), x)[0]
 
     # Normal equations N x = Aᵀy with N = AᵀA + λ DᵀD: N x = ∇E₀(x), and Aᵀy = N x − ∇E_y(x) at any x.
-    x = y.clone()
+    x = F.pad(y, pads, mode="replicate") if extended else y.clone()
     residual = -gradient(x, y)
     direction = residual.clone()
     rs = residual.pow(2).sum()
@@ -74,4 +79,6 @@ def wiener_deconvolution(
         rs_new = residual.pow(2).sum()
         direction = residual + (rs_new / rs) * direction
         rs = rs_new
+    if extended:
+        x = x[..., pads[2] : pads[2] + height, pads[0] : pads[0] + width]
     return x.float().clamp(0, 1)

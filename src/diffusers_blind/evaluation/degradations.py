@@ -178,9 +178,23 @@ def blur(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"blur mode must be one of {tuple(BLUR_MODES)}, got {mode!r}")
 
 
-def reblur_mode(mode: str) -> str:
-    """The boundary model the re-blur score uses for data blurred with ``mode`` (reflect for photographs)."""
-    return "circular" if mode == "circular" else "reflect"
+def reblur_scores(x_hat: torch.Tensor, k_hat: torch.Tensor, y: torch.Tensor, sigma: float, mode: str):
+    """Fast EM's re-blur loss (Eq. 34) ``L = ‖k̂ ⊛ x̂ − y‖² − σ²M`` for data blurred with ``mode``.
+
+    ``circular`` and ``reflect`` re-blur with that boundary (``metrics.reblur_loss``). For ``valid`` data
+    no boundary is assumed: only the pixels whose kernel footprint lies inside ``x̂`` are compared,
+    ``k̂ ⊛_valid x̂`` against the matching interior of ``y``, with ``M`` their count.
+    """
+    from diffusers_blind import metrics
+
+    if mode != "valid":
+        return metrics.reblur_loss(x_hat, k_hat, y, sigma, blur_mode=mode)
+    kh, kw = k_hat.shape[-2:]
+    reblurred = blur(x_hat.double(), k_hat.double(), "valid")
+    inner = y.double()[..., (kh - 1) // 2 : y.shape[-2] - kh // 2, (kw - 1) // 2 : y.shape[-1] - kw // 2]
+    m = reblurred[0].numel()
+    total = (reblurred - inner).pow(2).flatten(1).sum(1) - float(sigma) ** 2 * m
+    return metrics.ReblurLoss(total=total, per_element=total / m)
 
 
 def degrade(x: torch.Tensor, kernel: torch.Tensor, sigma_255: float, args, index: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from .degradations import (
     load_scene,
     load_user_kernels,
     make_kernel,
-    reblur_mode,
+    reblur_scores,
     stream_seed,
     valid_margin,
 )
@@ -162,8 +162,7 @@ def score(x_hat, k_hat, x, y, kernel_true, sigma_255, method, args, extra) -> di
     from diffusers_blind import metrics
 
     known = METHODS[method].needs_kernel or k_hat is None
-    reblur = None if k_hat is None else metrics.reblur_loss(
-        x_hat, k_hat, y, sigma_255 / 255.0, blur_mode=reblur_mode(args.blur_mode))
+    reblur = None if k_hat is None else reblur_scores(x_hat, k_hat, y, sigma_255 / 255.0, args.blur_mode)
     sharp, sharp_gt = metrics.laplacian_sharpness(x_hat).item(), metrics.laplacian_sharpness(x).item()
     record = {
         "psnr": metrics.psnr(x_hat, x).item(),
