@@ -95,12 +95,19 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
     The package's one decoder (``diffusers_blind.io.read_image``): EXIF rotation applied, alpha dropped,
     16-bit and float images read at full precision.
     """
+    import warnings
+
     from .io import read_image
 
     try:
-        return read_image(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = read_image(path)
     except ValueError as error:
         raise CLIError(str(error)) from None
+    for warning in caught:  # e.g. a float image rescaled from [0, 255]
+        _note(str(warning.message))
+    return result
 
 
 def load_kernel_file(path: Path) -> np.ndarray:
