@@ -292,3 +292,39 @@ def test_float_tiff_in_8bit_levels_is_not_white(tmp_path, capsys):
     assert "note:" in errors(capsys)  # the rescaling is announced
     restored = np.asarray(PIL.Image.open(tmp_path / "o" / "f_deblurred.png"), dtype=np.float64)
     np.testing.assert_allclose(restored, levels, atol=1)
+
+
+# ---------------------------------------------------------------------------- several processes
+def test_deblur_splits_a_folder_across_processes_and_resumes(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(5):
+        write_image(folder / f"{i}.png", i)
+    out = tmp_path / "out"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "diffusers_blind.cli", "deblur", str(folder), "-o", str(out), "--method", "identity",
+              "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+
+    def run(*extra):
+        result = subprocess.run([*launch, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run()
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(records) == [str(i) for i in range(5)]  # each image once
+    assert {r["process"] for r in records.values()} == {0, 1}
+    (out / "1.json").unlink()
+    (out / "3.json").unlink()
+    kept = (out / "0.json").read_bytes()
+    run("--skip-existing")
+    assert sorted(p.stem for p in out.glob("*.json")) == [str(i) for i in range(5)]
+    assert (out / "0.json").read_bytes() == kept  # done images are not redone

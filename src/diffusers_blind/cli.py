@@ -422,6 +422,21 @@ def cmd_deblur(args) -> int:
         check_writable_folder(out_dir)
     except OSError as error:
         raise CLIError(str(error)) from None
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    state = _launched_state(device)
+    unreadable = bad
+    if state is not None:  # accelerate launch / torchrun: each process deblurs its share of the images
+        from accelerate.utils import broadcast_object_list
+
+        state.wait_for_everyone()  # every process has checked the outputs before anyone writes one
+        seed = broadcast_object_list([seed])[0]
+        if args.device == "auto":
+            device = str(state.device)
+        with state.split_between_processes(jobs) as mine:
+            jobs = list(mine)
+        if not state.is_main_process:
+            unreadable = {}  # reported once, by the main process
+    bad = dict(unreadable)
 
     start = time.perf_counter()
     pipe = None
@@ -436,7 +451,6 @@ def cmd_deblur(args) -> int:
             raise CLIError(f"--method {method.name}: {error}") from None
         for note in notes:
             _note(note)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     several = len(jobs) > 1
     if pipe is not None:
         if args.quiet:
@@ -499,6 +513,7 @@ def cmd_deblur(args) -> int:
                 "uncertainty": uncertainty,
                 "model": str(Path(model).resolve()) if pipe is not None else None,
                 "timings": {"load_seconds": round(load_seconds, 4), "image_seconds": round(seconds, 4)},
+                "process": state.process_index if state is not None else 0,
                 "versions": _versions(),
             }
             _remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
@@ -518,9 +533,21 @@ def cmd_deblur(args) -> int:
         for message in bad.values():
             _error(message)
         names = ", ".join(str(p) for p in bad)
-        _error(f"{len(bad)} of {len(paths)} image(s) failed: {names}")
+        where = f" (process {state.process_index})" if state is not None else ""
+        _error(f"{len(bad)} of {len(paths)} image(s) failed{where}: {names}")
         return 2
     return 0
+
+
+def _launched_state(device: str):
+    """accelerate's ``PartialState`` when several processes were launched (``accelerate launch``,
+    ``torchrun``), else ``None``. Without a GPU (or with ``--device cpu``) the processes use gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------------------- blur
