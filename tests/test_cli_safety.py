@@ -328,3 +328,22 @@ def test_deblur_splits_a_folder_across_processes_and_resumes(tmp_path):
     run("--skip-existing")
     assert sorted(p.stem for p in out.glob("*.json")) == [str(i) for i in range(5)]
     assert (out / "0.json").read_bytes() == kept  # done images are not redone
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5])
+def test_ctrl_c_while_importing_is_one_line(delay):
+    """SIGINT while ``python -m diffusers_blind.cli`` still imports torch/diffusers (or later): no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "diffusers_blind.cli", "info"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert "Traceback" not in err
+    if process.returncode != 0:  # 0: `info` finished before the signal arrived
+        assert process.returncode in (130, -signal.SIGINT) and (not err or "interrupted" in err), err
