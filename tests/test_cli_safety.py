@@ -347,3 +347,10 @@ def test_ctrl_c_while_importing_is_one_line(delay):
     assert "Traceback" not in err
     if process.returncode != 0:  # 0: `info` finished before the signal arrived
         assert process.returncode in (130, -signal.SIGINT) and (not err or "interrupted" in err), err
+
+
+def test_multi_frame_files_say_that_only_the_first_frame_is_used(tmp_path, capsys):
+    frames = [PIL.Image.new("L", (20, 24), value) for value in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert identity([tmp_path / "anim.gif"], tmp_path / "o") == 0
+    assert "2 frames" in errors(capsys)

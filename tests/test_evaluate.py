@@ -345,3 +345,13 @@ def test_old_config_without_method_options_still_resumes(fixture_dir, tmp_path, 
     assert runner.main(args) == 0
     assert records_by_key(output_dir) == before
     assert json.loads((output_dir / "config.json").read_text())["kernel_size"] == 5  # added back
+
+
+def test_evaluation_input_errors_are_clear(fixture_dir, tmp_path, hf_env, capsys):
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")])
+    assert "is not a folder" in capsys.readouterr().err
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--limit", "1",
+            "--methods", "fastem-pigdm", "--model", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="cannot load the pipeline of fastem-pigdm"):
+        runner.main(args)

@@ -44,6 +44,10 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
                 image.load()
                 array = DeblurImageProcessor.decode_pil(image, name=str(path))
                 mode = image.mode
+                frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            warnings.warn(f"{path} holds {frames} frames (an animation or a multi-page file); only the first is used",
+                          stacklevel=2)
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
         raise ImageReadError(
             f"cannot read image {path}: too large to decode safely ({error}). Downscale or crop it first "

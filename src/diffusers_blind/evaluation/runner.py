@@ -99,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--sigma values are 8-bit levels in [0, 255]")
     if not 0 <= args.intensity <= 1:
         p.error("--intensity must be in [0, 1]")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        p.error(f"--data_dir {args.data_dir!r} is not a folder")
     if args.kernel not in ("motion", "gaussian") and not Path(args.kernel).is_dir():
         p.error(f"--kernel must be 'motion', 'gaussian' or an existing folder, got {args.kernel!r}")
     args.sigma = list(dict.fromkeys(float(s) for s in args.sigma))
@@ -244,7 +246,11 @@ def load_pipelines(methods, model: str | None, device) -> dict:
             continue
         key = (method.pipeline_class, str(model or method.default_model))
         if key not in loaded:
-            loaded[key] = load_pipeline(method, key[1], device)
+            try:
+                loaded[key] = load_pipeline(method, key[1], device)
+            except Exception as error:  # a missing, partial or corrupt folder: one clear message
+                raise SystemExit(f"cannot load the pipeline of {name} from {key[1]}: "
+                                 f"{type(error).__name__}: {error}") from None
             loaded[key].set_progress_bar_config(disable=True)
         pipelines[name] = loaded[key]
     return pipelines
