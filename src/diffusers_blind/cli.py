@@ -14,7 +14,6 @@ Also runnable as ``python -m diffusers_blind.cli``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -25,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-OUTPUT_SUFFIXES = ("_deblurred", "_kernel", "_uncertainty")  # files this tool writes; skipped in folder scans
+from .io import IMAGE_EXTENSIONS
+from .outputs import OUTPUT_SUFFIXES, is_done, output_stems, plan_outputs, remove_stale, write_outputs  # noqa: F401
 KERNEL_PREVIEW_SCALE = 8
 
 
@@ -245,61 +243,6 @@ def load_pipeline(path: str, device: str, quiet: bool = False, pipeline_class=No
 
 
 # ---------------------------------------------------------------------------- deblur
-OUTPUT_FILES = {  # what deblur writes per input: name -> suffix after the output stem
-    "image": "_deblurred.png",
-    "kernel_png": "_kernel.png",
-    "kernel_npy": "_kernel.npy",
-    "uncertainty_png": "_uncertainty.png",
-    "uncertainty_npy": "_uncertainty.npy",
-    "record": ".json",
-}
-
-
-def output_stems(paths: list[Path]) -> list[str]:
-    """One output stem per input, unique even ignoring case: the file stem, or ``stem_2``, ``stem_3``...
-    for the second, third... input with that stem, skipping any name that another input already has
-    (``photo.jpg``, ``photo.png`` and ``photo_2.png`` → ``photo``, ``photo_3``, ``photo_2``)."""
-    taken = {path.stem.casefold() for path in paths}
-    used: set[str] = set()
-    stems = []
-    for path in paths:
-        stem = path.stem
-        if stem.casefold() in used:
-            number = 2
-            while f"{stem}_{number}".casefold() in taken or f"{stem}_{number}".casefold() in used:
-                number += 1
-            stem = f"{stem}_{number}"
-        used.add(stem.casefold())
-        stems.append(stem)
-    return stems
-
-
-def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path]) -> list[dict[str, Path]]:
-    """The files each input may get in ``out_dir``; an error if one of them is an input (or ``protected``)."""
-    plans = [{name: out_dir / f"{stem}{suffix}" for name, suffix in OUTPUT_FILES.items()}
-             for stem in output_stems(paths)]
-    inputs = {os.path.normcase(str(p.resolve())): p for p in [*paths, *protected]}
-    seen: dict[str, Path] = {}
-    for plan in plans:
-        for file in plan.values():
-            key = os.path.normcase(str(file.resolve()))
-            if key in inputs:
-                raise CLIError(f"the output {file} would overwrite the input {inputs[key]}; choose another -o folder")
-            if key.casefold() in seen:  # cannot happen with output_stems; kept as a guard
-                raise CLIError(f"two inputs would write the same output {file}")
-            seen[key.casefold()] = file
-    return plans
-
-
-def _is_done(plan: dict[str, Path]) -> bool:
-    """An earlier run finished this input: its record (written last) is valid and lists files that exist."""
-    try:
-        record = json.loads(plan["record"].read_text())
-        return all(Path(file).is_file() for file in record["outputs"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
 def method_options(method, args) -> dict:
     """The values of ``method``'s options from ``args``; an error for a flag given to a method without it."""
     from .methods import all_options
@@ -331,41 +274,6 @@ def _error(message: str) -> None:
     print(f"diffusers-blind: error: {message}", file=sys.stderr)
 
 
-def _uncertainty_image(std: np.ndarray) -> PIL.Image.Image:
-    """The per-pixel std map scaled by its maximum to 8-bit grayscale (white = most uncertain)."""
-    peak = float(std.max()) if std.size else 0.0
-    scaled = std / peak if peak > 0 else np.zeros_like(std)
-    return PIL.Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), mode="L")
-
-
-def _write_outputs(plan: dict[str, Path], result, output_mode_image) -> dict[str, Path]:
-    """Write the image, kernel and uncertainty files atomically; returns those written."""
-    import torch
-
-    from .image_processor import kernel_to_image
-    from .io import save_image, save_npy
-
-    written = {"image": plan["image"]}
-    save_image(output_mode_image, plan["image"])
-    if result.kernel is not None:
-        kernel = np.asarray(result.kernel.detach().float().cpu().reshape(result.kernel.shape[-2:]), dtype=np.float32)
-        save_npy(kernel, plan["kernel_npy"])
-        save_image(kernel_to_image(torch.from_numpy(kernel), scale=KERNEL_PREVIEW_SCALE), plan["kernel_png"])
-        written.update(kernel_npy=plan["kernel_npy"], kernel_png=plan["kernel_png"])
-    if result.uncertainty is not None:
-        std = np.asarray(result.uncertainty.detach().float().cpu().reshape(result.uncertainty.shape[-2:]), np.float32)
-        save_image(_uncertainty_image(std), plan["uncertainty_png"])
-        save_npy(std, plan["uncertainty_npy"])
-        written.update(uncertainty_png=plan["uncertainty_png"], uncertainty_npy=plan["uncertainty_npy"])
-    return written
-
-
-def _remove_stale(plan: dict[str, Path], keep) -> None:
-    for name, file in plan.items():
-        if name not in keep and file.is_file():
-            file.unlink()
-
-
 def cmd_deblur(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -394,7 +302,10 @@ def cmd_deblur(args) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"output must be a folder, but {out_dir} is a file")
-    plans = plan_outputs(paths, out_dir, [Path(args.kernel)] if args.kernel else [])
+    try:
+        plans = plan_outputs(paths, out_dir, [Path(args.kernel)] if args.kernel else [])
+    except ValueError as error:
+        raise CLIError(str(error)) from None
     bad: dict[Path, str] = {}
     for path in paths:  # headers only (size, format): pixels are decoded one image at a time below
         try:
@@ -407,7 +318,7 @@ def cmd_deblur(args) -> int:
         raise CLIError(f"none of the {len(paths)} input(s) can be read" if len(paths) > 1 else next(iter(bad.values())))
     jobs = [(path, plan) for path, plan in zip(paths, plans) if path not in bad]
     if args.skip_existing:
-        done = [path for path, plan in jobs if _is_done(plan)]
+        done = [path for path, plan in jobs if is_done(plan)]
         jobs = [(path, plan) for path, plan in jobs if path not in done]
         if done:
             _note(f"skipping {len(done)} image(s) already deblurred in {out_dir} (--skip-existing)")
@@ -473,7 +384,7 @@ def cmd_deblur(args) -> int:
             seconds = time.perf_counter() - start
             image = processor.numpy_or_pil(result.image.reshape(1, *result.image.shape[-3:]), "pil")[0]
             out_dir.mkdir(parents=True, exist_ok=True)
-            written = _write_outputs(plan, result, image)
+            written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE)
         except KeyboardInterrupt:
             raise
         except CLIError as error:
@@ -516,7 +427,7 @@ def cmd_deblur(args) -> int:
                 "process": state.process_index if state is not None else 0,
                 "versions": _versions(),
             }
-            _remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
+            remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
             save_json(record, plan["record"])  # last: its presence marks the image as done
             if not args.quiet:
                 sigma_text = ("-" if sigma_used is None else
@@ -526,7 +437,7 @@ def cmd_deblur(args) -> int:
             outer.update()
             continue
         if args.overwrite:
-            _remove_stale(plan, keep=())  # no output of an earlier run may look like this run's
+            remove_stale(plan, keep=())  # no output of an earlier run may look like this run's
         outer.update()
     outer.close()
     if bad:
