@@ -2,7 +2,7 @@
 """Train the Plug-and-Play kernel denoiser of Fast Diffusion EM and export a ``KernelEstimator``.
 
 The denoiser ``D_σ(k)`` (:class:`diffusers_blind.KernelDenoiser`, an FDnCNN with a noise-level
-channel) is trained as a plain Gaussian denoiser on sum-1 blur kernels (algorithms.md §1.5):
+channel) is trained as a plain Gaussian denoiser on sum-1 blur kernels (docs/conventions.md, "Kernel denoiser (PnP prior)"):
 
 * a fixed pool of kernels is generated once (80 % seeded camera-shake kernels with random
   intensity, 20 % random anisotropic Gaussians), recentred, and cached to a ``.pt`` file;

@@ -17,6 +17,7 @@ from diffusers_blind.ops import fft_blur, motion_kernel
 
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the shipped weights
 
 
 @pytest.fixture(scope="module")

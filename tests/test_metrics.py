@@ -143,13 +143,13 @@ def test_kernel_metrics_accept_different_sizes():
 
 
 # ------------------------------------------------------------------------------------------ reblur loss
-@pytest.mark.parametrize("mode", ["circular", "reflect"])
+@pytest.mark.parametrize("mode", ["circular", "reflect", "zeros"])
 def test_reblur_loss_near_zero_for_truth(mode):
     x = smooth_images(batch=1, size=64, seed=4)
     kernel = motion_kernel(9, 0.5, generator=1)
     sigma = 0.05
     noise = sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    clean = fft_blur(x, kernel) if mode == "circular" else spatial_blur(x, kernel.flip(-2, -1), padding="reflect")
+    clean = fft_blur(x, kernel) if mode == "circular" else spatial_blur(x, kernel.flip(-2, -1), padding=mode)
     y = clean + noise
     loss = metrics.reblur_loss(x, kernel, y, sigma, blur_mode=mode)
     m = x[0].numel()
@@ -162,6 +162,12 @@ def test_reblur_loss_near_zero_for_truth(mode):
     dirac = torch.zeros(1, 1, 9, 9)
     dirac[..., 4, 4] = 1
     assert metrics.reblur_loss(x, dirac, y, sigma, blur_mode=mode).per_element.item() > 10 * abs(loss.per_element.item())
+
+
+def test_reblur_loss_rejects_unknown_blur_mode():
+    x = smooth_images(batch=1, size=16)
+    with pytest.raises(ValueError, match="blur_mode"):
+        metrics.reblur_loss(x, gaussian_kernel(3, 0.8), x, 0.0, blur_mode="valid")
 
 
 def test_reblur_loss_per_image_sigma():

@@ -22,7 +22,7 @@ def random_kernel(size, seed, batch=1, dtype=torch.float64):
 
 
 def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, scale_by_n=False):
-    """Independent numpy implementation of the HQS data step (no prior), following algorithms.md §1.3.
+    """Independent numpy implementation of the HQS data step (no prior), following docs/conventions.md, "M-step (kernel update)".
 
     Per image b and channel c on the full grid:
     ``Z = IFFT((Σ_i conj(X_i)·Y + α·FFT(p2o(z))) / (Σ_i |X_i|² + α [+ n·H·W·r²]))``, mean over channels,

@@ -1,39 +1,25 @@
-"""diffusers-style fast tests of FastEMDeblurPipeline on tiny components (CPU, offline)."""
+"""diffusers-style fast tests of FastEMDeblurPipeline on tiny components (CPU, offline).
+
+The generic pipeline contract comes from ``PipelineTesterMixin``; this file adds what is specific to Fast EM.
+"""
 
 import json
 import os
-import shutil
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.callbacks import PipelineCallback
+from conftest import smooth_images, tiny_ddpm, tiny_unet
+from diffusers import DDIMScheduler
+from pipeline_mixin import PipelineTesterMixin
 
 import diffusers_blind
 from diffusers_blind import FastEMDeblurPipeline, FastEMDeblurPipelineOutput, KernelEstimator
 from diffusers_blind.ops import fft_blur, gaussian_kernel
 
 
-def tiny_unet(out_channels=3, in_channels=3):
-    torch.manual_seed(0)
-    return UNet2DModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-
-
-def ddpm(**kwargs):
-    config = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, variance_type="fixed_small")
-    config.update(kwargs)
-    return DDPMScheduler(timestep_spacing="linspace", **config)
+ddpm = tiny_ddpm
 
 
 def make_pipe(estimator=True, unet=None, scheduler=None):
@@ -42,12 +28,6 @@ def make_pipe(estimator=True, unet=None, scheduler=None):
     pipe = FastEMDeblurPipeline(unet or tiny_unet(), scheduler or ddpm(), est)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def smooth_images(batch=2, channels=3, height=20, width=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, channels, height // 4 + 1, width // 4 + 1, generator=g)
-    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic").clamp(0, 1)
 
 
 def run(pipe, image, seed=0, **kwargs):
@@ -61,7 +41,31 @@ def pipe():
     return make_pipe()
 
 
-def test_output_types_and_shapes(pipe):
+class TestFastEMDeblurPipeline(PipelineTesterMixin):
+    pipeline_class = FastEMDeblurPipeline
+    extra_bad_inputs = [
+        (dict(image=torch.randint(0, 3, (1, 3, 16, 16), dtype=torch.int64)), TypeError, "dtype"),
+        (dict(image=np.zeros((16, 16, 3), dtype=np.int32)), TypeError, "dtype"),
+        (dict(image=torch.rand(1, 3, 16, 16) * 2 - 1), ValueError, r"\[0, 1\]"),
+        (dict(guidance="magic"), ValueError, "guidance"),
+        (dict(sigma=None), ValueError, "sigma"),
+    ]
+
+    def get_dummy_components(self):
+        torch.manual_seed(0)
+        return dict(
+            unet=tiny_unet(), scheduler=tiny_ddpm(), kernel_estimator=KernelEstimator(kernel_size=5, num_iterations=2)
+        )
+
+    def get_dummy_inputs(self, seed=0, batch=1):
+        generator = (
+            torch.Generator().manual_seed(seed) if batch == 1
+            else [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+        )
+        return dict(image=smooth_images(batch), sigma=10, num_inference_steps=3, output_type="np", generator=generator)
+
+
+def test_particles_uncertainty_and_latent_outputs(pipe):
     image = smooth_images()
     out_np = run(pipe, image, num_particles=2)
     assert isinstance(out_np, FastEMDeblurPipelineOutput)
@@ -95,16 +99,7 @@ def test_accepts_pil_numpy_and_grayscale(pipe):
     assert odd.images.shape == (1, 17, 23, 3)
 
 
-def test_seeded_runs_reproducible_and_seed_matters(pipe):
-    image = smooth_images()
-    a, b = run(pipe, image, seed=3), run(pipe, image, seed=3)
-    np.testing.assert_array_equal(a.images, b.images)
-    np.testing.assert_array_equal(a.kernels, b.kernels)
-    c = run(pipe, image, seed=4)
-    assert np.abs(a.images - c.images).max() > 1e-4
-
-
-def test_batch_equals_single_with_generator_list(pipe):
+def test_batch_equals_single_with_particles(pipe):
     image = smooth_images(2)
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
     batch = pipe(image, num_inference_steps=3, output_type="np", num_particles=2, generator=gens)
@@ -115,16 +110,7 @@ def test_batch_equals_single_with_generator_list(pipe):
         np.testing.assert_allclose(batch.kernels[i], single.kernels[0], atol=1e-6)
 
 
-def test_dict_and_tuple_outputs_equivalent(pipe):
-    image = smooth_images(1)
-    out = run(pipe, image)
-    images, kernels, uncertainty = run(pipe, image, return_dict=False)
-    np.testing.assert_array_equal(out.images, images)
-    np.testing.assert_array_equal(out.kernels, kernels)
-    assert uncertainty is None
-
-
-def test_save_load_round_trip(tmp_path, pipe):
+def test_saved_folder_layout_and_estimator_weights(tmp_path, pipe):
     image = smooth_images(1)
     expected = run(pipe, image)
     pipe.save_pretrained(tmp_path)
@@ -213,37 +199,12 @@ def test_callback_replacing_kernel_drives_guidance():
     np.testing.assert_allclose(a.kernels[0], wide[0, 0].numpy(), atol=1e-7)
 
 
-def test_pipeline_callback_object(pipe):
-    class Record(PipelineCallback):
-        tensor_inputs = ["kernel"]
-
-        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
-            self.kernels = getattr(self, "kernels", []) + [callback_kwargs["kernel"].clone()]
-            return callback_kwargs
-
-    record = Record()
-    run(pipe, smooth_images(1), callback_on_step_end=record)
-    assert len(record.kernels) == 3
-
-
-def test_interrupt_skips_remaining_steps(pipe):
-    steps = []
-
-    def stop(p, step, timestep, tensors):
-        steps.append(step)
-        p._interrupt = True
-        return tensors
-
-    run(pipe, smooth_images(1), num_inference_steps=4, callback_on_step_end=stop)
-    assert steps == [0]
-
-
 def test_linspace_spacing_matches_reference_respacing(pipe):
     pipe.scheduler.set_timesteps(100)
     expected = np.round(np.linspace(0, 999, 100)).astype(int)[::-1]
     np.testing.assert_array_equal(pipe.scheduler.timesteps.numpy(), expected)
     sqrt_ab, r2, v = pipe.guidance_coefficients(0, pipe.scheduler.timesteps, "fastem")
-    # algorithms.md §1.2 table: t = 999 → v ≈ 0.182, r² ≈ 0.154
+    # docs/conventions.md, "Guidance": t = 999 → v ≈ 0.182, r² ≈ 0.154
     assert abs(v - 0.182) < 2e-3 and abs(r2 - 0.154) < 2e-3 and abs(sqrt_ab**2 - 4.0e-5) < 1e-6
     assert pipe.guidance_coefficients(99, pipe.scheduler.timesteps, "fastem")[1] == 0.0
     _, r2_pigdm, _ = pipe.guidance_coefficients(0, pipe.scheduler.timesteps, "pigdm")
@@ -308,11 +269,8 @@ def test_guidance_pulls_towards_the_measurement():
         (dict(sigma="loud"), "sigma"),
         (dict(sigma=[1, 2, 3]), "sigma"),
         (dict(guidance="magic"), "guidance"),
-        (dict(output_type="jpeg"), "output_type"),
-        (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(num_particles=0), "num_particles"),
         (dict(kernel_size=64), "larger than the image"),
-        (dict(callback_on_step_end_tensor_inputs=["prompt_embeds"]), "callback_on_step_end_tensor_inputs"),
         (dict(kernel=-gaussian_kernel(5, 1.0)), "non-negative"),
         (dict(kernel=torch.ones(2, 2, 5, 5)), "kernel must be"),
         (dict(kernel=gaussian_kernel(5, 1.0), em_iterations=2), "em_iterations"),
@@ -325,24 +283,97 @@ def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
         run(pipe, smooth_images(1), **kwargs)
 
 
-@pytest.mark.parametrize(
-    "image, error, match",
-    [
-        (torch.full((1, 3, 16, 16), float("nan")), ValueError, "NaN"),
-        (torch.rand(1, 3, 16, 16) * 255, ValueError, r"\[0, 1\]"),
-        (torch.rand(1, 3, 16, 16) * 2 - 1, ValueError, r"\[0, 1\]"),
-        (torch.rand(1, 2, 16, 16), ValueError, "channels"),
-        (torch.randint(0, 3, (1, 3, 16, 16), dtype=torch.int64), TypeError, "dtype"),
-        (np.zeros((16, 16, 3), dtype=np.int32), TypeError, "dtype"),
-        ("image.png", TypeError, "PIL image"),
-        ([], ValueError, "empty"),
-    ],
-)
-def test_bad_images_raise_clear_errors(pipe, image, error, match):
-    with pytest.raises(error, match=match):
-        run(pipe, image)
-
-
 def test_default_model_path_is_inside_the_package():
     assert diffusers_blind.DEFAULT_MODEL.endswith("default_model")
     assert os.path.dirname(diffusers_blind.DEFAULT_MODEL) == os.path.dirname(diffusers_blind.__file__)
+
+
+def test_guidance_scale_property_is_the_call_value_and_callback_can_change_it(recwarn):
+    pipe = make_pipe()
+    pipe.register_to_config(guidance_scale=2.5)
+    assert pipe.guidance_scale == 2.5  # the saved default before any call
+    assert not [w for w in recwarn.list if issubclass(w.category, FutureWarning)]
+    seen = []
+
+    def record(p, step, timestep, tensors):
+        seen.append(p.guidance_scale)
+        return tensors
+
+    run(pipe, smooth_images(1), guidance_scale=4.0, callback_on_step_end=record)
+    assert seen == [4.0, 4.0, 4.0] and pipe.guidance_scale == 4.0
+    seen.clear()
+    run(pipe, smooth_images(1), callback_on_step_end=record)
+    assert seen == [2.5, 2.5, 2.5]
+
+    def switch_off(p, step, timestep, tensors):
+        p._guidance_scale = 0.0
+        return tensors
+
+    image = smooth_images(1)
+    kwargs = dict(kernel=gaussian_kernel(5, 1.0), num_inference_steps=4, guidance_scale=20.0)
+    changed = run(pipe, image, callback_on_step_end=switch_off, **kwargs)
+    unchanged = run(pipe, image, **kwargs)
+    assert np.abs(changed.images - unchanged.images).max() > 1e-4
+    with pytest.raises(AttributeError):
+        pipe.guidance_scale = 1.0
+
+
+@pytest.mark.parametrize("regularization", ["pnp", "l1", "l2", "none"])
+def test_every_regularization_runs_and_round_trips(tmp_path, regularization):
+    torch.manual_seed(0)
+    estimator = KernelEstimator(kernel_size=5, num_iterations=2, regularization=regularization, lambda_=1e-3)
+    pipe = FastEMDeblurPipeline(tiny_unet(), ddpm(), estimator)
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_images(1)
+    expected = run(pipe, image)
+    assert np.isfinite(expected.images).all()
+    np.testing.assert_allclose(expected.kernels.sum(), 1.0, atol=1e-5)
+    pipe.save_pretrained(tmp_path)
+    loaded = FastEMDeblurPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.kernel_estimator.config.regularization == regularization
+    np.testing.assert_allclose(run(loaded, image).kernels, expected.kernels, atol=1e-6)
+    np.testing.assert_allclose(run(loaded, image).images, expected.images, atol=1e-5)
+
+
+def test_kernel_carries_no_autograd_graph_between_steps(pipe):
+    """The M-step output is data: no graph may grow from one step to the next (memory per step stays flat)."""
+    graphs = []
+
+    def inspect_kernel(p, step, timestep, tensors):
+        graphs.append((tensors["kernel"].requires_grad, tensors["kernel"].grad_fn, tensors["latents"].grad_fn))
+        return tensors
+
+    for kwargs in (dict(), dict(guidance="dps"), dict(em_iterations=2)):
+        graphs.clear()
+        run(pipe, smooth_images(1), num_inference_steps=4, callback_on_step_end=inspect_kernel,
+            callback_on_step_end_tensor_inputs=["latents", "kernel"], **kwargs)
+        assert graphs and all(g == (False, None, None) for g in graphs), kwargs
+
+
+def test_estimator_without_weights_folder_loads_from_its_config(tmp_path):
+    pipe = make_pipe()
+    pipe.kernel_estimator = None
+    pipe.register_modules(kernel_estimator=KernelEstimator(kernel_size=5, regularization="l1"))
+    pipe.save_pretrained(tmp_path)
+    for weights in (tmp_path / "kernel_estimator").glob("diffusion_pytorch_model*"):
+        weights.unlink()  # a hand-written l1 folder: config.json only
+    loaded = FastEMDeblurPipeline.from_pretrained(tmp_path)
+    assert loaded.kernel_estimator.config.regularization == "l1"
+    assert run(loaded, smooth_images(1)).kernels.shape == (1, 5, 5)
+
+
+@pytest.mark.parametrize("em_iterations", [None, 2])
+def test_interrupt_returns_the_state_where_it_stopped(pipe, em_iterations):
+    stopped = {}
+
+    def stop(p, step, timestep, tensors):
+        if step == 1:
+            stopped.update(latents=tensors["latents"].clone(), kernel=tensors["kernel"].clone())
+            p._interrupt = True
+        return tensors
+
+    out = run(pipe, smooth_images(1), num_inference_steps=3, em_iterations=em_iterations, output_type="latent",
+              callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents", "kernel"])
+    torch.testing.assert_close(out.images, stopped["latents"])  # not a fresh x_T of a later EM run
+    torch.testing.assert_close(out.kernels, stopped["kernel"])

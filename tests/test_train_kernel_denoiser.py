@@ -99,6 +99,7 @@ def synthetic_photo(size=128, seed=0):
     return image.clamp(0, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["kernel_estimator", "kernel_estimator_64"])
 def test_shipped_estimator_recovers_motion_kernel(folder):
     shipped = SHIPPED.parent / folder

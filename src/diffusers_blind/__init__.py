@@ -11,7 +11,7 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks
 
 from . import ops
 from .models import KernelDenoiser, KernelEstimator
-from .pipelines import FastEMDeblurPipeline, FastEMDeblurPipelineOutput
+from .pipelines import DeblurPipelineOutput, FastEMDeblurPipeline, FastEMDeblurPipelineOutput
 
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ DEFAULT_MODEL = str(Path(__file__).parent / "default_model")
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DeblurPipelineOutput",
     "FastEMDeblurPipeline",
     "FastEMDeblurPipelineOutput",
     "KernelDenoiser",

@@ -165,15 +165,13 @@ def blur(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     ``"valid"``: only the outputs whose whole kernel footprint lies inside ``x``, so the result is
     ``(H − kh + 1, W − kw + 1)`` and nothing wraps around or is invented at the border.
     """
-    from diffusers_blind.ops import fft_blur, spatial_blur
+    from diffusers_blind.ops.operators import BlurOperator
 
-    if mode == "circular":
-        return fft_blur(x, kernel)
-    if mode == "reflect":
-        return spatial_blur(x, kernel.flip(-2, -1), padding="reflect")
+    if mode in ("circular", "reflect"):
+        return BlurOperator(padding=mode)(x, kernel)
     if mode == "valid":
         kh, kw = kernel.shape[-2:]
-        same = spatial_blur(x, kernel.flip(-2, -1), padding="zeros")  # exact wherever the footprint fits
+        same = BlurOperator(padding="zeros")(x, kernel)  # exact wherever the kernel footprint fits inside x
         return same[..., (kh - 1) // 2 : x.shape[-2] - kh // 2, (kw - 1) // 2 : x.shape[-1] - kw // 2]
     raise ValueError(f"blur mode must be one of {tuple(BLUR_MODES)}, got {mode!r}")
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics for blind deblurring (algorithms.md §1.7, §2.5, §6).
+"""Evaluation metrics for blind deblurring (docs/conventions.md, "Metrics").
 
 * image: :func:`psnr`, :func:`ssim` (``[0, 1]`` RGB, data range 1, per image), :func:`gmsd`
   (analytic perceptual full-reference), :func:`laplacian_sharpness` (no-reference sharpness proxy),

@@ -1,6 +1,6 @@
 """Full-reference image metrics and the re-blur loss, per image, on ``[0, 1]`` tensors.
 
-Conventions (algorithms.md §1.7, §6): images are ``(B, C, H, W)`` float tensors in ``[0, 1]``
+Conventions (docs/conventions.md, "Metrics"): images are ``(B, C, H, W)`` float tensors in ``[0, 1]``
 (RGB or grayscale, no conversion to Y), both arguments are clamped to ``[0, 1]`` before a
 full-reference metric, every metric is returned **per image** as a ``(B,)`` float64 tensor and
 averaged by the caller. Noise levels are in ``[0, 1]`` units here (``10 / 255`` for "σ = 10").
@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..ops.blur import fft_blur, spatial_blur
+from ..ops.operators import BLUR_PADDINGS, BlurOperator
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,9 +35,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     pixels (RGB PSNR, not Y). Identical images give ``+inf`` (no cap).
 
     Example:
-        >>> x = torch.full((1, 3, 8, 8), 0.5)
-        >>> float(psnr(x + 0.1, x))  # MSE = 0.01 -> 20 dB
-        20.0...
+        >>> x = torch.full((1, 3, 8, 8), 0.5, dtype=torch.float64)
+        >>> round(float(psnr(x + 0.1, x)), 6)  # MSE = 0.01 -> 20 dB
+        20.0
     """
     x, y = _check_pair(x, y)
     x = x.double().clamp(0, data_range)
@@ -110,19 +110,14 @@ def reblur_loss(
         k_est: estimated kernels ``(B or 1, 1, k, k)``; used as given (normalise them first if needed).
         y: the measurement ``(B, C, H, W)``.
         sigma: noise std in ``[0, 1]`` units (``10 / 255`` for 8-bit σ = 10), scalar or ``(B,)``.
-        blur_mode: ``"circular"`` (``ops.fft_blur``, the Fast EM model) or ``"reflect"`` (true
-            convolution with reflect padding, ``spatial_blur(x, k.flip(-2, -1), "reflect")``), to
-            match how ``y`` was made.
+        blur_mode: the padding of the true convolution ``k̂ ⊛ x̂`` (:class:`~diffusers_blind.ops.BlurOperator`):
+            ``"circular"`` (the Fast EM model), ``"reflect"`` or ``"zeros"``, to match how ``y`` was made.
     """
+    if blur_mode not in BLUR_PADDINGS:
+        raise ValueError(f"blur_mode must be one of {BLUR_PADDINGS}, got {blur_mode!r}")
     x_est, y = _check_pair(x_est, y)
     x_est, y = x_est.double(), y.double()
-    kernel = k_est.double()
-    if blur_mode == "circular":
-        reblurred = fft_blur(x_est, kernel)
-    elif blur_mode == "reflect":
-        reblurred = spatial_blur(x_est, kernel.flip(-2, -1), padding="reflect")
-    else:
-        raise ValueError(f"blur_mode must be 'circular' or 'reflect', got {blur_mode!r}")
+    reblurred = BlurOperator(padding=blur_mode)(x_est, k_est.double())
     m = x_est[0].numel()
     sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten()
     if sigma.numel() not in (1, x_est.shape[0]):

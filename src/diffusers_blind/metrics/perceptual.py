@@ -2,7 +2,7 @@
 
 None of them is needed by the package. Each wrapper uses what is installed and already on disk,
 never downloads silently, and otherwise raises :class:`MetricUnavailableError` with what to
-install or where to put the weights (ecosystem.md §4):
+install or where to put the weights (docs/conventions.md, "Metrics"):
 
 * **LPIPS** (``lpips``): ``torchvision`` + the ImageNet backbone checkpoint (``alexnet-owt-7be5be79.pth``
   for ``net="alex"``) in ``$TORCH_HOME/hub/checkpoints`` (see ``torch.hub.get_dir()``); the small

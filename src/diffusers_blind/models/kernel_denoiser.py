@@ -1,4 +1,4 @@
-"""Plug-and-Play prior on blur kernels (Fast EM §4.2, algorithms.md §1.5)."""
+"""Plug-and-Play prior on blur kernels (Fast EM §4.2; docs/conventions.md, "Kernel denoiser (PnP prior)")."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""The M-step of Fast Diffusion EM: half-quadratic splitting over the kernel (Fast EM Eqs. 24-25, §1.3)."""
+"""The M-step of Fast Diffusion EM: half-quadratic splitting over the kernel (Fast EM Eqs. 24-25; docs/conventions.md, "M-step (kernel update)")."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,12 @@ from .kernel_denoiser import KernelDenoiser
 
 REGULARIZATIONS = ("pnp", "l1", "l2", "none")
 UNCERTAINTY_MODES = ("none", "pigdm")
+CHANNEL_MODES = ("mean", "joint")
+MAX_ITERATIONS = 1000  # HQS iterations per M-step; more never pays and only burns time and memory
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class KernelEstimator(ModelMixin, ConfigMixin):
@@ -29,6 +37,12 @@ class KernelEstimator(ModelMixin, ConfigMixin):
     * prior step (Eq. 25), ``z = D_{√(λ/β)}(Z)`` (``"pnp"``), ``max(Z − λ/β, 0)`` (``"l1"``),
       ``βZ/(2λ + β)`` (``"l2"``; a pure rescaling that the projection undoes, so it equals
       ``"none"`` — kept for parity with the reference code) or nothing (``"none"``), then project again.
+
+    ``channel_mode="joint"`` solves one kernel for all colour channels at once (the sums over
+    ``c`` move into the fraction: ``Z = F⁻¹[(Σ_c Σ_i conj(X_i,c)·Y_c + α·F(z)) / (Σ_c Σ_i |X_i,c|² + α)]``),
+    the least-squares kernel of the joint data term ``Σ_c ‖k ⊛ x_c − y_c‖²``; the mean of per-channel
+    solutions (``"mean"``) over-weights the prior and mixes three differently conditioned estimates
+    (see ``docs/kernel_estimation.md`` for the measurements).
 
     The defaults reproduce the public code: α not scaled by the number of particles ``n``,
     per-channel solve then mean, no uncertainty term. ``scale_alpha_by_particles=True`` gives the
@@ -55,21 +69,40 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         denoiser_hidden_channels: int = 32,
         denoiser_num_layers: int = 5,
         denoiser_input_scale: float = 1.0,
+        channel_mode: str = "mean",
     ):
         super().__init__()
+        if channel_mode not in CHANNEL_MODES:
+            raise ValueError(f"channel_mode must be one of {CHANNEL_MODES}, got {channel_mode!r}")
         if regularization not in REGULARIZATIONS:
             raise ValueError(f"regularization must be one of {REGULARIZATIONS}, got {regularization!r}")
         if uncertainty not in UNCERTAINTY_MODES:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {uncertainty!r}")
         if kernel_size < 1 or num_iterations < 1 or beta <= 0 or lambda_ < 0:
             raise ValueError("kernel_size and num_iterations must be >= 1, beta > 0 and lambda_ >= 0")
+        if not _is_int(num_iterations) or num_iterations > MAX_ITERATIONS:
+            raise ValueError(f"num_iterations must be an integer in [1, {MAX_ITERATIONS}], got {num_iterations!r}")
+        if not _is_int(kernel_size) or not (math.isfinite(beta) and math.isfinite(lambda_)):
+            raise ValueError(f"kernel_size must be an integer and beta, lambda_ finite; got {kernel_size!r}, {beta!r}, {lambda_!r}")
         self.denoiser = None
+        if regularization != "pnp":  # no parameters: a one-element buffer gives the module a device, a
+            self.register_buffer("anchor", torch.zeros(1))  # dtype and a weights file for save/load
         if regularization == "pnp":
             self.denoiser = KernelDenoiser(
                 hidden_channels=denoiser_hidden_channels,
                 num_layers=denoiser_num_layers,
                 input_scale=denoiser_input_scale,
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As ``ModelMixin.from_pretrained``; a local ``l1``/``l2``/``none`` folder may hold only ``config.json``."""
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if folder.is_dir() and (folder / "config.json").is_file() and not any(folder.glob("diffusion_pytorch_model*")):
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("regularization", "pnp") != "pnp":  # nothing to load: the estimator has no weights
+                return cls.from_config(config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_denoiser(cls, denoiser: KernelDenoiser, **config) -> "KernelEstimator":
@@ -138,13 +171,16 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         x_hat = torch.fft.fft2(estimates.to(dtype)).reshape(batch, n, channels, height, width)
         numerator = (x_hat.conj() * y_hat.unsqueeze(1)).sum(1)  # Σ_i conj(X_i)·Y
         energy = x_hat.abs().square().sum(1)  # Σ_i |X_i|²
+        if self.config.channel_mode == "joint":  # one least-squares system for all channels
+            numerator, energy = numerator.sum(1, keepdim=True), energy.sum(1, keepdim=True)
 
         sigma = torch.as_tensor(sigma, dtype=dtype, device=measurement.device).reshape(-1, 1, 1, 1)
         alpha = sigma.square() * self.config.beta * (n if self.config.scale_alpha_by_particles else 1)
         denominator = energy + alpha
         if self.config.uncertainty == "pigdm" and r is not None:
             r = torch.as_tensor(r, dtype=dtype, device=measurement.device).reshape(-1, 1, 1, 1)
-            denominator = denominator + n * height * width * r.square()
+            summed_channels = channels if self.config.channel_mode == "joint" else 1  # the term is per channel
+            denominator = denominator + summed_channels * n * height * width * r.square()
 
         denominator = denominator.clamp_min(1e-8)
         if 2 * size - 1 <= min(height, width):

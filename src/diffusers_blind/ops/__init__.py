@@ -1,7 +1,19 @@
-"""Physics of blur: pure torch functions, batched, differentiable, device-agnostic."""
+"""Physics of blur: forward operators (``operators``) and pure torch functions, batched, differentiable, device-agnostic."""
 
-from .blur import crop_kernel, edge_taper_window, fft_blur, fft_blur_adjoint, o2p, p2o, pad_kernel, spatial_blur
-from .guidance import dps_residual_norm, pigdm_guidance
+from .blur import (
+    crop_kernel,
+    edge_taper_window,
+    fft_blur,
+    fft_blur_adjoint,
+    flip_kernel,
+    o2p,
+    p2o,
+    pad_adjoint,
+    pad_kernel,
+    spatial_blur,
+    spatial_blur_adjoint,
+)
+from .guidance import JointGradient, dps_joint_gradient, dps_residual_norm, kernel_l1, pigdm_guidance
 from .kernels import (
     GaussianKernelGenerator,
     MotionKernelGenerator,
@@ -16,29 +28,43 @@ from .kernels import (
     shift_kernel,
 )
 from .noise import estimate_noise_sigma
+from .operators import BlurOperator, LinearOperator, TiltBlurOperator, TiltOperator
+from .warp import warp, warp_adjoint
 
 
 __all__ = [
+    "BlurOperator",
     "GaussianKernelGenerator",
+    "JointGradient",
+    "LinearOperator",
     "MotionKernelGenerator",
+    "TiltBlurOperator",
+    "TiltOperator",
     "as_numpy_generator",
     "center_kernel",
     "crop_kernel",
     "dirac_kernel",
+    "dps_joint_gradient",
     "dps_residual_norm",
     "edge_taper_window",
     "estimate_noise_sigma",
     "fft_blur",
     "fft_blur_adjoint",
+    "flip_kernel",
     "gaussian_kernel",
     "kernel_center_of_mass",
+    "kernel_l1",
     "motion_kernel",
     "o2p",
     "p2o",
+    "pad_adjoint",
     "pad_kernel",
     "pigdm_guidance",
     "project_kernel",
     "random_gaussian_kernel",
     "shift_kernel",
     "spatial_blur",
+    "spatial_blur_adjoint",
+    "warp",
+    "warp_adjoint",
 ]

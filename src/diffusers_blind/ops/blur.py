@@ -1,14 +1,18 @@
 """Blur operators on image tensors.
 
-Conventions (algorithms.md §0): images are float tensors ``(B, C, H, W)``; kernels are
+Conventions (docs/conventions.md, "Kernels and blur"): images are float tensors ``(B, C, H, W)``; kernels are
 ``(B or 1, 1, kh, kw)`` non-negative with sum 1 and their centre at index ``(kh // 2, kw // 2)``.
 
 * :func:`fft_blur` is a **circular, true convolution** ``y = k ⊛ x`` computed in Fourier
   (Fast Diffusion EM's forward model).
-* :func:`spatial_blur` is a **cross-correlation** with zero or reflect padding
+* :func:`spatial_blur` is a **cross-correlation** with zero, reflect or circular padding
   (``F.conv2d(..., padding="same")``, the BlindDPS / DPS forward model). Away from the borders
   ``spatial_blur(x, k) == fft_blur(x, k.flip(-2, -1))``: a BlindDPS kernel is the 180° rotation
-  of the same point-spread function in the FFT convention.
+  of the same point-spread function in the FFT convention (:func:`flip_kernel`, the one place
+  this flip is made).
+
+:class:`~diffusers_blind.ops.operators.BlurOperator` wraps these as one true-convolution operator with a
+``padding`` choice and its adjoint.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def spatial_blur(image: torch.Tensor, kernel: torch.Tensor, padding: str = "zero
     b, c, h, w = image.shape
     _check_kernel_fits(kernel, (h, w))
     kh, kw = kernel.shape[-2:]
-    pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
+    pads = _same_pads(kh, kw)
     mode = "constant" if padding == "zeros" else padding
     padded = F.pad(image, pads, mode=mode)
     weight = kernel.to(image.dtype).expand(b, 1, kh, kw).repeat_interleave(c, dim=0)
@@ -106,24 +110,108 @@ def spatial_blur(image: torch.Tensor, kernel: torch.Tensor, padding: str = "zero
     return out.reshape(b, c, h, w)
 
 
-def edge_taper_window(shape: tuple[int, int], width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def flip_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """The 180° rotation between a true-convolution kernel and a correlation kernel (both ways).
+
+    A true convolution with ``k`` (centre ``k // 2``) is a correlation with ``flip_kernel(k)``
+    (centre ``(k − 1) // 2``, where ``"same"`` padding puts it). BlindDPS and DPS blur by
+    correlation (``F.conv2d``), so a kernel read from or written for them is flipped here.
+
+    Example:
+        >>> flip_kernel(torch.arange(4.0).reshape(1, 1, 2, 2))[0, 0]
+        tensor([[3., 2.],
+                [1., 0.]])
+    """
+    return kernel.flip(-2, -1)
+
+
+def _same_pads(kh: int, kw: int) -> tuple[int, int, int, int]:
+    """``F.pad`` order ``(left, right, top, bottom)``: ``(k − 1) // 2`` before and ``k // 2`` after."""
+    return ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
+
+
+def _padding_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
+    """Source index of every position of a 1-D axis of length ``n`` padded by ``before``/``after``."""
+    index = torch.arange(-before, n + after, device=device)
+    if mode == "circular":
+        return index % n
+    if n == 1:
+        return torch.zeros_like(index)
+    period = 2 * (n - 1)  # reflect without repeating the edge sample
+    index = index % period
+    return torch.where(index < n, index, period - index)
+
+
+def pad_adjoint(padded: torch.Tensor, pads: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+    """Adjoint of ``F.pad(x, pads, mode)`` for ``mode`` in ``"zeros"``, ``"reflect"``, ``"circular"``.
+
+    Zero padding's adjoint is the crop; reflect and circular padding's adjoint adds every padded
+    sample back onto the pixel it was copied from.
+    """
+    left, right, top, bottom = pads
+    height = padded.shape[-2] - top - bottom
+    width = padded.shape[-1] - left - right
+    if mode == "zeros":
+        return padded[..., top : top + height, left : left + width]
+    rows = _padding_index(height, top, bottom, mode, padded.device)
+    cols = _padding_index(width, left, right, mode, padded.device)
+    out = padded.new_zeros(*padded.shape[:-2], height, padded.shape[-1]).index_add(-2, rows, padded)
+    return out.new_zeros(*padded.shape[:-2], height, width).index_add(-1, cols, out)
+
+
+def spatial_blur_adjoint(image: torch.Tensor, kernel: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Adjoint of :func:`spatial_blur` in the image: ``⟨spatial_blur(x, k), y⟩ = ⟨x, spatial_blur_adjoint(y, k)⟩``.
+
+    The transposed "valid" correlation (``F.conv_transpose2d``, a full convolution) followed by the
+    adjoint of the padding (:func:`pad_adjoint`). Differentiable in both arguments.
+    """
+    _check_image_kernel(image, kernel)
+    if padding not in ("zeros", "reflect", "circular"):
+        raise ValueError(f"padding must be 'zeros', 'reflect' or 'circular', got {padding!r}")
+    b, c, h, w = image.shape
+    _check_kernel_fits(kernel, (h, w))
+    kh, kw = kernel.shape[-2:]
+    weight = kernel.to(image.dtype).expand(b, 1, kh, kw).repeat_interleave(c, dim=0)
+    full = F.conv_transpose2d(image.reshape(1, b * c, h, w), weight, groups=b * c)
+    return pad_adjoint(full.reshape(b, c, h + kh - 1, w + kw - 1), _same_pads(kh, kw), padding)
+
+
+def edge_taper_window(
+    shape: tuple[int, int],
+    width: int,
+    device=None,
+    dtype=torch.float32,
+    region: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """A ``(1, 1, H, W)`` window, 1 inside and falling to 0 along the borders with a raised cosine of ``width`` pixels.
 
     Multiplying both the measurement and the image estimate by it removes the jump that the
     circular FFT model sees at the image border of a non-periodic photograph, so a Fourier kernel
     estimate is not polluted by it (the windowed pair obeys ``w·(k ⊛ x) ≈ k ⊛ (w·x)`` when ``width``
     exceeds the kernel size). ``width = 0`` gives all ones.
+
+    ``region = (top, left, height, width)`` restricts the window to that rectangle: zero outside
+    it, rising over ``width`` pixels inside its edges. For a photograph padded by a reflected margin
+    this keeps the invented margin (where ``y = k ⊛ x`` does not hold) out of the kernel estimate.
+
+    >>> w = edge_taper_window((10, 10), 2, region=(2, 2, 6, 6))
+    >>> [round(v, 2) for v in w[0, 0, :, 5].tolist()]
+    [0.0, 0.0, 0.25, 0.75, 1.0, 1.0, 0.75, 0.25, 0.0, 0.0]
     """
     height, width_px = shape
-    if width < 0 or 2 * width > min(height, width_px):
-        raise ValueError(f"taper width {width} must be in [0, min(H, W) / 2] for an image of {height}x{width_px}")
+    top, left, inner_h, inner_w = region if region is not None else (0, 0, height, width_px)
+    if top < 0 or left < 0 or inner_h < 1 or inner_w < 1 or top + inner_h > height or left + inner_w > width_px:
+        raise ValueError(f"region {region} does not fit an image of {height}x{width_px}")
+    if width < 0 or 2 * width > min(inner_h, inner_w):
+        raise ValueError(f"taper width {width} must be in [0, min(H, W) / 2] for a region of {inner_h}x{inner_w}")
 
-    def ramp(n: int) -> torch.Tensor:
-        values = torch.ones(n, device=device, dtype=torch.float64)
+    def ramp(n: int, start: int, length: int) -> torch.Tensor:
+        values = torch.zeros(n, device=device, dtype=torch.float64)
+        values[start : start + length] = 1
         if width > 0:
             rise = 0.5 - 0.5 * torch.cos(torch.linspace(0, torch.pi, width + 2, device=device, dtype=torch.float64)[1:-1])
-            values[:width] = rise
-            values[n - width :] = rise.flip(0)
+            values[start : start + width] = rise
+            values[start + length - width : start + length] = rise.flip(0)
         return values
 
-    return (ramp(height)[:, None] * ramp(width_px)[None, :]).to(dtype)[None, None]
+    return (ramp(height, top, inner_h)[:, None] * ramp(width_px, left, inner_w)[None, :]).to(dtype)[None, None]

@@ -1,10 +1,21 @@
-"""Likelihood-guidance terms for the E-step (Fast EM §3.2, algorithms.md §1.2)."""
+"""Likelihood-guidance terms (Fast EM §3.2; docs/conventions.md, "Guidance").
+
+* :func:`pigdm_guidance` — Pi-GDM's closed form, valid for the circular blur only (it inverts
+  ``r²HHᵀ + σ²I`` in Fourier).
+* :func:`dps_residual_norm` — DPS's ``‖y − A(x̂0, θ)‖`` for any differentiable operator ``A``.
+* :func:`dps_joint_gradient` — the gradient of that norm (plus an optional kernel regulariser)
+  with respect to several unknowns at once (image, kernel, tilt), as BlindDPS needs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import torch
 
-from .blur import fft_blur, p2o
+from .blur import p2o
+from .operators import BlurOperator, LinearOperator
 
 
 def _as_batch_scalar(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -44,11 +55,67 @@ def pigdm_guidance(
     return torch.fft.ifft2(otf.conj() * residual / denominator).real
 
 
-def dps_residual_norm(measurement: torch.Tensor, x0: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """DPS data term ``‖y − k ⊛ x̂0‖₂`` per sample (the norm, not its square; DPS Alg. 1).
+def dps_residual_norm(
+    measurement: torch.Tensor, x0: torch.Tensor, *params: torch.Tensor, operator: LinearOperator | None = None
+) -> torch.Tensor:
+    """DPS data term ``‖y − A(x̂0, θ)‖₂`` per sample (the norm, not its square; DPS Alg. 1).
 
-    Returns a ``(B,)`` tensor; the reference code takes one norm over the whole batch, which couples
-    particles. Summing per-sample norms keeps them independent.
+    ``params`` are the operator's per-call parameters in the order of ``operator.param_names``;
+    the default operator is the circular blur ``BlurOperator("circular")``, so
+    ``dps_residual_norm(y, x0, kernel)`` is ``‖y − k ⊛ x̂0‖``. Returns a ``(B,)`` tensor; the
+    reference code takes one norm over the whole batch, which couples particles. Summing
+    per-sample norms keeps them independent.
     """
-    residual = measurement - fft_blur(x0, kernel)
+    operator = BlurOperator("circular") if operator is None else operator
+    if len(params) != len(operator.param_names):
+        raise ValueError(f"{type(operator).__name__} takes {operator.param_names}, got {len(params)} parameter(s)")
+    residual = measurement - operator(x0, *params)
     return residual.flatten(1).norm(dim=1)
+
+
+def kernel_l1(kernel: torch.Tensor) -> torch.Tensor:
+    """``‖k‖₁`` per sample, ``(B,)``: the sparsity prior BlindDPS puts on its kernel estimate."""
+    return kernel.abs().flatten(1).sum(1)
+
+
+class JointGradient(NamedTuple):
+    """Result of :func:`dps_joint_gradient`: the loss that was differentiated, the per-sample norms, the gradients."""
+
+    loss: torch.Tensor
+    residual_norm: torch.Tensor
+    gradients: tuple[torch.Tensor, ...]
+
+
+def dps_joint_gradient(
+    measurement: torch.Tensor,
+    x0: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    wrt: Sequence[torch.Tensor],
+    operator: LinearOperator | None = None,
+    scale: float = 1.0,
+    kernel_regularizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> JointGradient:
+    """Gradients of ``L = scale · Σ_b ‖y_b − A(x̂0_b, θ_b)‖ + Σ_b R(k̂_b)`` with respect to every tensor in ``wrt``.
+
+    The unknowns are the image estimate ``x0`` and the operator's parameters ``params`` (a kernel,
+    a tilt field, …), each possibly a differentiable function of a tensor in ``wrt`` — e.g. of the
+    noisy states ``x_t`` and ``k_t`` when ``x̂0`` and ``k̂0`` come from two denoisers (BlindDPS Eq. 10
+    takes one step ``−ζ ∇`` per state). ``kernel_regularizer`` (e.g. ``lambda k: 0.1 * kernel_l1(k)``)
+    maps the ``"kernel"`` parameter to a per-sample ``(B,)`` penalty. A ``wrt`` tensor that the loss does
+    not reach gets a zero gradient. Call under ``torch.enable_grad()``; nothing is detached.
+    """
+    operator = BlurOperator("circular") if operator is None else operator
+    params = tuple(params)
+    wrt = tuple(wrt)
+    if not wrt or not all(t.requires_grad for t in wrt):
+        raise ValueError("every tensor in `wrt` must require grad (call .requires_grad_() before computing x0, params)")
+    with torch.enable_grad():
+        norms = dps_residual_norm(measurement, x0, *params, operator=operator)
+        loss = scale * norms.sum()
+        if kernel_regularizer is not None:
+            if "kernel" not in operator.param_names:
+                raise ValueError(f"kernel_regularizer needs an operator with a kernel, {type(operator).__name__} has none")
+            loss = loss + kernel_regularizer(params[operator.param_names.index("kernel")]).sum()
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads))
+    return JointGradient(loss.detach(), norms.detach(), grads)

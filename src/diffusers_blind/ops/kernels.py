@@ -23,7 +23,7 @@ def dirac_kernel(kernel_size: int, batch_size: int = 1, device=None, dtype=torch
 def project_kernel(kernel: torch.Tensor) -> torch.Tensor:
     """Clip to ``k >= 0`` and divide by the sum (per kernel). An all-zero kernel becomes a Dirac.
 
-    This is ``normalize_kernel`` of the reference M-step (algorithms.md §1.3, steps 3 and 5).
+    This is the projection of the M-step (docs/conventions.md, "M-step (kernel update)", step 2).
     """
     kernel = kernel.clamp_min(0)
     total = kernel.sum(dim=(-2, -1), keepdim=True)
@@ -62,7 +62,7 @@ def center_kernel(kernel: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
     """Move each kernel's centre of mass to index ``(k//2, k//2)`` and re-project (Fast EM §4.2 "recentre").
 
     Runs in torch on the kernel's device (no host sync). Differences from the reference
-    ``kernel_shift`` (scipy cubic spline, algorithms.md §1.3): the target is the FFT centre
+    ``kernel_shift`` (a scipy cubic spline): the target is the FFT centre
     ``k//2`` for every size, whereas the reference aims at ``k//2 + 0.5`` for even sizes (32.5 for
     64×64, half a pixel off the ``p2o`` centre); interpolation is bicubic ``grid_sample`` instead of
     a cubic spline; and the result is projected back to ``k >= 0, sum 1`` (the reference keeps the
@@ -112,7 +112,7 @@ def motion_kernel(
     intensity: float = 0.5,
     generator: torch.Generator | np.random.Generator | int | None = None,
 ) -> torch.Tensor:
-    """A random camera-shake kernel ``(1, 1, k, k)``, sum 1 (re-implements the trajectory model of algorithms.md §4).
+    """A random camera-shake kernel ``(1, 1, k, k)``, sum 1 (docs/conventions.md, "Motion kernels").
 
     A random walk with angular jitter is drawn on a 2× canvas, rasterised as a line, smoothed,
     downsampled and normalised. ``intensity`` in ``[0, 1]`` controls length and curvature.

@@ -1,4 +1,5 @@
 from .fast_em import FastEMDeblurPipeline, FastEMDeblurPipelineOutput
+from .pipeline_utils import DeblurPipelineOutput, DenoiserPrediction, UNetDenoiser
 
 
-__all__ = ["FastEMDeblurPipeline", "FastEMDeblurPipelineOutput"]
+__all__ = ["DeblurPipelineOutput", "DenoiserPrediction", "FastEMDeblurPipeline", "FastEMDeblurPipelineOutput", "UNetDenoiser"]

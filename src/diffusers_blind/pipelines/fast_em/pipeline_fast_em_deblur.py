@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
+from ...image_processor import DeblurImageProcessor, ImageInput
 from ...models.kernel_estimator import KernelEstimator
 from ...ops.blur import edge_taper_window
-from ...ops.guidance import dps_residual_norm, pigdm_guidance
+from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
+from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, to_unit_range
 
 
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
+        >>> import torch
         >>> import diffusers_blind
         >>> from diffusers_blind import FastEMDeblurPipeline
         >>> from PIL import Image
@@ -46,8 +46,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
-class FastEMDeblurPipelineOutput(BaseOutput):
-    """Output of [`FastEMDeblurPipeline`].
+class FastEMDeblurPipelineOutput(DeblurPipelineOutput):
+    """Output of [`FastEMDeblurPipeline`]: a [`DeblurPipelineOutput`] whose ``kernels`` are always set.
 
     Args:
         images: restored images, one per input (the mean over particles): a list of PIL images,
@@ -60,11 +60,52 @@ class FastEMDeblurPipelineOutput(BaseOutput):
         sigma: the noise level used per image, in 8-bit levels (estimated when ``sigma="auto"``).
     """
 
-    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    kernels: np.ndarray | torch.Tensor
-    uncertainty: np.ndarray | torch.Tensor | None = None
-    particles: np.ndarray | torch.Tensor | None = None
-    sigma: list[float] | None = None
+
+@dataclass
+class FastEMProblem:
+    """What one call compares its estimates with; fixed during a reverse diffusion.
+
+    Args:
+        measurement: the padded blurry images ``y``, ``(B, C, H, W)`` in ``[0, 1]``.
+        sigma: noise std per image in ``[0, 1]`` units, ``(B,)``.
+        taper_window: ``(1, 1, H, W)`` edge taper applied to both images before the M-step.
+        num_particles: ``n`` samples per image; particle ``j`` of image ``b`` is row ``b·n + j``.
+        guidance: ``"pigdm"`` or ``"dps"``.
+        r_schedule: ``"fastem"`` or ``"pigdm"`` (see :meth:`FastEMDeblurPipeline.guidance_coefficients`).
+        estimate_kernel: run the M-step at every diffusion step (Fast EM); ``False`` for a known kernel
+            and inside the runs of Diffusion EM.
+    """
+
+    measurement: torch.Tensor
+    sigma: torch.Tensor
+    taper_window: torch.Tensor
+    num_particles: int
+    guidance: str
+    r_schedule: str
+    estimate_kernel: bool
+    measurement_per_particle: torch.Tensor = field(init=False, repr=False)
+    sigma_per_particle: torch.Tensor = field(init=False, repr=False)
+    tapered_measurement: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.measurement_per_particle = self.measurement.repeat_interleave(self.num_particles, dim=0)
+        self.sigma_per_particle = self.sigma.repeat_interleave(self.num_particles)
+        self.tapered_measurement = self.taper_window * self.measurement  # what the M-step sees
+
+
+@dataclass
+class FastEMState:
+    """What the reverse diffusion carries from one step to the next.
+
+    Args:
+        latents: ``x_t``, ``(B·n, C, H, W)`` in the UNet's ``[-1, 1]`` range.
+        kernel: the current kernel, ``(B, 1, k, k)`` (shared by the particles of an image).
+        x0: the last ``x̂0`` in ``[0, 1]``, or ``None`` before the first step.
+    """
+
+    latents: torch.Tensor
+    kernel: torch.Tensor
+    x0: torch.Tensor | None = None
 
 
 class FastEMDeblurPipeline(DiffusionPipeline):
@@ -76,7 +117,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
     ``em_iterations=N`` the slower Diffusion EM (Alg. A.1) alternates N full runs and N M-steps.
 
     The degradation model is the circular convolution ``y = k ⊛ x + n`` (``ops.fft_blur``) on
-    images in ``[0, 1]``; the UNet works in ``[-1, 1]``.
+    images in ``[0, 1]``; the UNet works in ``[-1, 1]`` (docs/conventions.md).
 
     Args:
         unet ([`UNet2DModel`]): epsilon-prediction image prior; 3 or 6 (learned variance) output channels.
@@ -84,7 +125,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             ``timestep_spacing="linspace"`` to reproduce the reference 100-step respacing.
         kernel_estimator ([`KernelEstimator`], *optional*): the M-step; needed for blind runs.
         guidance_scale (`float`): default multiplier of the reference step size ``ζ_t = √ᾱ_t`` (1 = the
-            paper); saved in ``model_index.json`` so a shipped prior can carry its tuned value.
+            paper); saved in ``model_index.json`` so a shipped prior can carry its tuned value. During a
+            call, the property ``pipe.guidance_scale`` is the value of that call; a step-end callback may
+            change it by setting ``pipe._guidance_scale``.
     """
 
     model_cpu_offload_seq = "unet"
@@ -101,6 +144,17 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale)
+        self.image_processor = DeblurImageProcessor(pad_multiple=2 ** (len(unet.config.block_out_channels) - 1))
+        self._guidance_scale = None
+        self._num_timesteps = 0
+        self._interrupt = False
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance multiplier of the current (or last) call; the saved default before any call."""
+        if self._guidance_scale is None:
+            return float(self.config.guidance_scale)
+        return self._guidance_scale
 
     @property
     def num_timesteps(self) -> int:
@@ -123,6 +177,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         output_type: str,
         r_schedule: str,
         callback_on_step_end_tensor_inputs: list[str],
+        guidance_scale: float | None = None,
     ) -> None:
         if guidance not in GUIDANCES:
             raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
@@ -153,6 +208,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         unet_channels = self.unet.config.in_channels
         if measurement.shape[1] != unet_channels and not (measurement.shape[1] == 1 and unet_channels == 3):
             raise ValueError(f"image has {measurement.shape[1]} channels but the UNet expects {unet_channels}")
+        if guidance_scale is not None:
+            try:
+                finite = math.isfinite(float(guidance_scale))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite or float(guidance_scale) < 0:
+                raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
 
     def prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
         """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``."""
@@ -163,7 +225,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
             return estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
-        values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+        try:
+            values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}") from None
         if values.numel() not in (1, batch):
             raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
         if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
@@ -208,14 +273,14 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * num_particles}")
         return [g for g in generator for _ in range(num_particles)]
 
-    # ------------------------------------------------------------------ schedule helpers
+    # ------------------------------------------------------------------ schedule
     def _previous_alpha_bar(self, step_index: int, timesteps: torch.Tensor) -> float:
         if step_index + 1 < len(timesteps):
             return float(self.scheduler.alphas_cumprod[int(timesteps[step_index + 1])])
         return float(getattr(self.scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
 
     def guidance_coefficients(self, step_index: int, timesteps: torch.Tensor, r_schedule: str):
-        """``(√ᾱ_t, r_t², v_t)`` for the Pi-GDM update (algorithms.md §1.2).
+        """``(√ᾱ_t, r_t², v_t)`` for the Pi-GDM update (docs/conventions.md, "Guidance").
 
         ``v_t = β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_{t−1})`` on the respaced chain; ``r_t² = v/(1+v)``
         (``"fastem"``, the reference code) or ``1 − ᾱ_t`` (``"pigdm"``, the Pi-GDM paper).
@@ -226,90 +291,82 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         r2 = v / (1 + v) if r_schedule == "fastem" else 1 - alpha_bar
         return math.sqrt(alpha_bar), r2, v
 
-    def _prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs = {}
-        if "generator" in params:
-            kwargs["generator"] = generator
-        if "eta" in params:
-            kwargs["eta"] = eta
-        return kwargs
+    # ------------------------------------------------------------------ one step of Algorithm 2
+    def m_step(self, problem: FastEMProblem, estimates: torch.Tensor, kernel: torch.Tensor, r: float | None = None):
+        """Kernel update (Eqs. 24-25) from ``estimates`` in ``[0, 1]``, then recentring (§4.2).
 
-    def _epsilon(self, latents: torch.Tensor, t) -> torch.Tensor:
-        """UNet prediction, keeping the variance channels only for a learned-variance DDPM scheduler."""
-        model_input = self.scheduler.scale_model_input(latents, t) if hasattr(self.scheduler, "scale_model_input") else latents
-        output = self.unet(model_input, t).sample
-        learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        if output.shape[1] == 2 * latents.shape[1] and not learned:
-            output = output[:, : latents.shape[1]]
-        return output
+        Runs without autograd: the kernel is data for the E-step, so no graph grows across steps.
+        """
+        with torch.no_grad():
+            kernel = self.kernel_estimator(
+                problem.tapered_measurement, problem.taper_window * estimates, problem.sigma, kernel, r=r
+            )
+            return center_kernel(kernel).detach()
 
-    # ------------------------------------------------------------------ one reverse run
-    def _reverse_diffusion(
-        self,
-        latents: torch.Tensor,
-        measurement: torch.Tensor,
-        sigma: torch.Tensor,
-        kernel: torch.Tensor,
-        estimate_kernel: bool,
-        guidance: str,
-        guidance_scale: float,
-        r_schedule: str,
-        num_particles: int,
-        extra_step_kwargs: dict,
-        progress_bar,
-        step_offset: int,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs: list[str],
-        taper_window: torch.Tensor,
-    ):
-        """One full reverse diffusion with guidance; the kernel is re-estimated each step when ``estimate_kernel``."""
-        timesteps = self.scheduler.timesteps
-        measurement_p = measurement.repeat_interleave(num_particles, dim=0)
-        sigma_p = sigma.repeat_interleave(num_particles)
-        tapered_measurement = taper_window * measurement  # what the M-step sees, fixed for the whole run
-        x0 = None
-        for i, t in enumerate(timesteps):
+    def guided_latents(self, problem: FastEMProblem, x_t, x0, prev_sample, kernel, step_index: int):
+        """``x_{t−1}``: the scheduler's unguided sample plus the likelihood step, ``x0 = x̂0(x_t)`` in ``[0, 1]``.
+
+        Pi-GDM (Eq. 17): ``x_{t−1} = x'_{t−1} + ζ_t r_t² √(1/(1+v_t)) ∇_{x_t}(G·x̂0)``;
+        DPS (Eq. 16): ``x_{t−1} = x'_{t−1} − ζ_t ∇_{x_t}‖y − k ⊛ x̂0‖``, the norm in ``[−1, 1]`` units
+        (2× the ``[0, 1]`` norm, the range DPS tuned ``ζ_t`` for); ``ζ_t = guidance_scale · √ᾱ_t``.
+        """
+        sqrt_alpha_bar, r2, v = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
+        zeta = self.guidance_scale * sqrt_alpha_bar
+        kernel_p = kernel.repeat_interleave(problem.num_particles, dim=0)
+        y, sigma = problem.measurement_per_particle, problem.sigma_per_particle
+        with torch.enable_grad():
+            if problem.guidance == "pigdm":
+                factor = zeta * r2 * math.sqrt(1 / (1 + v))
+                if factor <= 0:
+                    return prev_sample
+                vector = pigdm_guidance(y, x0.detach(), kernel_p, sigma, math.sqrt(r2))
+                grad = torch.autograd.grad((vector * x0).sum(), x_t)[0]
+                return prev_sample + factor * grad
+            (grad,) = dps_joint_gradient(y, x0, (kernel_p,), (x_t,), scale=2.0).gradients
+            return prev_sample - zeta * grad
+
+    def denoising_step(self, denoiser: UNetDenoiser, problem: FastEMProblem, state: FastEMState, step_index: int, t,
+                       step_kwargs: dict) -> FastEMState:
+        """One E-step of Algorithm 2: UNet → x̂0 → M-step (if blind) → guided ``x_{t−1}``."""
+        with torch.enable_grad():
+            x_t = state.latents.detach().requires_grad_(True)
+            prediction = denoiser(x_t, t, step=True, **step_kwargs)
+            x0 = to_unit_range(prediction.x0)  # x̂0 in [0, 1]
+        kernel = state.kernel
+        if problem.estimate_kernel:
+            _, r2, _ = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
+            kernel = self.m_step(problem, x0.detach(), kernel, r=math.sqrt(r2))
+        latents = self.guided_latents(problem, x_t, x0, prediction.prev_sample, kernel, step_index)
+        return FastEMState(latents=latents.detach(), kernel=kernel, x0=x0.detach())
+
+    def _callback(self, callback, tensor_inputs: list[str], state: FastEMState, step: int, t) -> FastEMState:
+        if callback is None:
+            return state
+        available = {"latents": state.latents, "kernel": state.kernel, "x0": state.x0}
+        outputs = callback(self, step, t, {name: available[name] for name in tensor_inputs})
+        return replace(state, latents=outputs.pop("latents", state.latents), kernel=outputs.pop("kernel", state.kernel))
+
+    def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0,
+                          callback_on_step_end=None, callback_on_step_end_tensor_inputs=()) -> FastEMState:
+        """One full guided reverse diffusion from ``state.latents = x_T``."""
+        for i, t in enumerate(self.scheduler.timesteps):
             if self.interrupt:
                 continue
-            sqrt_alpha_bar, r2, v = self.guidance_coefficients(i, timesteps, r_schedule)
-            zeta = guidance_scale * sqrt_alpha_bar
-            with torch.enable_grad():
-                x_t = latents.detach().requires_grad_(True)
-                epsilon = self._epsilon(x_t, t)
-                step = self.scheduler.step(epsilon, t, x_t, **extra_step_kwargs, return_dict=True)
-                x0 = ((step.pred_original_sample.float() + 1) / 2).clamp(0, 1)  # x̂0 in [0, 1]
-
-                if estimate_kernel:  # M-step (Eqs. 24-25) then recentre (§4.2)
-                    kernel = self.kernel_estimator(tapered_measurement, taper_window * x0.detach(), sigma, kernel, r=math.sqrt(r2))
-                    kernel = center_kernel(kernel)
-                kernel_p = kernel.repeat_interleave(num_particles, dim=0)
-
-                if guidance == "pigdm":  # Eq. 17: x_{t-1} = x'_{t-1} + ζ_t r_t² √(1/(1+v)) ∇ (G·x̂0)
-                    factor = zeta * r2 * math.sqrt(1 / (1 + v))
-                    if factor > 0:
-                        vector = pigdm_guidance(measurement_p, x0, kernel_p, sigma_p, math.sqrt(r2)).detach()
-                        grad = torch.autograd.grad((vector * x0).sum(), x_t)[0]
-                        latents = step.prev_sample + factor * grad
-                    else:
-                        latents = step.prev_sample
-                else:  # Eq. 16 (DPS): x_{t-1} = x'_{t-1} − ζ_t ∇ ‖y − k ⊛ x̂0‖, the norm in [-1, 1] units
-                    # (2× the [0, 1] norm), the range DPS tuned ζ_t for; both y and x̂0 stay in [0, 1]
-                    # (the reference Fast EM DPS path compares a [-1, 1] x̂0 with a [0, 1] y).
-                    norm = 2 * dps_residual_norm(measurement_p, x0, kernel_p).sum()
-                    grad = torch.autograd.grad(norm, x_t)[0]
-                    latents = step.prev_sample - zeta * grad
-            latents = latents.detach()
-            x0 = x0.detach()
-
-            if callback_on_step_end is not None:
-                available = {"latents": latents, "kernel": kernel, "x0": x0}
-                callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, step_offset + i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-                kernel = callback_outputs.pop("kernel", kernel)
+            state = self.denoising_step(denoiser, problem, state, i, t, step_kwargs)
+            state = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, state, step_offset + i, t)
             progress_bar.update()
-        return latents, kernel
+        return state
+
+    # ------------------------------------------------------------------ outputs
+    def postprocess(self, latents, kernel, window, batch: int, num_particles: int, grayscale: bool, output_type: str):
+        """Crop, average the particles and convert: ``(images, kernels, uncertainty, particles)``."""
+        if output_type == "latent":
+            return latents, kernel, None, None
+        images, uncertainty, particles = self.image_processor.postprocess(
+            to_unit_range(latents), num_particles, window, output_type, grayscale
+        )
+        kernels = kernel.detach().cpu() if output_type == "pt" else kernel.detach().float().cpu()[:, 0].numpy()
+        return images, kernels, uncertainty, particles
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -345,7 +402,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             num_inference_steps: diffusion steps (100 for Pi-GDM in the paper, 1000 for DPS).
             guidance: ``"pigdm"`` (Fourier closed form, Eq. 17) or ``"dps"`` (Eq. 16).
             guidance_scale: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (default: the pipeline's
-                ``config.guidance_scale``; 1 is the paper's step).
+                ``config.guidance_scale``; 1 is the paper's step). Readable during the call as
+                ``pipe.guidance_scale``; a step-end callback may set ``pipe._guidance_scale``.
             kernel_size: size of the estimated kernel (default: the estimator's ``kernel_size``).
             num_particles: ``n`` posterior samples per image, run as a batch sharing one kernel.
             em_iterations: if set, Diffusion EM (Alg. A.1): this many full runs, one M-step after each.
@@ -369,9 +427,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        device = self._execution_device
-        measurement = to_tensor(image)
-        grayscale = measurement.shape[1] == 1 and self.unet.config.in_channels == 3
+
+        # 1. Check inputs
+        measurement = self.image_processor.preprocess(image)
         if kernel_size is None:
             if kernel is not None:
                 kernel_size = int(np.shape(kernel)[-1])
@@ -379,78 +437,77 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 kernel_size = self.kernel_estimator.config.kernel_size if self.kernel_estimator is not None else 33
         self.check_inputs(
             measurement, kernel, kernel_size, guidance, num_inference_steps, num_particles, em_iterations,
-            output_type, r_schedule, callback_on_step_end_tensor_inputs,
+            output_type, r_schedule, callback_on_step_end_tensor_inputs, guidance_scale,
         )
+        self._guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+        self._interrupt = False
+
+        # 2. Prepare the measurement and its noise level
+        device = self._execution_device
         batch = measurement.shape[0]
         measurement = measurement.to(device)
+        grayscale = measurement.shape[1] == 1 and self.unet.config.in_channels == 3
         if grayscale:
             measurement = measurement.expand(-1, 3, -1, -1)
         sigma = self.prepare_sigma(sigma, measurement).to(device)
-        guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
 
-        # Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet multiple.
+        # 3. Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet
+        #    multiple. The M-step sees both images through an edge taper, so that the border of a
+        #    non-periodic photograph does not enter the Fourier kernel estimate (none when margin = 0).
         margin = kernel_size if boundary_margin is None else int(boundary_margin)
         multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        padded, window = pad_to_multiple(measurement, multiple, margin)
-
-        # The M-step sees measurement and estimate through an edge taper, so that the border of a
-        # non-periodic photograph does not enter the Fourier kernel estimate (none when margin = 0).
+        padded, window = self.image_processor.pad(measurement, margin, multiple)
         taper = min(kernel_size, min(padded.shape[-2:]) // 2) if margin > 0 else 0
         taper_window = edge_taper_window(padded.shape[-2:], taper, device=device)
 
-        estimate_kernel = kernel is None
-        if estimate_kernel:
+        # 4. Prepare the kernel: a Dirac to start the blind estimate, or the given one
+        blind = kernel is None
+        if blind:
             kernel = dirac_kernel(kernel_size, batch, device)
         else:
             kernel = self.prepare_kernel(kernel, batch, device)
             if kernel.shape[-1] > padded.shape[-1] or kernel.shape[-2] > padded.shape[-2]:
                 raise ValueError(f"kernel {tuple(kernel.shape[-2:])} is larger than the image")
+        problem = FastEMProblem(
+            measurement=padded, sigma=sigma, taper_window=taper_window, num_particles=num_particles,
+            guidance=guidance, r_schedule=r_schedule, estimate_kernel=blind and em_iterations is None,
+        )
 
-        generator = self._expand_generator(generator, batch, num_particles)
-        shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
-        extra_step_kwargs = self._prepare_extra_step_kwargs(generator, eta)
+        # 5. Prepare timesteps, the denoiser and the scheduler's extra step arguments
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         runs = em_iterations or 1
         self._num_timesteps = len(self.scheduler.timesteps) * runs
-        self._interrupt = False
+        denoiser = UNetDenoiser(self.unet, self.scheduler)
+        generator = self._expand_generator(generator, batch, num_particles)
+        step_kwargs = denoiser.step_kwargs(generator, eta)
+        shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
 
+        # 6. Denoising loop: one run (Fast EM), or em_iterations runs each followed by an M-step (Diffusion EM)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for run in range(runs):
-                run_latents = self.prepare_latents(shape, generator, device, self.unet.dtype, latents if run == 0 else None)
-                run_latents, kernel = self._reverse_diffusion(
-                    run_latents, padded, sigma, kernel, estimate_kernel and em_iterations is None, guidance,
-                    guidance_scale, r_schedule, num_particles, extra_step_kwargs, progress_bar,
-                    run * len(self.scheduler.timesteps), callback_on_step_end, callback_on_step_end_tensor_inputs,
-                    taper_window,
+                state = FastEMState(
+                    latents=self.prepare_latents(shape, generator, device, self.unet.dtype, latents if run == 0 else None),
+                    kernel=kernel,
                 )
+                state = self.reverse_diffusion(
+                    denoiser, problem, state, step_kwargs=step_kwargs, progress_bar=progress_bar,
+                    step_offset=run * len(self.scheduler.timesteps), callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                )
+                kernel = state.kernel
+                if self.interrupt:  # keep the state where the callback stopped; no further run or M-step
+                    break
                 if em_iterations is not None:  # Diffusion EM: M-step on the final samples (Alg. A.1)
-                    final = ((run_latents.float() + 1) / 2).clamp(0, 1)
-                    kernel = center_kernel(self.kernel_estimator(taper_window * padded, taper_window * final, sigma, kernel))
+                    kernel = self.m_step(problem, to_unit_range(state.latents), kernel)
         self.maybe_free_model_hooks()
 
-        if output_type == "latent":
-            images, kernels, uncertainty, particles = run_latents, kernel, None, None
-        else:
-            samples = crop_window(((run_latents.float() + 1) / 2).clamp(0, 1), window)
-            if not torch.isfinite(samples).all():
-                raise RuntimeError("The sampler diverged (non-finite values): lower guidance_scale or check sigma.")
-            if grayscale:
-                samples = samples.mean(1, keepdim=True)
-            samples = samples.reshape(batch, num_particles, *samples.shape[1:])
-            mean = samples.mean(1)
-            std = samples.std(1, unbiased=False).mean(1, keepdim=True) if num_particles > 1 else None
-            images = tensor_to_output(mean, output_type)
-            if output_type == "pt":
-                kernels, uncertainty, particles = kernel.detach().cpu(), std.cpu() if std is not None else None, samples.cpu()
-            else:
-                kernels = kernel.detach().float().cpu()[:, 0].numpy()
-                uncertainty = std[:, 0].cpu().numpy() if std is not None else None
-                particles = samples.permute(0, 1, 3, 4, 2).cpu().numpy()
-        sigma_255 = (sigma * 255).cpu().tolist()
+        # 7. Post-process: crop the margin, average the particles, convert
+        images, kernels, uncertainty, particles = self.postprocess(
+            state.latents, kernel, window, batch, num_particles, grayscale, output_type
+        )
         if not return_dict:
             return images, kernels, uncertainty
         return FastEMDeblurPipelineOutput(
-            images=images, kernels=kernels, uncertainty=uncertainty, particles=particles, sigma=sigma_255
+            images=images, kernels=kernels, uncertainty=uncertainty, particles=particles,
+            sigma=(sigma * 255).cpu().tolist(),
         )

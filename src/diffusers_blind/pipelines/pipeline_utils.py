@@ -1,0 +1,151 @@
+"""Parts shared by the package's pipelines: the output base class and the UNet → (ε, x̂0) adapter.
+
+* :class:`DeblurPipelineOutput` is what every deblurring pipeline returns. ``kernels`` is ``None``
+  for a method that estimates no kernel, so the command line and the evaluation can treat every
+  method alike.
+* :class:`UNetDenoiser` turns any ``UNet2DModel`` (3 or 6 output channels; fixed or learned
+  variance; ε-, x0- or v-prediction) plus its scheduler into the quantities a guided sampler
+  needs: ε, x̂0 and the unguided ``x_{t-1}``. A pipeline that runs several diffusion models
+  (BlindDPS runs one for the image and one for the kernel) holds one adapter per model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import UNet2DModel
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class DeblurPipelineOutput(BaseOutput):
+    """Output of a deblurring pipeline of this package.
+
+    Args:
+        images: restored images, one per input (the mean over particles): a list of PIL images,
+            a ``(B, H, W, C)`` array (``"np"``) or a ``(B, C, H, W)`` tensor (``"pt"``); for
+            ``"latent"`` the raw final diffusion state in ``[-1, 1]``.
+        kernels: the estimated (or given) kernels, a ``(B, k, k)`` array or a ``(B, 1, k, k)`` tensor for
+            ``"pt"``; ``None`` for a method that estimates no kernel.
+        uncertainty: per-pixel standard deviation across particles, ``(B, H, W)`` (``(B, 1, H, W)`` for
+            ``"pt"``), or ``None`` with a single particle.
+        particles: every posterior sample (particle), ``(B, n, H, W, C)`` array (``(B, n, C, H, W)``
+            tensor for ``"pt"``), or ``None``.
+        sigma: the noise level used per image, in 8-bit levels (estimated when ``sigma="auto"``).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    kernels: np.ndarray | torch.Tensor | None = None
+    uncertainty: np.ndarray | torch.Tensor | None = None
+    particles: np.ndarray | torch.Tensor | None = None
+    sigma: list[float] | None = None
+
+
+@dataclass
+class DenoiserPrediction:
+    """What one UNet evaluation gives a guided sampler at timestep ``t`` (all in the model's ``[-1, 1]`` range).
+
+    Args:
+        model_output: the tensor the scheduler's ``step`` takes (variance channels kept only when the
+            scheduler learns the variance).
+        epsilon: the predicted noise ``ε̂(x_t, t)``, as many channels as ``x_t``.
+        x0: the predicted clean sample ``x̂0``: the scheduler's ``pred_original_sample`` (with its
+            clipping or thresholding) when the step ran, else Tweedie's ``(x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t``.
+        prev_sample: the unguided ``x_{t−1}`` from the scheduler's step, or ``None`` when not asked for.
+    """
+
+    model_output: torch.Tensor
+    epsilon: torch.Tensor
+    x0: torch.Tensor
+    prev_sample: torch.Tensor | None = None
+
+
+class UNetDenoiser:
+    """Adapter from a ``UNet2DModel`` and its scheduler to ε, x̂0 and the scheduler step.
+
+    With a 6-channel UNet (guided-diffusion style: ε then the variance interpolation ``v``) the
+    variance channels are passed to the scheduler only when its ``variance_type`` is
+    ``"learned"`` or ``"learned_range"``, and dropped otherwise. ``prediction_type`` ``"epsilon"``,
+    ``"sample"`` and ``"v_prediction"`` are converted to ε with ``ᾱ_t = scheduler.alphas_cumprod[t]``.
+
+    Example:
+        >>> from diffusers import DDPMScheduler, UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+        ...                    down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, out_channels=6)
+        >>> denoiser = UNetDenoiser(unet, DDPMScheduler(variance_type="fixed_small"))
+        >>> pred = denoiser(torch.zeros(1, 3, 8, 8), 999, step=True)
+        >>> pred.epsilon.shape, pred.model_output.shape, pred.prev_sample.shape
+        (torch.Size([1, 3, 8, 8]), torch.Size([1, 3, 8, 8]), torch.Size([1, 3, 8, 8]))
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler):
+        self.unet = unet
+        self.scheduler = scheduler
+
+    @property
+    def learned_variance(self) -> bool:
+        return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+    def step_kwargs(self, generator=None, eta: float = 0.0) -> dict:
+        """The extra keyword arguments this scheduler's ``step`` accepts (``generator``, DDIM's ``eta``)."""
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "generator" in params:
+            kwargs["generator"] = generator
+        if "eta" in params:
+            kwargs["eta"] = eta
+        return kwargs
+
+    def model_output(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The UNet output in the form the scheduler's ``step`` expects."""
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        model_input = scale(x_t, t) if scale is not None else x_t
+        output = self.unet(model_input, t).sample
+        if output.shape[1] == 2 * x_t.shape[1] and not self.learned_variance:
+            output = output[:, : x_t.shape[1]]
+        elif output.shape[1] not in (x_t.shape[1], 2 * x_t.shape[1]):
+            raise ValueError(f"UNet output has {output.shape[1]} channels for a {x_t.shape[1]}-channel sample")
+        return output
+
+    def alpha_bar(self, t) -> float:
+        return float(self.scheduler.alphas_cumprod[int(t)])
+
+    def epsilon_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """ε̂ from the UNet output for the scheduler's ``prediction_type``."""
+        output = output[:, : x_t.shape[1]]
+        kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if kind == "epsilon":
+            return output
+        alpha_bar = self.alpha_bar(t)
+        if kind == "sample":  # ε = (x_t − √ᾱ x0) / √(1−ᾱ)
+            return (x_t - alpha_bar**0.5 * output) / (1 - alpha_bar) ** 0.5
+        if kind == "v_prediction":  # ε = √ᾱ v + √(1−ᾱ) x_t
+            return alpha_bar**0.5 * output + (1 - alpha_bar) ** 0.5 * x_t
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    def x0_from_epsilon(self, epsilon: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """Tweedie's estimate ``x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t`` (DDPM Eq. 15), unclipped."""
+        alpha_bar = self.alpha_bar(t)
+        return (x_t - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar**0.5
+
+    def __call__(self, x_t: torch.Tensor, t, step: bool = False, **step_kwargs) -> DenoiserPrediction:
+        """Evaluate the UNet at ``(x_t, t)``; with ``step=True`` also run the scheduler's (unguided) step.
+
+        ``step_kwargs`` go to ``scheduler.step`` (see :meth:`step_kwargs`). Differentiable in ``x_t``
+        when called under ``torch.enable_grad()``.
+        """
+        output = self.model_output(x_t, t)
+        epsilon = self.epsilon_from_output(output, x_t, t)
+        if not step:
+            return DenoiserPrediction(output, epsilon, self.x0_from_epsilon(epsilon, x_t, t))
+        result = self.scheduler.step(output, t, x_t, **step_kwargs, return_dict=True)
+        return DenoiserPrediction(output, epsilon, result.pred_original_sample, result.prev_sample)
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """A model-range sample ``[-1, 1]`` as an image in ``[0, 1]``, computed in float32 and clamped."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
