@@ -274,49 +274,42 @@ def _error(message: str) -> None:
     print(f"diffusers-blind: error: {message}", file=sys.stderr)
 
 
-def cmd_deblur(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
+def _known_kernel(method, options: dict, args) -> np.ndarray | None:
+    """The ``--kernel`` file, checked against the method and ``--kernel-size``; ``None`` for a blind run."""
+    if args.kernel is None:
+        if method.needs_kernel:
+            raise CLIError(f"--method {method.name} deblurs with the true kernel: pass --kernel FILE")
+        return None
+    if not (method.needs_kernel or method.accepts_kernel):
+        raise CLIError(f"--kernel (non-blind deblurring) cannot be combined with --method {method.name}, "
+                       "which estimates the kernel")
+    kernel = load_kernel_file(Path(args.kernel))
+    if args.kernel_size is not None and options.get("kernel_size") != kernel.shape[-1]:
+        raise CLIError(f"--kernel-size {args.kernel_size} does not match the kernel in {args.kernel} "
+                       f"({kernel.shape[0]}x{kernel.shape[1]})")
+    return kernel
 
-    from .image_processor import DeblurImageProcessor
-    from .io import ImageReadError, check_writable_folder, probe_image, save_json
 
-    method = _methods()[args.method]
-    options = method_options(method, args)
-    known_kernel = None
-    if args.kernel is not None:
-        if not (method.needs_kernel or method.accepts_kernel):
-            raise CLIError(f"--kernel (non-blind deblurring) cannot be combined with --method {method.name}, "
-                           "which estimates the kernel")
-        known_kernel = load_kernel_file(Path(args.kernel))
-        size = options.get("kernel_size")
-        if args.kernel_size is not None and size != known_kernel.shape[-1]:
-            raise CLIError(f"--kernel-size {args.kernel_size} does not match the kernel in {args.kernel} "
-                           f"({known_kernel.shape[0]}x{known_kernel.shape[1]})")
-    elif method.needs_kernel:
-        raise CLIError(f"--method {method.name} deblurs with the true kernel: pass --kernel FILE")
-    if args.overwrite and args.skip_existing:
-        raise CLIError("--overwrite and --skip-existing exclude each other")
+def _plan_jobs(args, paths: list[Path], out_dir: Path) -> tuple[list, dict[Path, str]]:
+    """``(input, output files)`` pairs to run and the unreadable inputs, applying the rerun rule."""
+    from .io import ImageReadError, probe_image
 
-    paths = collect_inputs(args.inputs)
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"output must be a folder, but {out_dir} is a file")
     try:
         plans = plan_outputs(paths, out_dir, [Path(args.kernel)] if args.kernel else [])
     except ValueError as error:
         raise CLIError(str(error)) from None
-    bad: dict[Path, str] = {}
-    for path in paths:  # headers only (size, format): pixels are decoded one image at a time below
+    unreadable: dict[Path, str] = {}
+    for path in paths:  # headers only (size, format): pixels are decoded one image at a time later
         try:
             probe_image(path)
         except ImageReadError as error:
-            bad[path] = str(error)
-    if len(bad) == len(paths):
-        for message in bad.values():
+            unreadable[path] = str(error)
+    if len(unreadable) == len(paths):
+        messages = list(unreadable.values())
+        for message in messages[:-1]:
             _error(message)
-        raise CLIError(f"none of the {len(paths)} input(s) can be read" if len(paths) > 1 else next(iter(bad.values())))
-    jobs = [(path, plan) for path, plan in zip(paths, plans) if path not in bad]
+        raise CLIError(messages[-1] if len(paths) == 1 else f"{messages[-1]}; none of the {len(paths)} inputs can be read")
+    jobs = [(path, plan) for path, plan in zip(paths, plans) if path not in unreadable]
     if args.skip_existing:
         done = [path for path, plan in jobs if is_done(plan)]
         jobs = [(path, plan) for path, plan in jobs if path not in done]
@@ -328,6 +321,90 @@ def cmd_deblur(args) -> int:
             shown = ", ".join(file.name for file in existing[:4]) + (" ..." if len(existing) > 4 else "")
             raise CLIError(f"{out_dir} already holds {len(existing)} output file(s) of these inputs ({shown}); "
                            "pass --overwrite to replace them, or --skip-existing to keep finished images")
+    return jobs, unreadable
+
+
+def _record(path, mode, array, image, result, written, seconds, run: dict, args) -> dict:
+    """The ``<stem>.json`` of one image: inputs, outputs, σ, settings, timings, versions."""
+    height, width = array.shape[:2]
+    uncertainty = None
+    if result.uncertainty is not None:
+        std = result.uncertainty.float()
+        uncertainty = {"max": float(std.max()), "mean": float(std.mean()),
+                       "note": "per-pixel std over particles in [0, 1] units; the PNG is divided by max"}
+    method = run["method"]
+    return {
+        "input": str(path),
+        "outputs": {name: str(file) for name, file in written.items()},
+        "image_size": {"width": width, "height": height},
+        "input_mode": mode,
+        "output_mode": image.mode,
+        "sigma": result.sigma,
+        "sigma_estimated": args.sigma == "auto",
+        "kernel_size": int(result.kernel.shape[-1]) if result.kernel is not None else None,
+        "settings": {
+            "method": method.name,
+            **method.info,
+            "blind": run["known_kernel"] is None and method.returns_kernel,
+            "kernel_file": str(args.kernel) if args.kernel is not None else None,
+            "sigma": args.sigma,
+            **{name: args.kernel_size if name == "kernel_size" else value for name, value in run["options"].items()},
+            "seed": run["seed"],
+            "device": run["device"],
+        },
+        "uncertainty": uncertainty,
+        "model": str(Path(run["model"]).resolve()) if run["pipe"] is not None else None,
+        "timings": {"load_seconds": round(run["load_seconds"], 4), "image_seconds": round(seconds, 4)},
+        "process": run["state"].process_index if run["state"] is not None else 0,
+        "versions": _versions(),
+    }
+
+
+def _deblur_one(path: Path, plan: dict, run: dict, args) -> None:
+    """Decode, restore and write one image; its record is written last."""
+    import torch
+
+    from .io import save_json
+
+    processor = run["processor"]
+    array, mode = load_image(path)  # decoded now, one at a time
+    y = processor.preprocess(array).to(run["device"])
+    if run["pipe"] is not None and not args.quiet:
+        run["pipe"].set_progress_bar_config(desc=plan["record"].stem, position=1 if run["several"] else 0,
+                                            leave=not run["several"])
+    generator = torch.Generator(device="cpu").manual_seed(run["seed"])
+    start = time.perf_counter()
+    result = run["method"].run(y, sigma=args.sigma, kernel=run["kernel"], generator=generator, pipeline=run["pipe"],
+                               blur=None, **run["options"])
+    seconds = time.perf_counter() - start
+    image = processor.numpy_or_pil(result.image.reshape(1, *result.image.shape[-3:]), "pil")[0]
+    plan["record"].parent.mkdir(parents=True, exist_ok=True)
+    written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE)
+    remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
+    save_json(_record(path, mode, array, image, result, written, seconds, run, args), plan["record"])
+    if not args.quiet:
+        sigma = result.sigma
+        sigma_text = "-" if sigma is None else f"{sigma:.2f} (estimated)" if args.sigma == "auto" else f"{sigma:g}"
+        size = result.kernel.shape[-1] if result.kernel is not None else None
+        _say(f"{path} -> {plan['image']}  [sigma {sigma_text}, {f'kernel {size}x{size}' if size else 'no kernel'}, "
+             f"{seconds:.1f} s]")
+
+
+def cmd_deblur(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .image_processor import DeblurImageProcessor
+    from .io import check_writable_folder
+
+    method = _methods()[args.method]
+    options = method_options(method, args)
+    known_kernel = _known_kernel(method, options, args)
+    paths = collect_inputs(args.inputs)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"output must be a folder, but {out_dir} is a file")
+    jobs, unreadable = _plan_jobs(args, paths, out_dir)
     device = resolve_device(args.device)
     try:
         check_writable_folder(out_dir)
@@ -335,25 +412,26 @@ def cmd_deblur(args) -> int:
         raise CLIError(str(error)) from None
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     state = _launched_state(device)
-    unreadable = bad
     if state is not None:  # accelerate launch / torchrun: each process deblurs its share of the images
         from accelerate.utils import broadcast_object_list
 
         state.wait_for_everyone()  # every process has checked the outputs before anyone writes one
         seed = broadcast_object_list([seed])[0]
-        if args.device == "auto":
-            device = str(state.device)
+        device = str(state.device) if args.device == "auto" else device
         with state.split_between_processes(jobs) as mine:
             jobs = list(mine)
         if not state.is_main_process:
             unreadable = {}  # reported once, by the main process
-    bad = dict(unreadable)
+    for message in unreadable.values():
+        _error(message)
 
     start = time.perf_counter()
-    pipe = None
     model = args.model or method.default_model
+    pipe = None
     if method.pipeline_class is not None:
         pipe = load_pipeline(model, device, quiet=args.quiet, pipeline_class=method.pipeline_class)
+        if args.quiet:
+            pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - start
     if method.check is not None:
         try:
@@ -362,90 +440,29 @@ def cmd_deblur(args) -> int:
             raise CLIError(f"--method {method.name}: {error}") from None
         for note in notes:
             _note(note)
-    several = len(jobs) > 1
-    if pipe is not None:
-        if args.quiet:
-            pipe.set_progress_bar_config(disable=True)
-    outer = tqdm(total=len(jobs), desc="images", unit="img", position=0, disable=args.quiet or not several)
-    processor = DeblurImageProcessor()
-    kernel_tensor = torch.from_numpy(known_kernel)[None, None].to(device) if known_kernel is not None else None
+    run = dict(method=method, options=options, known_kernel=known_kernel, seed=seed, device=device, state=state,
+               pipe=pipe, model=model, load_seconds=load_seconds, several=len(jobs) > 1,
+               processor=DeblurImageProcessor(),
+               kernel=torch.from_numpy(known_kernel)[None, None].to(device) if known_kernel is not None else None)
 
+    failed = dict(unreadable)
+    outer = tqdm(total=len(jobs), desc="images", unit="img", position=0, disable=args.quiet or len(jobs) < 2)
     for path, plan in jobs:
-        stem = plan["record"].stem
         try:
-            array, mode = load_image(path)  # decoded now, one at a time
-            y = processor.preprocess(array).to(device)
-            if pipe is not None and not args.quiet:
-                pipe.set_progress_bar_config(desc=stem, position=1 if several else 0, leave=not several)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            start = time.perf_counter()
-            result = method.run(y, sigma=args.sigma, kernel=kernel_tensor, generator=generator, pipeline=pipe,
-                                blur=None, **options)
-            seconds = time.perf_counter() - start
-            image = processor.numpy_or_pil(result.image.reshape(1, *result.image.shape[-3:]), "pil")[0]
-            out_dir.mkdir(parents=True, exist_ok=True)
-            written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE)
+            _deblur_one(path, plan, run, args)
         except KeyboardInterrupt:
             raise
-        except CLIError as error:
-            bad[path] = str(error)
-        except Exception as error:  # bad sizes, divergence, out of memory, a broken model: this image only
+        except Exception as error:  # unreadable pixels, bad sizes, divergence, out of memory, a broken model
             hint = " (try fewer --particles, a smaller image or --device cpu)" if is_out_of_memory(error) else ""
-            bad[path] = f"{path}: {type(error).__name__}: {error}{hint}"
-        else:
-            height, width = array.shape[:2]
-            sigma_used = result.sigma
-            kernel_size = int(result.kernel.shape[-1]) if result.kernel is not None else None
-            uncertainty = None
-            if result.uncertainty is not None:
-                std = result.uncertainty.float()
-                uncertainty = {"max": float(std.max()), "mean": float(std.mean()),
-                               "note": "per-pixel std over particles in [0, 1] units; the PNG is divided by max"}
-            record = {
-                "input": str(path),
-                "outputs": {name: str(file) for name, file in written.items()},
-                "image_size": {"width": width, "height": height},
-                "input_mode": mode,
-                "output_mode": image.mode,
-                "sigma": sigma_used,
-                "sigma_estimated": args.sigma == "auto",
-                "kernel_size": kernel_size,
-                "settings": {
-                    "method": method.name,
-                    **method.info,
-                    "blind": known_kernel is None and method.returns_kernel,
-                    "kernel_file": str(args.kernel) if args.kernel is not None else None,
-                    "sigma": args.sigma,
-                    **{name: getattr(args, name, None) if name == "kernel_size" else value
-                       for name, value in options.items()},
-                    "seed": seed,
-                    "device": device,
-                },
-                "uncertainty": uncertainty,
-                "model": str(Path(model).resolve()) if pipe is not None else None,
-                "timings": {"load_seconds": round(load_seconds, 4), "image_seconds": round(seconds, 4)},
-                "process": state.process_index if state is not None else 0,
-                "versions": _versions(),
-            }
-            remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
-            save_json(record, plan["record"])  # last: its presence marks the image as done
-            if not args.quiet:
-                sigma_text = ("-" if sigma_used is None else
-                              f"{sigma_used:.2f} (estimated)" if args.sigma == "auto" else f"{sigma_used:g}")
-                kernel_text = f"kernel {kernel_size}x{kernel_size}" if kernel_size else "no kernel"
-                _say(f"{path} -> {plan['image']}  [sigma {sigma_text}, {kernel_text}, {seconds:.1f} s]")
-            outer.update()
-            continue
-        if args.overwrite:
-            remove_stale(plan, keep=())  # no output of an earlier run may look like this run's
+            failed[path] = str(error) if isinstance(error, CLIError) else f"{path}: {type(error).__name__}: {error}{hint}"
+            _error(failed[path])
+            if args.overwrite:
+                remove_stale(plan, keep=())  # no output of an earlier run may look like this run's
         outer.update()
     outer.close()
-    if bad:
-        for message in bad.values():
-            _error(message)
-        names = ", ".join(str(p) for p in bad)
+    if failed:
         where = f" (process {state.process_index})" if state is not None else ""
-        _error(f"{len(bad)} of {len(paths)} image(s) failed{where}: {names}")
+        _error(f"{len(failed)} of {len(paths)} image(s) failed{where}: {', '.join(str(p) for p in failed)}")
         return 2
     return 0
 
@@ -663,7 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 usage or input error)."""
+    """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
+    from ._interrupt import restore
+
+    restore()  # Ctrl-C raises KeyboardInterrupt again (handled below) now that the imports are done
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
