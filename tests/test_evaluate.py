@@ -215,6 +215,7 @@ def test_user_kernels_reflect_blur_and_padding(fixture_dir, tmp_path, hf_env):
     records = records_by_key(output_dir)
     assert len(records) == 5 * 2  # the 10x12 image is padded, not skipped
     names = {r["image_index"]: r["kernel"] for r in records.values()}
+    assert {r["kernel_size"] for r in records.values()} == {5}  # the true kernels' size, whatever --kernel_size
     assert names == {0: "a_line.npy", 1: "b_bar.png", 2: "a_line.npy", 3: "b_bar.png", 4: "a_line.npy"}
     assert all(r["resolution"] == [26, 26] for r in records.values())
     # a known kernel and sigma = 0: the re-blur residual of the Wiener estimate is small

@@ -584,6 +584,7 @@ def cmd_info(args) -> int:
     print(f"  complete:     {'yes' if complete else 'no (no model_index.json)'}"
           + (f"; components: {', '.join(components)}" if components else ""))
     print(f"torch {versions['torch']}, diffusers {versions['diffusers']}, python {platform.python_version()}")
+    print(f"methods:        {', '.join(_methods())} (diffusers-blind deblur --method NAME)")
     if torch.cuda.is_available():
         print(f"device: cuda ({torch.cuda.get_device_name(0)}); `--device auto` uses it")
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

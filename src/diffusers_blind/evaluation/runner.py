@@ -326,11 +326,11 @@ def main(argv=None) -> int:
                 x_hat = result.image.float().cpu()
                 k_hat = None if result.kernel is None else result.kernel.float().cpu()
                 record = {
+                    "steps": None, "particles": None,  # the method's options (kept as keys for every method)
+                    **{option.name: getattr(args, option.name) for option in METHODS[method].options},
                     "image_index": index, "image_id": names[index], "method": method, "sigma": sigma,
                     "seed": args.seed, "kernel": cache["kernel_name"], "kernel_size": int(kernel.shape[-1]),
                     "blur_mode": args.blur_mode, "resolution": list(x.shape[-2:]),
-                    "steps": None, "particles": None,
-                    **{option.name: getattr(args, option.name) for option in METHODS[method].options},
                     "time_s": seconds,
                     **score(x_hat, k_hat, x, y, kernel, sigma, method, args, extra),
                     "process": state.process_index,
