@@ -94,3 +94,17 @@ def test_dummy_method_in_help_cli_and_evaluation(gamma_method, tmp_path, capsys,
     summary = (evaluation / "summary.md").read_text()
     assert "| dummy-gamma | 5 | 2 |" in summary and "`dummy-gamma`: gamma_exponent 1.0" in summary
     assert json.loads((evaluation / "config.json").read_text())["gamma_exponent"] == 1.0
+
+
+def test_a_method_without_default_model_asks_for_one(tmp_path, capsys):
+    from diffusers_blind import FastEMDeblurPipeline
+
+    register_method(Method("dummy-no-model", gamma_run, pipeline_class=FastEMDeblurPipeline, default_model=None))
+    try:
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+        code = main(["deblur", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--method", "dummy-no-model"])
+        err = capsys.readouterr().err
+        assert code == 2 and "ships no default model: pass --model PATH" in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+    finally:
+        unregister_method("dummy-no-model")

@@ -429,6 +429,9 @@ def cmd_deblur(args) -> int:
     model = args.model or method.default_model
     pipe = None
     if method.pipeline_class is not None:
+        if model is None:
+            raise CLIError(f"--method {method.name} ships no default model: pass --model PATH (a folder written "
+                           f"by {method.pipeline_class.__name__}.save_pretrained)")
         pipe = load_pipeline(model, device, quiet=args.quiet, pipeline_class=method.pipeline_class)
         if args.quiet:
             pipe.set_progress_bar_config(disable=True)

@@ -292,4 +292,35 @@ def _register_builtins() -> None:
                            options=(kernel_size,)))
 
 
+def _unit_interval(value) -> float:
+    number = non_negative_float(value)
+    if number > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def _register_dvsr() -> None:
+    """DvSR (deblurring via stochastic refinement), when its pipeline is part of the package. It estimates
+    no kernel (a pipeline saved with a ``kernel_estimator`` reports one) and ships no default model."""
+    try:
+        from .pipelines.dvsr import StochasticRefinementDeblurPipeline
+    except ImportError:
+        return
+
+    def run(y, *, sigma, kernel, generator, pipeline, blur, perception_distortion):
+        out = pipeline(y, perception_distortion=perception_distortion, sigma=sigma, generator=generator,
+                       output_type="pt")
+        kernels = None if out.kernels is None else out.kernels.float().cpu()
+        return MethodResult(out.images.float().cpu(), kernels, out.sigma[0] if out.sigma else None, out.uncertainty)
+
+    register_method(Method(
+        "dvsr", run, "deblurring via stochastic refinement (predictor + conditional diffusion; no kernel; "
+        "needs --model)", pipeline_class=StochasticRefinementDeblurPipeline, returns_kernel=False,
+        options=(Option("perception_distortion", _unit_interval, None,
+                        "DvSR knob in [0, 1]: 0 = sharpest (100 steps, 1 sample), 1 = lowest distortion "
+                        "(10 steps, 4 samples averaged; the pipeline's default)"),),
+    ))
+
+
 _register_builtins()
+_register_dvsr()

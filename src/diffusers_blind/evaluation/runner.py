@@ -244,6 +244,8 @@ def load_pipelines(methods, model: str | None, device) -> dict:
         method = METHODS[name]
         if method.pipeline_class is None:
             continue
+        if (model or method.default_model) is None:
+            raise SystemExit(f"{name} ships no default model: pass --model PATH")
         key = (method.pipeline_class, str(model or method.default_model))
         if key not in loaded:
             try:
