@@ -108,3 +108,30 @@ def test_a_method_without_default_model_asks_for_one(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
     finally:
         unregister_method("dummy-no-model")
+
+
+def test_dvsr_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, monkeypatch):
+    """DvSR (no kernel; a pipeline saved with a kernel estimator reports one) through the registry entry."""
+    pytest.importorskip("diffusers_blind.pipelines.dvsr")  # present once the DvSR pipeline is merged
+    from test_pipeline_dvsr import make_pipe
+
+    for key, value in {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    make_pipe(estimator=False).save_pretrained(tmp_path / "dvsr")
+    make_pipe(estimator=True).save_pretrained(tmp_path / "dvsr_k")
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    for model, kernel in (("dvsr", False), ("dvsr_k", True)):
+        out = tmp_path / f"out_{model}"
+        assert main(["deblur", str(images), "-o", str(out), "--method", "dvsr", "--model", str(tmp_path / model),
+                     "--perception-distortion", "1", "--quiet", "--seed", "0"]) == 0, capsys.readouterr().err
+        assert (out / "0_deblurred.png").is_file() and (out / "0_kernel.npy").is_file() == kernel
+        assert json.loads((out / "0.json").read_text())["settings"]["perception_distortion"] == 1.0
+    assert runner.main(["--data_dir", str(images), "--resolution", "16", "--kernel_size", "5", "--methods", "dvsr",
+                        "--model", str(tmp_path / "dvsr"), "--output_dir", str(tmp_path / "ev"),
+                        "--extra_metrics", "none", "--num_grid", "1"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["kernel_mse"] is None and r["psnr"] > 0 for r in records)

@@ -345,7 +345,7 @@ def _record(path, mode, array, image, result, written, seconds, run: dict, args)
         "settings": {
             "method": method.name,
             **method.info,
-            "blind": run["known_kernel"] is None and method.returns_kernel,
+            "blind": run["known_kernel"] is None,
             "kernel_file": str(args.kernel) if args.kernel is not None else None,
             "sigma": args.sigma,
             **{name: args.kernel_size if name == "kernel_size" else value for name, value in run["options"].items()},
