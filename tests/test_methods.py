@@ -135,3 +135,30 @@ def test_dvsr_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, monkeypa
                         "--extra_metrics", "none", "--num_grid", "1"]) == 0
     records = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["kernel_mse"] is None and r["psnr"] > 0 for r in records)
+
+
+def test_evaluation_model_folders_per_method():
+    from diffusers_blind import DEFAULT_MODEL
+    from diffusers_blind.evaluation.runner import resolve_models
+
+    class OtherPipeline:
+        pass
+
+    register_method(Method("dummy-other-pipe", gamma_run, pipeline_class=OtherPipeline, default_model=None))
+    try:
+        both = ["fastem-pigdm", "pigdm-known-kernel", "identity"]
+        assert resolve_models(both, []) == {"fastem-pigdm": DEFAULT_MODEL, "pigdm-known-kernel": DEFAULT_MODEL}
+        assert set(resolve_models(both, ["m"]).values()) == {"m"}
+        mixed = ["fastem-pigdm", "dummy-other-pipe"]
+        assert resolve_models(mixed, ["dummy-other-pipe=o"]) == {"fastem-pigdm": DEFAULT_MODEL, "dummy-other-pipe": "o"}
+        assert resolve_models(mixed, ["f", "dummy-other-pipe=o"]) == {"fastem-pigdm": "f", "dummy-other-pipe": "o"}
+        for entries, match in ((["m"], "different pipelines"), ([], "ships no default model"),
+                               (["a", "b"], "one PATH"), (["identity=x", "dummy-other-pipe=o"], "not a selected")):
+            with pytest.raises(ValueError, match=match):
+                resolve_models(mixed if entries != ["a", "b"] else both, entries)
+        args = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--methods", *mixed,
+                                  "--model", "dummy-other-pipe=o"])
+        assert args.model == {"dummy-other-pipe": "o", "fastem-pigdm": DEFAULT_MODEL}  # stored in config.json
+        assert runner.parse_args(["--data_dir", ".", "--output_dir", "x"]).model == DEFAULT_MODEL  # as before
+    finally:
+        unregister_method("dummy-other-pipe")

@@ -71,9 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     meth = p.add_argument_group("methods")
     meth.add_argument("--methods", nargs="+", default=["fastem-pigdm", "wiener-known-kernel", "identity"],
                       choices=tuple(METHODS), metavar="METHOD", help=f"any of {', '.join(METHODS)}")
-    meth.add_argument("--model", default=None,
-                      help="pipeline folder for every selected method that loads one (default: each method's own, "
-                      "diffusers_blind.DEFAULT_MODEL for the Fast EM methods)")
+    meth.add_argument("--model", nargs="+", default=None, metavar="PATH|METHOD=PATH",
+                      help="pipeline folder of every selected method that loads one, or METHOD=PATH per method "
+                      "(default: each method's own, diffusers_blind.DEFAULT_MODEL for the Fast EM methods)")
     present = {flag for action in p._actions for flag in action.option_strings}
     for name, option in all_options().items():  # every registered method's options
         if option.evaluation_flag not in present:
@@ -105,13 +105,46 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--kernel must be 'motion', 'gaussian' or an existing folder, got {args.kernel!r}")
     args.sigma = list(dict.fromkeys(float(s) for s in args.sigma))
     args.methods = list(dict.fromkeys(args.methods))
-    loading = [METHODS[m] for m in args.methods if METHODS[m].pipeline_class is not None]
-    if args.model is not None and len({m.pipeline_class for m in loading}) > 1:
-        p.error("--model names one pipeline folder, but the selected methods load different pipelines "
-                f"({', '.join(m.name for m in loading)}); run them separately or leave --model out")
-    if args.model is None and len({m.default_model for m in loading}) == 1:
-        args.model = loading[0].default_model
+    try:
+        args.models = resolve_models(args.methods, args.model or [])
+    except ValueError as error:
+        p.error(str(error))
+    folders = set(args.models.values())
+    # config.json and the summary: one folder as before (older result folders store a string), else a mapping
+    args.model = None if not folders else folders.pop() if len(folders) == 1 else dict(sorted(args.models.items()))
     return args
+
+
+def resolve_models(methods: list[str], entries: list[str]) -> dict[str, str]:
+    """The pipeline folder of every selected method that loads one, from ``--model`` entries.
+
+    ``PATH`` applies to every such method (they must load the same pipeline class); ``METHOD=PATH`` to
+    that method alone; a method named by neither uses its default model (an error if it has none).
+    """
+    named, plain = {}, []
+    for entry in entries:
+        name, _, folder = entry.partition("=")
+        if folder and name in METHODS:
+            named[name] = folder
+        else:
+            plain.append(entry)
+    if len(plain) > 1:
+        raise ValueError(f"--model takes one PATH for all methods, or METHOD=PATH entries; got {plain}")
+    loading = [METHODS[m] for m in methods if METHODS[m].pipeline_class is not None]
+    unknown = sorted(set(named) - {m.name for m in loading})
+    if unknown:
+        raise ValueError(f"--model names {', '.join(unknown)}, which is not a selected method that loads a pipeline")
+    shared = [m for m in loading if m.name not in named]
+    if plain and len({m.pipeline_class for m in shared}) > 1:
+        raise ValueError("--model PATH names one pipeline folder, but the methods "
+                         f"{', '.join(m.name for m in shared)} load different pipelines; use METHOD=PATH entries")
+    models = {}
+    for method in loading:
+        folder = named.get(method.name) or (plain[0] if plain else method.default_model)
+        if folder is None:
+            raise ValueError(f"{method.name} ships no default model: pass --model {method.name}=PATH")
+        models[method.name] = str(folder)
+    return models
 
 
 def method_settings(args) -> dict:
@@ -235,7 +268,7 @@ def save_png(tensor: torch.Tensor, path: Path) -> None:
     save_image(Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array), path)
 
 
-def load_pipelines(methods, model: str | None, device) -> dict:
+def load_pipelines(methods, models: dict[str, str], device) -> dict:
     """One loaded pipeline per method that needs one, shared between methods of the same class and folder."""
     from ..methods import load_pipeline
 
@@ -244,9 +277,7 @@ def load_pipelines(methods, model: str | None, device) -> dict:
         method = METHODS[name]
         if method.pipeline_class is None:
             continue
-        if (model or method.default_model) is None:
-            raise SystemExit(f"{name} ships no default model: pass --model PATH")
-        key = (method.pipeline_class, str(model or method.default_model))
+        key = (method.pipeline_class, models[name])
         if key not in loaded:
             try:
                 loaded[key] = load_pipeline(method, key[1], device)
@@ -300,7 +331,7 @@ def main(argv=None) -> int:
         print(f"{len(jobs)} jobs ({len(usable)} images × {len(args.sigma)} σ × {len(args.methods)} methods), "
               f"{len(jobs) - len(pending)} already done, {len(pending)} to run on {state.num_processes} process(es).")
 
-    pipelines = load_pipelines({method for _, _, method in pending}, args.model, state.device)
+    pipelines = load_pipelines({method for _, _, method in pending}, args.models, state.device)
 
     results_path = output_dir / ("results.jsonl" if state.num_processes == 1 else f"results.rank{state.process_index}.jsonl")
     if results_path.is_file() and results_path.stat().st_size > 0:

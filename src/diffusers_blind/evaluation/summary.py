@@ -72,7 +72,9 @@ def summarise(records: list[dict], args, output_dir: Path, missing_metrics: dict
         f"{', intensity ' + str(args.intensity) if args.kernel == 'motion' else ''}), blur `{args.blur_mode}` "
         f"({BLUR_MODES[args.blur_mode]}), seed {args.seed}."
     )
-    if args.model is not None and any(METHODS[m].pipeline_class is not None for m in args.methods if m in METHODS):
+    if isinstance(args.model, dict):
+        lines.append("Models: " + "; ".join(f"`{m}`: `{folder}`" for m, folder in args.model.items()) + ".")
+    elif args.model is not None:
         lines.append(f"Model `{args.model}`.")
     for method in args.methods:
         options = METHODS[method].options if method in METHODS else ()
