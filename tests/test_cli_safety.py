@@ -296,38 +296,34 @@ def test_float_tiff_in_8bit_levels_is_not_white(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- several processes
 def test_deblur_splits_a_folder_across_processes_and_resumes(tmp_path):
+    """An earlier single-process run finished 2 of 6 images (and was cut in a third); a 2-process resume
+    runs each remaining image once and leaves the finished ones alone."""
     import socket
     import subprocess
     import sys
 
     folder = tmp_path / "in"
     folder.mkdir()
-    for i in range(5):
+    for i in range(6):
         write_image(folder / f"{i}.png", i)
     out = tmp_path / "out"
+    assert identity([folder / "0.png", folder / "1.png", folder / "2.png"], out) == 0
+    (out / "2.json").unlink()  # image 2 was cut off before its record
+    kept = (out / "0.json").read_bytes()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               str(port), "-m", "diffusers_blind.cli", "deblur", str(folder), "-o", str(out), "--method", "identity",
-              "--quiet", "--device", "cpu"]
+              "--quiet", "--device", "cpu", "--skip-existing"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
-
-    def run(*extra):
-        result = subprocess.run([*launch, *extra], env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    run()
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-    assert sorted(records) == [str(i) for i in range(5)]  # each image once
-    assert {r["process"] for r in records.values()} == {0, 1}
-    (out / "1.json").unlink()
-    (out / "3.json").unlink()
-    kept = (out / "0.json").read_bytes()
-    run("--skip-existing")
-    assert sorted(p.stem for p in out.glob("*.json")) == [str(i) for i in range(5)]
-    assert (out / "0.json").read_bytes() == kept  # done images are not redone
+    assert sorted(records) == [str(i) for i in range(6)]  # every image once
+    assert (out / "0.json").read_bytes() == kept  # finished images are not redone
+    assert {records[str(i)]["process"] for i in (2, 3, 4, 5)} == {0, 1}  # the rest split over both processes
 
 
 @pytest.mark.parametrize("delay", [0.3, 0.7, 1.2])
