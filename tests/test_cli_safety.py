@@ -350,3 +350,17 @@ def test_multi_frame_files_say_that_only_the_first_frame_is_used(tmp_path, capsy
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     assert identity([tmp_path / "anim.gif"], tmp_path / "o") == 0
     assert "2 frames" in errors(capsys)
+
+
+def test_skip_existing_refuses_results_of_other_settings(tmp_path, capsys):
+    image = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert main(["deblur", str(image), "-o", str(out), "--method", "identity", "--kernel-size", "3", "--quiet"]) == 0
+    before = (out / "a.json").read_bytes()
+    code = main(["deblur", str(image), "-o", str(out), "--method", "identity", "--kernel-size", "5", "--quiet",
+                 "--skip-existing"])
+    assert code == 2 and "kernel_size: 3 -> 5" in errors(capsys)
+    assert (out / "a.json").read_bytes() == before
+    assert main(["deblur", str(image), "-o", str(out), "--method", "identity", "--kernel-size", "3", "--quiet",
+                 "--skip-existing"]) == 0  # the same settings: nothing to do
+    assert (out / "a.json").read_bytes() == before

@@ -27,7 +27,15 @@ import PIL.Image
 
 
 from .io import IMAGE_EXTENSIONS
-from .outputs import OUTPUT_SUFFIXES, is_done, output_stems, plan_outputs, remove_stale, write_outputs  # noqa: F401
+from .outputs import (  # noqa: F401  (output_stems: part of the command line's helpers)
+    OUTPUT_SUFFIXES,
+    finished_record,
+    output_stems,
+    plan_outputs,
+    remove_stale,
+    settings_differences,
+    write_outputs,
+)
 KERNEL_PREVIEW_SCALE = 8
 
 
@@ -290,8 +298,11 @@ def _known_kernel(method, options: dict, args) -> np.ndarray | None:
     return kernel
 
 
-def _plan_jobs(args, paths: list[Path], out_dir: Path) -> tuple[list, dict[Path, str]]:
-    """``(input, output files)`` pairs to run and the unreadable inputs, applying the rerun rule."""
+def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[list, dict[Path, str]]:
+    """``(input, output files)`` pairs to run and the unreadable inputs, applying the rerun rule.
+
+    With ``--skip-existing`` a finished image is kept only if it was made with the same ``settings``.
+    """
     from .io import ImageReadError, probe_image
 
     try:
@@ -311,7 +322,13 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path) -> tuple[list, dict[Path,
         raise CLIError(messages[-1] if len(paths) == 1 else f"{messages[-1]}; none of the {len(paths)} inputs can be read")
     jobs = [(path, plan) for path, plan in zip(paths, plans) if path not in unreadable]
     if args.skip_existing:
-        done = [path for path, plan in jobs if is_done(plan)]
+        finished = {path: finished_record(plan) for path, plan in jobs}
+        done = [path for path, record in finished.items() if record is not None]
+        for path in done:
+            differences = settings_differences(finished[path], settings)
+            if differences:
+                raise CLIError(f"{out_dir} holds a result of {path.name} made with other settings "
+                               f"({'; '.join(differences)}); use the same settings, --overwrite, or another -o")
         jobs = [(path, plan) for path, plan in jobs if path not in done]
         if done:
             _note(f"skipping {len(done)} image(s) already deblurred in {out_dir} (--skip-existing)")
@@ -404,7 +421,10 @@ def cmd_deblur(args) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"output must be a folder, but {out_dir} is a file")
-    jobs, unreadable = _plan_jobs(args, paths, out_dir)
+    settings = {"method": method.name, "kernel_file": str(args.kernel) if args.kernel is not None else None,
+                "sigma": args.sigma, **{k: args.kernel_size if k == "kernel_size" else v for k, v in options.items()},
+                **({"seed": args.seed} if args.seed is not None else {})}
+    jobs, unreadable = _plan_jobs(args, paths, out_dir, settings)
     device = resolve_device(args.device)
     try:
         check_writable_folder(out_dir)
@@ -652,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--overwrite", action="store_true",
                           help="replace the outputs of an earlier run (its stale files of each image are removed)")
     existing.add_argument("--skip-existing", action="store_true",
-                          help="keep images an earlier run finished (complete <stem>.json) and run the others")
+                          help="keep images an earlier run finished with the same settings (complete <stem>.json) "
+                          "and run the others")
     deblur.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-image lines")
     deblur.set_defaults(func=cmd_deblur)
 

@@ -66,14 +66,27 @@ def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path]) -> lis
     return plans
 
 
-def is_done(plan: dict[str, Path]) -> bool:
-    """An earlier run finished this input: its record (written last) is valid and lists files that exist."""
+def finished_record(plan: dict[str, Path]) -> dict | None:
+    """The record of an earlier run that finished this input (valid JSON listing files that all exist), else ``None``."""
     try:
         record = json.loads(plan["record"].read_text())
         folder = plan["record"].parent  # the listed paths may be relative to another working folder
-        return bool(record["outputs"]) and all((folder / Path(file).name).is_file() for file in record["outputs"].values())
+        if record["outputs"] and all((folder / Path(file).name).is_file() for file in record["outputs"].values()):
+            return record
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        pass
+    return None
+
+
+def is_done(plan: dict[str, Path]) -> bool:
+    """An earlier run finished this input (see :func:`finished_record`)."""
+    return finished_record(plan) is not None
+
+
+def settings_differences(record: dict, settings: dict) -> list[str]:
+    """``"name: old -> new"`` for every setting of ``settings`` that the finished ``record`` has otherwise."""
+    previous = record.get("settings", {})
+    return [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
 
 
 def uncertainty_image(std: np.ndarray) -> PIL.Image.Image:
