@@ -322,5 +322,36 @@ def _register_dvsr() -> None:
     ))
 
 
+def _register_blind_dps() -> None:
+    """BlindDPS (joint image and kernel diffusion), when its pipeline is part of the package; ships no default model."""
+    try:
+        from .pipelines.blind_dps import BlindDPSPipeline
+    except ImportError:
+        return
+
+    def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
+        # circular data: the periodic model, no margin; a photograph: a mirrored margin of half the kernel,
+        # which makes the result independent of the boundary model (the data term sees the image only)
+        margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
+        out = pipeline(y, num_inference_steps=steps, blur_model="circular" if blur == "circular" else "reflect",
+                       guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
+                       generator=generator, output_type="pt")
+        return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), None, out.uncertainty)
+
+    def check(pipeline, options, kernel_given) -> list[str]:
+        steps = options.get("steps")
+        if steps is not None and steps < PAPER_DPS_STEPS:
+            return [f"BlindDPS runs {PAPER_DPS_STEPS} steps in the paper; running {steps} as asked"]
+        return []
+
+    shared = {o.name: o for o in all_options([METHODS["fastem-pigdm"]])}
+    register_method(Method(
+        "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind; needs --model)",
+        pipeline_class=BlindDPSPipeline, options=(shared["steps"], shared["particles"], shared["guidance_scale"]),
+        info={"guidance": "dps"}, check=check,
+    ))
+
+
 _register_builtins()
 _register_dvsr()
+_register_blind_dps()
