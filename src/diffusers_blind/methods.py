@@ -344,7 +344,7 @@ def _register_blind_dps() -> None:
             return [f"BlindDPS runs {PAPER_DPS_STEPS} steps in the paper; running {steps} as asked"]
         return []
 
-    shared = {o.name: o for o in all_options([METHODS["fastem-pigdm"]])}
+    shared = all_options([METHODS["fastem-pigdm"]])
     register_method(Method(
         "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind; needs --model)",
         pipeline_class=BlindDPSPipeline, options=(shared["steps"], shared["particles"], shared["guidance_scale"]),
