@@ -162,3 +162,29 @@ def test_evaluation_model_folders_per_method():
         assert runner.parse_args(["--data_dir", ".", "--output_dir", "x"]).model == DEFAULT_MODEL  # as before
     finally:
         unregister_method("dummy-other-pipe")
+
+
+def test_blind_dps_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, monkeypatch):
+    """BlindDPS through its registry entry, next to Fast EM with a per-method --model, for both blur models."""
+    pytest.importorskip("diffusers_blind.pipelines.blind_dps")  # present once the BlindDPS pipeline is merged
+    from test_pipeline_blind_dps import pipe_with
+
+    for key, value in {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    pipe_with().save_pretrained(tmp_path / "bdps")
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["deblur", str(images), "-o", str(out), "--method", "blind-dps", "--model", str(tmp_path / "bdps"),
+                 "--steps", "3", "--quiet", "--seed", "0"]) == 0, capsys.readouterr().err
+    assert (out / "0_deblurred.png").is_file() and (out / "0_kernel.npy").is_file()
+    for blur in ("circular", "valid"):
+        assert runner.main(["--data_dir", str(images), "--resolution", "16", "--kernel_size", "5", "--blur", blur,
+                            "--methods", "blind-dps", "fastem-pigdm", "--model", f"blind-dps={tmp_path / 'bdps'}",
+                            "--steps", "3", "--output_dir", str(tmp_path / f"ev_{blur}"), "--extra_metrics", "none",
+                            "--num_grid", "1"]) == 0
+        records = [json.loads(line) for line in (tmp_path / f"ev_{blur}" / "results.jsonl").read_text().splitlines()]
+        assert len(records) == 4 and all(r["kernel_mse"] is not None for r in records)
