@@ -300,6 +300,9 @@ def use_cpu(args) -> bool:
 
 
 def main(argv=None) -> int:
+    from .._interrupt import restore
+
+    restore()  # under `python -m`, Ctrl-C raises KeyboardInterrupt again once the imports are done
     args = parse_args(argv)
     from accelerate import PartialState
     from accelerate.utils import gather_object
