@@ -326,9 +326,13 @@ def test_deblur_splits_a_folder_across_processes_and_resumes(tmp_path):
     assert {records[str(i)]["process"] for i in (2, 3, 4, 5)} == {0, 1}  # the rest split over both processes
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.7, 1.2])
+@pytest.mark.parametrize("delay", [1.0, 2.0])
 def test_ctrl_c_while_importing_is_one_line(delay):
-    """SIGINT while ``python -m diffusers_blind.cli`` still imports torch/diffusers (or later): no traceback."""
+    """SIGINT while ``python -m diffusers_blind.cli`` still imports torch/diffusers (or later): no traceback.
+
+    The delays start at 1 s: earlier, on a loaded machine, the signal can land while the interpreter
+    itself is still starting (before any code of the package runs), which no program can catch.
+    """
     import signal
     import subprocess
     import sys

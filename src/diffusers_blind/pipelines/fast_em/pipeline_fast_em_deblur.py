@@ -292,6 +292,21 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         return math.sqrt(alpha_bar), r2, v
 
     # ------------------------------------------------------------------ one step of Algorithm 2
+    @staticmethod
+    def measurement_window(shape, window, margin: int, kernel_size: int, device) -> torch.Tensor:
+        """Weights of the M-step data term on the padded grid (``docs/kernel_estimation.md``).
+
+        Zero on the reflected margin and the padding (there ``y = k ⊛ x`` does not hold: the margin
+        is invented), rising with a raised cosine over ``kernel_size // 2`` pixels inside the image,
+        so that the circular Fourier solve sees neither the invented border nor a jump. All ones
+        without a margin (data blurred circularly, the papers' protocol).
+        """
+        if margin <= 0:
+            return edge_taper_window(shape, 0, device=device)
+        top, left, height, width = window
+        ramp = min(kernel_size // 2, min(height, width) // 4)
+        return edge_taper_window(shape, ramp, device=device, region=window)
+
     def m_step(self, problem: FastEMProblem, estimates: torch.Tensor, kernel: torch.Tensor, r: float | None = None):
         """Kernel update (Eqs. 24-25) from ``estimates`` in ``[0, 1]``, then recentring (§4.2).
 
@@ -452,13 +467,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         sigma = self.prepare_sigma(sigma, measurement).to(device)
 
         # 3. Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet
-        #    multiple. The M-step sees both images through an edge taper, so that the border of a
-        #    non-periodic photograph does not enter the Fourier kernel estimate (none when margin = 0).
+        #    multiple. The M-step weighs its data term by a window that is zero on the invented margin
+        #    and tapers inside the photograph (all ones when margin = 0).
         margin = kernel_size if boundary_margin is None else int(boundary_margin)
         multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
         padded, window = self.image_processor.pad(measurement, margin, multiple)
-        taper = min(kernel_size, min(padded.shape[-2:]) // 2) if margin > 0 else 0
-        taper_window = edge_taper_window(padded.shape[-2:], taper, device=device)
+        taper_window = self.measurement_window(padded.shape[-2:], window, margin, kernel_size, device)
 
         # 4. Prepare the kernel: a Dirac to start the blind estimate, or the given one
         blind = kernel is None
