@@ -390,3 +390,12 @@ def test_measurement_window_is_zero_on_the_margin_and_one_inside():
     ramp = window[0, 0, 20, 8:12]
     assert torch.all((ramp > 0) & (ramp < 1)) and torch.all(ramp[1:] > ramp[:-1])
     assert torch.all(FastEMDeblurPipeline.measurement_window((40, 48), (0, 0, 40, 48), 0, 9, "cpu") == 1)
+
+
+def test_sigma_below_the_quantisation_floor_is_raised_to_it():
+    from diffusers_blind import FastEMDeblurPipeline
+    from diffusers_blind.ops.noise import AUTO_SIGMA_FLOOR
+
+    measurement = torch.rand(2, 3, 8, 8)
+    sigma = FastEMDeblurPipeline.prepare_sigma(None, [0.0, 10.0], measurement)
+    torch.testing.assert_close(sigma, torch.tensor([AUTO_SIGMA_FLOOR, 10 / 255]))

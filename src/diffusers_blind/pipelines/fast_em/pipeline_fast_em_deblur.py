@@ -217,7 +217,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
 
     def prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
-        """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``."""
+        """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``.
+
+        Values below ``AUTO_SIGMA_FLOOR`` (0.5 levels) are raised to it: an 8-bit image carries at
+        least the quantisation noise of 1/√12 level, and a smaller σ makes the Pi-GDM weight
+        ``1 / (r_t²|K|² + σ²)`` explode on the last steps (the run then diverges into noise).
+        """
         batch = measurement.shape[0]
         if sigma is None:
             raise ValueError("sigma (the noise std in 8-bit levels, e.g. 10) is required; pass a number or 'auto'")
@@ -233,7 +238,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
         if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
             raise ValueError(f"sigma is in 8-bit levels and must be finite and in [0, 255], got {sigma!r}")
-        return (values / 255.0).expand(batch).clone().to(measurement.device)
+        return (values / 255.0).clamp_min(AUTO_SIGMA_FLOOR).expand(batch).clone().to(measurement.device)
 
     def prepare_kernel(self, kernel, batch: int, device, dtype=torch.float32) -> torch.Tensor:
         """A user kernel (``(k, k)``, ``(1|B, 1, k, k)``, numpy or torch) as a ``(B, 1, k, k)`` tensor."""
