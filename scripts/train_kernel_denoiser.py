@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel_size", type=int, default=33)
     p.add_argument("--output_dir", type=str, required=True, help="run folder: checkpoints, CSV, plot")
+    p.add_argument("--channel_mode", choices=("mean", "joint"), default="joint",
+                   help="how the exported estimator combines colour channels (see docs/kernel_estimation.md)")
     p.add_argument("--export_dir", type=str, default=None, help="where to save the KernelEstimator (default <output_dir>/kernel_estimator)")
     p.add_argument("--pool_cache", type=str, default=None, help=".pt cache of the kernel pool (default <output_dir>/pool_k<K>_n<N>_s<seed>.pt)")
     p.add_argument("--num_kernels", type=int, default=4000, help="size of the training kernel pool")
@@ -314,7 +316,9 @@ def main(argv=None) -> dict:
         denoiser = accelerator.unwrap_model(model)
         denoiser.save_pretrained(output_dir / "denoiser")
         export_dir = Path(args.export_dir or output_dir / "kernel_estimator")
-        estimator = KernelEstimator.from_denoiser(denoiser, kernel_size=k, lambda_=args.lambda_, beta=args.beta)
+        estimator = KernelEstimator.from_denoiser(
+            denoiser, kernel_size=k, lambda_=args.lambda_, beta=args.beta, channel_mode=args.channel_mode
+        )
         estimator.save_pretrained(export_dir)
         accelerator.print(f"exported KernelEstimator(kernel_size={k}, lambda_={args.lambda_}) to {export_dir}")
         result["export_dir"] = str(export_dir)

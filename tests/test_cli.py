@@ -241,6 +241,7 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "default model" in out and "torch" in out and "diffusers" in out
+    assert "fastem-pigdm" in out and "wiener-known-kernel" in out  # the methods registry
 
 
 def test_console_script_help():

@@ -1,11 +1,10 @@
-"""End-to-end tests of scripts/evaluate.py (CPU, offline, tiny random model).
+"""End-to-end tests of the evaluation (``scripts/evaluate.py`` → ``diffusers_blind.evaluation``; CPU, offline, tiny model).
 
 Subprocess runs: one single-process run, one interrupted run (``--stop_after``) and its resumption with
 ``accelerate launch`` on 2 CPU processes; the resumed multi-process results must equal the
 single-process ones. The rest runs the script's ``main`` in-process.
 """
 
-import importlib.util
 import json
 import os
 import socket
@@ -26,14 +25,8 @@ DETERMINISTIC = {"identity", "wiener-known-kernel"}
 METRICS = ["psnr", "ssim", "gmsd", "sharpness", "kernel_mse", "mnc", "reblur_per_element"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = load_script()
+from diffusers_blind.baselines import wiener_deconvolution  # noqa: E402
+from diffusers_blind.evaluation import degradations, figures, runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +145,7 @@ def test_interrupted_run_resumes_on_two_processes(single_run, fixture_dir, tmp_p
     output_dir = tmp_path / "resumed"
     args = common_args(fixture_dir, output_dir)
     with pytest.raises(SystemExit) as stopped:  # the test hook stops like a kill after 2 jobs
-        evaluate.main([*args, "--stop_after", "2"])
+        runner.main([*args, "--stop_after", "2"])
     assert stopped.value.code == 3
     lines = (output_dir / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -160,7 +153,7 @@ def test_interrupted_run_resumes_on_two_processes(single_run, fixture_dir, tmp_p
     with open(output_dir / "results.jsonl", "a") as handle:  # a kill in the middle of a write
         handle.write('{"image_index": 3, "method": "identity", "sig')
     with pytest.raises(SystemExit):  # one more job, appended after the broken line without being glued to it
-        evaluate.main([*args, "--stop_after", "1"])
+        runner.main([*args, "--stop_after", "1"])
     valid = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines() if line.endswith("}")]
     assert len(valid) == 3 and valid[:2] == first_two
     done_before = valid
@@ -179,7 +172,7 @@ def test_interrupted_run_resumes_on_two_processes(single_run, fixture_dir, tmp_p
     assert_same_results(records_by_key(single_run[0]), resumed)
 
     # a third run has nothing to do and keeps every job exactly once
-    assert evaluate.main(args) == 0
+    assert runner.main(args) == 0
     assert records_by_key(output_dir).keys() == resumed.keys()
 
 
@@ -188,23 +181,23 @@ def test_refuses_to_mix_settings(single_run, fixture_dir, hf_env):
     args = common_args(fixture_dir, output_dir)
     args[args.index("--kernel_size") + 1] = "3"
     with pytest.raises(SystemExit, match="kernel_size"):
-        evaluate.main(args)
+        runner.main(args)
 
 
 def test_degradation_is_a_pure_function_of_seed_and_index():
-    args = evaluate.parse_args(["--data_dir", ".", "--output_dir", "x", "--kernel_size", "7", "--methods", "identity"])
+    args = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--kernel_size", "7", "--methods", "identity"])
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    first = [evaluate.make_kernel(args, i, None)[0] for i in (0, 1, 2)]
-    again = [evaluate.make_kernel(args, i, None)[0] for i in (2, 0, 1)]  # another order, another process
+    first = [degradations.make_kernel(args, i, None)[0] for i in (0, 1, 2)]
+    again = [degradations.make_kernel(args, i, None)[0] for i in (2, 0, 1)]  # another order, another process
     assert torch.equal(first[0], again[1]) and torch.equal(first[2], again[0])
     assert not torch.equal(first[0], first[1])
     torch.manual_seed(123)  # the global RNG plays no part
-    y1 = evaluate.degrade(x, first[0], 10.0, args, 0)
+    y1 = degradations.degrade(x, first[0], 10.0, args, 0)
     torch.manual_seed(456)
-    assert torch.equal(y1, evaluate.degrade(x, first[0], 10.0, args, 0))
-    assert not torch.equal(y1, evaluate.degrade(x, first[0], 10.0, args, 1))
+    assert torch.equal(y1, degradations.degrade(x, first[0], 10.0, args, 0))
+    assert not torch.equal(y1, degradations.degrade(x, first[0], 10.0, args, 1))
     args.seed = 1
-    assert not torch.equal(first[0], evaluate.make_kernel(args, 0, None)[0])
+    assert not torch.equal(first[0], degradations.make_kernel(args, 0, None)[0])
 
 
 def test_user_kernels_reflect_blur_and_padding(fixture_dir, tmp_path, hf_env):
@@ -218,10 +211,11 @@ def test_user_kernels_reflect_blur_and_padding(fixture_dir, tmp_path, hf_env):
     args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "26", "--small_images", "pad",
             "--kernel", str(kernels), "--blur_mode", "reflect", "--sigma", "0", "--limit", "5",
             "--methods", "identity", "wiener-known-kernel", "--output_dir", str(output_dir), "--num_grid", "1"]
-    assert evaluate.main(args) == 0
+    assert runner.main(args) == 0
     records = records_by_key(output_dir)
     assert len(records) == 5 * 2  # the 10x12 image is padded, not skipped
     names = {r["image_index"]: r["kernel"] for r in records.values()}
+    assert {r["kernel_size"] for r in records.values()} == {5}  # the true kernels' size, whatever --kernel_size
     assert names == {0: "a_line.npy", 1: "b_bar.png", 2: "a_line.npy", 3: "b_bar.png", 4: "a_line.npy"}
     assert all(r["resolution"] == [26, 26] for r in records.values())
     # a known kernel and sigma = 0: the re-blur residual of the Wiener estimate is small
@@ -237,12 +231,128 @@ def test_wiener_deconvolution_recovers_a_blurred_image():
     x = torch.nn.functional.interpolate(coarse, size=(48, 48), mode="bicubic", align_corners=False).clamp(0, 1)
     kernel = gaussian_kernel(9, 2.0)
     y = fft_blur(x, kernel) + 2 / 255 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    restored = evaluate.wiener_deconvolution(y, kernel, 2 / 255, "circular")
+    restored = wiener_deconvolution(y, kernel, 2 / 255, "circular")
     assert metrics.psnr(restored, x).item() > metrics.psnr(y, x).item() + 2
+
+
+def test_wiener_on_valid_data_solves_for_the_unseen_margin():
+    """A photograph's blur (valid) deconvolved with a reflect boundary rings; the valid model does not."""
+    from diffusers_blind import metrics
+    from diffusers_blind.ops import motion_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(1, 3, 10, 10, generator=generator)
+    large = torch.nn.functional.interpolate(coarse, size=(24, 24), mode="bicubic", align_corners=False).clamp(0, 1)
+    kernel = motion_kernel(5, 0.5, np.random.default_rng(1))
+    y = degradations.blur(large, kernel, "valid") + 2 / 255 * torch.randn(1, 3, 20, 20, generator=generator)
+    truth = large[..., 2:22, 2:22]
+    valid = metrics.psnr(wiener_deconvolution(y, kernel, 2 / 255, "valid"), truth).item()
+    reflect = metrics.psnr(wiener_deconvolution(y, kernel, 2 / 255, "reflect"), truth).item()
+    assert valid > reflect + 3 and valid > metrics.psnr(y.clamp(0, 1), truth).item() + 2
 
 
 def test_pil_scatter_fallback(tmp_path):
     path = tmp_path / "plot.png"
-    evaluate._pil_scatter([(20.0, 0.3, "a sigma=5"), (25.0, 0.1, "b sigma=5")], "PSNR", "LPIPS", path)
+    figures._pil_scatter([(20.0, 0.3, "a sigma=5"), (25.0, 0.1, "b sigma=5")], "PSNR", "LPIPS", path)
     image = np.asarray(Image.open(path).convert("L"))
     assert image.shape == (520, 720) and image.min() < 128  # something was drawn
+
+
+# ---------------------------------------------------------------------------- --blur valid, config.json
+def test_valid_blur_is_a_linear_convolution_without_wrap_around():
+    from diffusers_blind.ops import fft_blur
+
+    generator = torch.Generator().manual_seed(0)
+    large = torch.rand(1, 3, 20, 23, generator=generator, dtype=torch.float64)
+    kernel = torch.rand(1, 1, 5, 4, generator=generator, dtype=torch.float64)
+    kernel /= kernel.sum()
+    y = degradations.blur(large, kernel, "valid")
+    assert y.shape == (1, 3, 16, 20)
+    kh, kw = kernel.shape[-2:]
+    direct = sum(kernel[0, 0, a, b] * large[..., kh - 1 - a : kh - 1 - a + 16, kw - 1 - b : kw - 1 - b + 20]
+                 for a in range(kh) for b in range(kw))  # y[i] = Σ_m k[m] x[i + k - 1 - m]
+    torch.testing.assert_close(y, direct)
+    # the same numbers as the circular blur away from the border, where the circular one wraps around
+    circular = fft_blur(large, kernel)[..., (kh - 1) // 2 : 20 - kh // 2, (kw - 1) // 2 : 23 - kw // 2]
+    torch.testing.assert_close(y, circular)
+    centre = large[..., (kh - 1) // 2 : (kh - 1) // 2 + 16, (kw - 1) // 2 : (kw - 1) // 2 + 20]
+    wrapped = fft_blur(centre, kernel)  # --blur circular on the same truth: the first row mixes in the last
+    assert not torch.allclose(wrapped[..., 0, :], y[..., 0, :], atol=1e-3)
+    torch.testing.assert_close(wrapped[..., kh // 2 : 16 - kh // 2, kw // 2 : 20 - kw // 2],
+                               y[..., kh // 2 : 16 - kh // 2, kw // 2 : 20 - kw // 2])
+
+
+def test_valid_scene_crops_the_same_truth_with_a_kernel_margin(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (30, 31, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    dataset = [{"image": {"path": str(tmp_path / "a.png"), "bytes": None}}]
+    kernel = torch.ones(1, 1, 5, 4) / 20
+    circular = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--methods", "identity"])
+    valid = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--blur", "valid",
+                               "--methods", "identity"])
+    truth, source = degradations.load_scene(dataset, "image", 0, circular, kernel)
+    assert torch.equal(truth, source) and truth.shape == (1, 3, 16, 16)
+    truth_v, source_v = degradations.load_scene(dataset, "image", 0, valid, kernel)
+    assert torch.equal(truth_v, truth) and source_v.shape == (1, 3, 20, 19)
+    assert torch.equal(source_v[..., 2:18, 1:17], truth)  # (kh - 1) // 2 rows above, (kw - 1) // 2 columns left
+    y = degradations.degrade(source_v, kernel, 0.0, valid, 0)
+    assert y.shape == truth.shape
+    exact = degradations.reblur_scores(truth, kernel, y, 0.0, "valid")  # the truth explains y exactly
+    assert abs(exact.per_element.item()) < 1e-12
+    shifted = degradations.reblur_scores(truth.roll(1, -1), kernel, y, 0.0, "valid")
+    assert shifted.per_element.item() > 1e-4
+
+
+def test_valid_blur_end_to_end_and_summary(fixture_dir, tmp_path, hf_env):
+    output_dir = tmp_path / "valid"
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "20", "--kernel_size", "5", "--blur", "valid",
+            "--sigma", "2", "--methods", "identity", "wiener-known-kernel", "--output_dir", str(output_dir),
+            "--extra_metrics", "none", "--num_grid", "1"]
+    assert runner.main(args) == 0
+    records = records_by_key(output_dir)
+    assert len(records) == 4 * 2 and all(r["blur_mode"] == "valid" for r in records.values())
+    wiener = [r for k, r in records.items() if k[1] == "wiener-known-kernel"]
+    assert all(abs(r["reblur_per_element"]) < 1e-3 for r in wiener)  # the estimate explains the measurement
+    summary = (output_dir / "summary.md").read_text()
+    assert "blur `valid` (linear blur of a larger crop" in summary
+    assert "valid" in (output_dir / "summary.csv").read_text().splitlines()[1].split(",")
+    assert json.loads((output_dir / "config.json").read_text())["blur_mode"] == "valid"
+
+
+def test_empty_or_corrupt_config_json(fixture_dir, tmp_path, hf_env, capsys):
+    output_dir = tmp_path / "cfg"
+    output_dir.mkdir()
+    (output_dir / "config.json").write_text("")  # killed during the first write, before any result
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--sigma", "5",
+            "--methods", "identity", "--output_dir", str(output_dir), "--extra_metrics", "none", "--limit", "2"]
+    assert runner.main(args) == 0
+    assert "is empty" in capsys.readouterr().err
+    assert json.loads((output_dir / "config.json").read_text())["kernel_size"] == 5
+    (output_dir / "config.json").write_text('{"kernel_size": 5, "blur')  # cut short, with results present
+    with pytest.raises(SystemExit, match="not valid JSON.*delete config.json.*--overwrite"):
+        runner.main(args)
+    assert not list(output_dir.glob(".config.json.*.tmp"))
+
+
+def test_old_config_without_method_options_still_resumes(fixture_dir, tmp_path, hf_env):
+    output_dir = tmp_path / "old"
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--sigma", "5",
+            "--methods", "identity", "--output_dir", str(output_dir), "--extra_metrics", "none", "--limit", "2"]
+    assert runner.main(args) == 0
+    config = json.loads((output_dir / "config.json").read_text())
+    config.pop("kernel_size", None)  # stands for a setting a newer method added
+    (output_dir / "config.json").write_text(json.dumps(config))
+    before = records_by_key(output_dir)
+    assert runner.main(args) == 0
+    assert records_by_key(output_dir) == before
+    assert json.loads((output_dir / "config.json").read_text())["kernel_size"] == 5  # added back
+
+
+def test_evaluation_input_errors_are_clear(fixture_dir, tmp_path, hf_env, capsys):
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")])
+    assert "is not a folder" in capsys.readouterr().err
+    args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--limit", "1",
+            "--methods", "fastem-pigdm", "--model", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="cannot load the pipeline of fastem-pigdm"):
+        runner.main(args)

@@ -21,12 +21,13 @@ def random_kernel(size, seed, batch=1, dtype=torch.float64):
     return (k / k.sum(dim=(-2, -1), keepdim=True)).to(dtype)
 
 
-def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, scale_by_n=False):
+def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, scale_by_n=False, joint=False):
     """Independent numpy implementation of the HQS data step (no prior), following docs/conventions.md, "M-step (kernel update)".
 
     Per image b and channel c on the full grid:
     ``Z = IFFT((Σ_i conj(X_i)·Y + α·FFT(p2o(z))) / (Σ_i |X_i|² + α [+ n·H·W·r²]))``, mean over channels,
-    roll by k//2 and keep the top-left k×k, clip at 0 and divide by the sum.
+    roll by k//2 and keep the top-left k×k, clip at 0 and divide by the sum. ``joint``: the sums over
+    channels move inside the fraction (one solve for all channels).
     """
     y = measurement.numpy()
     x = estimates.numpy()
@@ -41,16 +42,21 @@ def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, s
             canvas = np.zeros((height, width))
             canvas[:size, :size] = z
             z_hat = np.fft.fft2(np.roll(canvas, (-(size // 2), -(size // 2)), axis=(0, 1)))
-            solutions = []
+            solutions, numerators, denominators = [], [], []
             for c in range(channels):
                 x_hats = [np.fft.fft2(x[b * n + i, c]) for i in range(n)]
                 y_hat = np.fft.fft2(y[b, c])
-                numerator = sum(np.conj(xh) * y_hat for xh in x_hats) + alpha * z_hat
-                denominator = sum(np.abs(xh) ** 2 for xh in x_hats) + alpha
+                numerator = sum(np.conj(xh) * y_hat for xh in x_hats)
+                denominator = sum(np.abs(xh) ** 2 for xh in x_hats)
                 if r is not None:
                     denominator = denominator + n * height * width * r[b] ** 2
-                solutions.append(np.fft.ifft2(numerator / denominator).real)
-            full = np.mean(solutions, axis=0)
+                numerators.append(numerator)
+                denominators.append(denominator)
+                solutions.append(np.fft.ifft2((numerator + alpha * z_hat) / (denominator + alpha)).real)
+            if joint:
+                full = np.fft.ifft2((sum(numerators) + alpha * z_hat) / (sum(denominators) + alpha)).real
+            else:
+                full = np.mean(solutions, axis=0)
             z = np.roll(full, (size // 2, size // 2), axis=(0, 1))[:size, :size]
             z = np.clip(z, 0, None)
             z = z / z.sum()
@@ -340,3 +346,36 @@ def test_half_precision_measurement_is_computed_in_float32(low_precision):
     assert (out - k_true).square().mean() < 1e-4
     pnp = KernelEstimator(kernel_size=5, num_iterations=2)(y_low, x_low, 0.01, kernel=k_true.to(low_precision))
     assert pnp.dtype == torch.float32 and torch.isfinite(pnp).all()
+
+
+# ---------------------------------------------------------------- channel_mode="joint"
+@pytest.mark.parametrize("image_size, kernel_size, particles", [(32, 7, 1), (12, 7, 2)])
+def test_joint_channel_mode_matches_independent_numpy(image_size, kernel_size, particles):
+    y = smooth_images(batch=1, size=image_size, seed=11)
+    x = smooth_images(batch=particles, size=image_size, seed=12)
+    sigma = torch.tensor([0.03])
+    k0 = random_kernel(kernel_size, seed=13)
+    estimator = KernelEstimator(kernel_size=kernel_size, regularization="none", beta=50.0, num_iterations=3, channel_mode="joint")
+    ours = estimator(y, x, sigma, k0)
+    reference = numpy_hqs(y, x, sigma.numpy(), k0, beta=50.0, iterations=3, joint=True)
+    torch.testing.assert_close(ours, reference, rtol=1e-7, atol=1e-10)
+
+
+def test_joint_channel_mode_is_not_pulled_back_by_featureless_channels():
+    """Two flat channels carry no information on the kernel: the joint solve ignores them, the mean does not."""
+    x = smooth_images(seed=21)
+    x[:, 1:] = 0.5  # only the red channel has texture
+    k_true = motion_kernel(7, 0.5, generator=22).double()
+    y = fft_blur(x, k_true)
+    kwargs = dict(kernel_size=7, regularization="none", beta=1e3, num_iterations=5)
+    joint = KernelEstimator(channel_mode="joint", **kwargs)(y, x, 0.02)
+    mean = KernelEstimator(channel_mode="mean", **kwargs)(y, x, 0.02)
+    joint_error, mean_error = (joint - k_true).square().sum(), (mean - k_true).square().sum()
+    assert joint_error < 0.2 * mean_error
+
+
+def test_channel_mode_is_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="channel_mode"):
+        KernelEstimator(channel_mode="sum")
+    KernelEstimator(kernel_size=9, channel_mode="joint").save_pretrained(tmp_path)
+    assert KernelEstimator.from_pretrained(tmp_path).config.channel_mode == "joint"

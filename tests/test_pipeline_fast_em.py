@@ -377,3 +377,25 @@ def test_interrupt_returns_the_state_where_it_stopped(pipe, em_iterations):
               callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents", "kernel"])
     torch.testing.assert_close(out.images, stopped["latents"])  # not a fresh x_T of a later EM run
     torch.testing.assert_close(out.kernels, stopped["kernel"])
+
+
+def test_measurement_window_is_zero_on_the_margin_and_one_inside():
+    from diffusers_blind import FastEMDeblurPipeline
+
+    window = FastEMDeblurPipeline.measurement_window((40, 48), (8, 8, 24, 30), 8, 9, "cpu")
+    assert window.shape == (1, 1, 40, 48)
+    assert window[..., :8, :].abs().max() == 0 and window[..., :, :8].abs().max() == 0  # reflected margin
+    assert window[..., 32:, :].abs().max() == 0 and window[..., :, 38:].abs().max() == 0  # margin + padding
+    assert torch.all(window[..., 12:28, 12:34] == 1)  # inside the photograph, past the ramp of 9 // 2 px
+    ramp = window[0, 0, 20, 8:12]
+    assert torch.all((ramp > 0) & (ramp < 1)) and torch.all(ramp[1:] > ramp[:-1])
+    assert torch.all(FastEMDeblurPipeline.measurement_window((40, 48), (0, 0, 40, 48), 0, 9, "cpu") == 1)
+
+
+def test_sigma_below_the_quantisation_floor_is_raised_to_it():
+    from diffusers_blind import FastEMDeblurPipeline
+    from diffusers_blind.ops.noise import AUTO_SIGMA_FLOOR
+
+    measurement = torch.rand(2, 3, 8, 8)
+    sigma = FastEMDeblurPipeline.prepare_sigma(None, [0.0, 10.0], measurement)
+    torch.testing.assert_close(sigma, torch.tensor([AUTO_SIGMA_FLOOR, 10 / 255]))

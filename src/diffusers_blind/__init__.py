@@ -6,6 +6,7 @@ classes named in ``model_index.json`` only from ``sys.modules``.
 
 from pathlib import Path
 
+from . import _interrupt  # noqa: F401  (first: Ctrl-C during the imports below is one line on the command line)
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks these names up here)
 
 from . import ops

@@ -14,7 +14,6 @@ Also runnable as ``python -m diffusers_blind.cli``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -25,21 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-OUTPUT_SUFFIXES = ("_deblurred", "_kernel", "_uncertainty")  # files this tool writes; skipped in folder scans
-METHODS = {
-    # name: (guidance, Diffusion EM?)
-    "fastem-pigdm": ("pigdm", False),
-    "fastem-dps": ("dps", False),
-    "diffusion-em": ("pigdm", True),
-}
-DEFAULT_EM_ITERATIONS = 3
-PAPER_DPS_STEPS = 1000
+from .io import IMAGE_EXTENSIONS
+from .outputs import (  # noqa: F401  (output_stems: part of the command line's helpers)
+    OUTPUT_SUFFIXES,
+    finished_record,
+    output_stems,
+    plan_outputs,
+    remove_stale,
+    settings_differences,
+    write_outputs,
+)
 KERNEL_PREVIEW_SCALE = 8
-GRAYSCALE_MODES = ("L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 class CLIError(Exception):
@@ -67,23 +64,9 @@ def _noise_sigma_arg(value: str) -> float:
 
 
 def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+    from .methods import positive_int
 
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
-    return number
+    return positive_int(value)
 
 
 def _versions() -> dict:
@@ -96,7 +79,9 @@ def _versions() -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    from .io import save_json
+
+    save_json(data, path)
 
 
 def _say(message: str) -> None:
@@ -111,35 +96,24 @@ def _note(message: str) -> None:
 
 
 def load_image(path: Path) -> tuple[np.ndarray, str]:
-    """Read an image file as float32 ``(H, W)`` (grayscale) or ``(H, W, 3)`` in ``[0, 1]`` and its PIL mode.
+    """Read an image file as float32 ``(H, W)`` or ``(H, W, 3)`` in ``[0, 1]`` and its PIL mode.
 
-    EXIF rotation is applied; alpha is dropped (RGBA → RGB, LA → L); palette and CMYK images become
-    RGB; 16-bit images keep their precision.
+    The package's one decoder (``diffusers_blind.io.read_image``): EXIF rotation applied, alpha dropped,
+    16-bit and float images read at full precision.
     """
+    import warnings
+
+    from .io import read_image
+
     try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            image = PIL.ImageOps.exif_transpose(image)
-    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise CLIError(f"cannot read image {path}: {error}") from None
-    mode = image.mode
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        array = np.asarray(image).astype(np.float32)
-        array = array / (65535.0 if array.max(initial=0) > 255 or mode.startswith("I;16") else 255.0)
-    elif mode == "F":
-        array = np.asarray(image).astype(np.float32)
-    elif mode in GRAYSCALE_MODES:
-        array = np.asarray(image.convert("L")).astype(np.float32) / 255.0
-    else:
-        array = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
-    if array.ndim != 2 and array.ndim != 3 or array.size == 0:
-        raise CLIError(f"cannot read image {path}: unexpected shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise CLIError(f"image {path} contains NaN or infinite values")
-    return np.clip(array, 0.0, 1.0), mode
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = read_image(path)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    for warning in caught:  # e.g. a float image rescaled from [0, 255]
+        _note(str(warning.message))
+    return result
 
 
 def load_kernel_file(path: Path) -> np.ndarray:
@@ -207,17 +181,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
-def _output_stems(paths: list[Path]) -> list[str]:
-    """One output name per input: the file stem, with ``_2``, ``_3``... when two inputs share a stem."""
-    stems, counts = [], {}
-    for path in paths:
-        stem = path.stem
-        counts[stem] = counts.get(stem, 0) + 1
-        stems.append(stem if counts[stem] == 1 else f"{stem}_{counts[stem]}")
-    return stems
-
-
 def resolve_device(name: str) -> str:
+    """``auto`` → cuda, mps or cpu; anything else must name a device torch knows and this machine has."""
     import torch
 
     if name == "auto":
@@ -226,11 +191,21 @@ def resolve_device(name: str) -> str:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for but CUDA is not available (torch "
-                       f"{torch.__version__}); use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise CLIError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError("--device cuda was asked for but CUDA is not available (torch "
+                           f"{torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise CLIError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {name!r} is not supported here: use cpu, cuda, cuda:N, mps or auto")
     return name
 
 
@@ -246,10 +221,13 @@ def _model_help(path: str) -> str:
             "default model shipped with the package.")
 
 
-def load_pipeline(path: str, device: str, quiet: bool = False):
+def load_pipeline(path: str, device: str, quiet: bool = False, pipeline_class=None):
+    """``pipeline_class.from_pretrained(path).to(device)`` (default: Fast EM); any failure is one clear ``CLIError``."""
     from diffusers.utils import logging as diffusers_logging
 
     from . import FastEMDeblurPipeline
+
+    pipeline_class = pipeline_class or FastEMDeblurPipeline
 
     folder = Path(path)
     if not folder.exists():
@@ -260,163 +238,267 @@ def load_pipeline(path: str, device: str, quiet: bool = False):
     if quiet:
         diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
     try:
-        pipe = FastEMDeblurPipeline.from_pretrained(str(folder))
-    except Exception as error:  # corrupt or partial folders raise many kinds of errors
-        raise CLIError(f"cannot load the pipeline from {path}: {type(error).__name__}: {error}. "
+        pipe = pipeline_class.from_pretrained(str(folder))
+        pipe = pipe.to(device)
+    except Exception as error:  # corrupt or partial folders, bad configs, out of memory: many kinds of errors
+        hint = " Not enough memory: try --device cpu or a smaller model." if is_out_of_memory(error) else ""
+        raise CLIError(f"cannot load the pipeline from {path}: {type(error).__name__}: {error}.{hint} "
                        f"{_model_help(path)}") from None
     finally:
         if quiet and bars_were_enabled:
             diffusers_logging.enable_progress_bar()
-    return pipe.to(device)
+    return pipe
 
 
 # ---------------------------------------------------------------------------- deblur
-def _uncertainty_image(std: np.ndarray) -> PIL.Image.Image:
-    """The per-pixel std map scaled by its maximum to 8-bit grayscale (white = most uncertain)."""
-    peak = float(std.max()) if std.size else 0.0
-    scaled = std / peak if peak > 0 else np.zeros_like(std)
-    return PIL.Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), mode="L")
+def method_options(method, args) -> dict:
+    """The values of ``method``'s options from ``args``; an error for a flag given to a method without it."""
+    from .methods import all_options
+
+    for name, option in all_options().items():
+        if name not in method.option_names and getattr(args, name, None) is not None:
+            owners = [m.name for m in _methods().values() if name in m.option_names]
+            raise CLIError(f"{option.cli_flag} does not apply to --method {method.name} "
+                           f"(an option of: {', '.join(owners)})")
+    return {o.name: (o.default if getattr(args, o.name) is None else getattr(args, o.name)) for o in method.options}
+
+
+def _methods() -> dict:
+    from .methods import METHODS
+
+    return METHODS
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's, MPS's and the CPU allocator's out-of-memory errors."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error).lower()
+    return any(p in text for p in ("out of memory", "can't allocate memory", "not enough memory",
+                                   "cannot allocate memory", "failed to allocate"))
+
+
+def _error(message: str) -> None:
+    print(f"diffusers-blind: error: {message}", file=sys.stderr)
+
+
+def _known_kernel(method, options: dict, args) -> np.ndarray | None:
+    """The ``--kernel`` file, checked against the method and ``--kernel-size``; ``None`` for a blind run."""
+    if args.kernel is None:
+        if method.needs_kernel:
+            raise CLIError(f"--method {method.name} deblurs with the true kernel: pass --kernel FILE")
+        return None
+    if not (method.needs_kernel or method.accepts_kernel):
+        raise CLIError(f"--kernel (non-blind deblurring) cannot be combined with --method {method.name}, "
+                       "which estimates the kernel")
+    kernel = load_kernel_file(Path(args.kernel))
+    if args.kernel_size is not None and options.get("kernel_size") != kernel.shape[-1]:
+        raise CLIError(f"--kernel-size {args.kernel_size} does not match the kernel in {args.kernel} "
+                       f"({kernel.shape[0]}x{kernel.shape[1]})")
+    return kernel
+
+
+def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[list, dict[Path, str]]:
+    """``(input, output files)`` pairs to run and the unreadable inputs, applying the rerun rule.
+
+    With ``--skip-existing`` a finished image is kept only if it was made with the same ``settings``.
+    """
+    from .io import ImageReadError, probe_image
+
+    try:
+        plans = plan_outputs(paths, out_dir, [Path(args.kernel)] if args.kernel else [])
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    unreadable: dict[Path, str] = {}
+    for path in paths:  # headers only (size, format): pixels are decoded one image at a time later
+        try:
+            probe_image(path)
+        except ImageReadError as error:
+            unreadable[path] = str(error)
+    if len(unreadable) == len(paths):
+        messages = list(unreadable.values())
+        for message in messages[:-1]:
+            _error(message)
+        raise CLIError(messages[-1] if len(paths) == 1 else f"{messages[-1]}; none of the {len(paths)} inputs can be read")
+    jobs = [(path, plan) for path, plan in zip(paths, plans) if path not in unreadable]
+    if args.skip_existing:
+        finished = {path: finished_record(plan) for path, plan in jobs}
+        done = [path for path, record in finished.items() if record is not None]
+        for path in done:
+            differences = settings_differences(finished[path], settings)
+            if differences:
+                raise CLIError(f"{out_dir} holds a result of {path.name} made with other settings "
+                               f"({'; '.join(differences)}); use the same settings, --overwrite, or another -o")
+        jobs = [(path, plan) for path, plan in jobs if path not in done]
+        if done:
+            _note(f"skipping {len(done)} image(s) already deblurred in {out_dir} (--skip-existing)")
+    elif not args.overwrite:
+        existing = [file for _, plan in jobs for file in plan.values() if file.exists()]
+        if existing:
+            shown = ", ".join(file.name for file in existing[:4]) + (" ..." if len(existing) > 4 else "")
+            raise CLIError(f"{out_dir} already holds {len(existing)} output file(s) of these inputs ({shown}); "
+                           "pass --overwrite to replace them, or --skip-existing to keep finished images")
+    return jobs, unreadable
+
+
+def _record(path, mode, array, image, result, written, seconds, run: dict, args) -> dict:
+    """The ``<stem>.json`` of one image: inputs, outputs, σ, settings, timings, versions."""
+    height, width = array.shape[:2]
+    uncertainty = None
+    if result.uncertainty is not None:
+        std = result.uncertainty.float()
+        uncertainty = {"max": float(std.max()), "mean": float(std.mean()),
+                       "note": "per-pixel std over particles in [0, 1] units; the PNG is divided by max"}
+    method = run["method"]
+    return {
+        "input": str(path),
+        "outputs": {name: str(file) for name, file in written.items()},
+        "image_size": {"width": width, "height": height},
+        "input_mode": mode,
+        "output_mode": image.mode,
+        "sigma": result.sigma,
+        "sigma_estimated": args.sigma == "auto",
+        "kernel_size": int(result.kernel.shape[-1]) if result.kernel is not None else None,
+        "settings": {
+            "method": method.name,
+            **method.info,
+            "blind": run["known_kernel"] is None,
+            "kernel_file": str(args.kernel) if args.kernel is not None else None,
+            "sigma": args.sigma,
+            **{name: args.kernel_size if name == "kernel_size" else value for name, value in run["options"].items()},
+            "seed": run["seed"],
+            "device": run["device"],
+        },
+        "uncertainty": uncertainty,
+        "model": str(Path(run["model"]).resolve()) if run["pipe"] is not None else None,
+        "timings": {"load_seconds": round(run["load_seconds"], 4), "image_seconds": round(seconds, 4)},
+        "process": run["state"].process_index if run["state"] is not None else 0,
+        "versions": _versions(),
+    }
+
+
+def _deblur_one(path: Path, plan: dict, run: dict, args) -> None:
+    """Decode, restore and write one image; its record is written last."""
+    import torch
+
+    from .io import save_json
+
+    processor = run["processor"]
+    array, mode = load_image(path)  # decoded now, one at a time
+    y = processor.preprocess(array).to(run["device"])
+    if run["pipe"] is not None and not args.quiet:
+        run["pipe"].set_progress_bar_config(desc=plan["record"].stem, position=1 if run["several"] else 0,
+                                            leave=not run["several"])
+    generator = torch.Generator(device="cpu").manual_seed(run["seed"])
+    start = time.perf_counter()
+    result = run["method"].run(y, sigma=args.sigma, kernel=run["kernel"], generator=generator, pipeline=run["pipe"],
+                               blur=None, **run["options"])
+    seconds = time.perf_counter() - start
+    image = processor.numpy_or_pil(result.image.reshape(1, *result.image.shape[-3:]), "pil")[0]
+    plan["record"].parent.mkdir(parents=True, exist_ok=True)
+    written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE)
+    remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
+    save_json(_record(path, mode, array, image, result, written, seconds, run, args), plan["record"])
+    if not args.quiet:
+        sigma = result.sigma
+        sigma_text = "-" if sigma is None else f"{sigma:.2f} (estimated)" if args.sigma == "auto" else f"{sigma:g}"
+        size = result.kernel.shape[-1] if result.kernel is not None else None
+        _say(f"{path} -> {plan['image']}  [sigma {sigma_text}, {f'kernel {size}x{size}' if size else 'no kernel'}, "
+             f"{seconds:.1f} s]")
 
 
 def cmd_deblur(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .image_processor import kernel_to_image
+    from .image_processor import DeblurImageProcessor
+    from .io import check_writable_folder
 
-    guidance, diffusion_em = METHODS[args.method]
-    if args.em_iterations is not None and not diffusion_em:
-        raise CLIError("--em-iterations only applies to --method diffusion-em")
-    em_iterations = (args.em_iterations or DEFAULT_EM_ITERATIONS) if diffusion_em else None
-    known_kernel = None
-    if args.kernel is not None:
-        if diffusion_em:
-            raise CLIError("--kernel (non-blind deblurring) cannot be combined with --method diffusion-em, "
-                           "which estimates the kernel")
-        known_kernel = load_kernel_file(Path(args.kernel))
-        if args.kernel_size is not None and args.kernel_size != known_kernel.shape[-1]:
-            raise CLIError(f"--kernel-size {args.kernel_size} does not match the kernel in {args.kernel} "
-                           f"({known_kernel.shape[0]}x{known_kernel.shape[1]})")
-
+    method = _methods()[args.method]
+    options = method_options(method, args)
+    known_kernel = _known_kernel(method, options, args)
     paths = collect_inputs(args.inputs)
-    images = [load_image(path) for path in paths]  # fail on unreadable files before the slow model load
-
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"output must be a folder, but {out_dir} is a file")
+    settings = {"method": method.name, "kernel_file": str(args.kernel) if args.kernel is not None else None,
+                "sigma": args.sigma, **{k: args.kernel_size if k == "kernel_size" else v for k, v in options.items()},
+                **({"seed": args.seed} if args.seed is not None else {})}
+    jobs, unreadable = _plan_jobs(args, paths, out_dir, settings)
     device = resolve_device(args.device)
-    same_folder = [p for p in paths if out_dir.exists() and p.parent.resolve() == out_dir.resolve()]
-    if any((p.with_name(f"{p.stem}_kernel.npy")).exists() or p.with_suffix(".json").exists() for p in same_folder):
-        _note(f"{out_dir} holds the inputs and their *_kernel.npy / .json files (e.g. from `blur`); "
-              "they will be replaced by this run's estimates")
-    if guidance == "dps" and args.steps < PAPER_DPS_STEPS:
-        _note(f"the paper runs DPS guidance with {PAPER_DPS_STEPS} steps; running {args.steps} as asked "
-              f"(pass --steps {PAPER_DPS_STEPS} for the paper's setting)")
+    try:
+        check_writable_folder(out_dir)
+    except OSError as error:
+        raise CLIError(str(error)) from None
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    state = _launched_state(device)
+    if state is not None:  # accelerate launch / torchrun: each process deblurs its share of the images
+        from accelerate.utils import broadcast_object_list
+
+        state.wait_for_everyone()  # every process has checked the outputs before anyone writes one
+        seed = broadcast_object_list([seed])[0]
+        device = str(state.device) if args.device == "auto" else device
+        with state.split_between_processes(jobs) as mine:
+            jobs = list(mine)
+        if not state.is_main_process:
+            unreadable = {}  # reported once, by the main process
+    for message in unreadable.values():
+        _error(message)
 
     start = time.perf_counter()
-    pipe = load_pipeline(args.model, device, quiet=args.quiet)
+    model = args.model or method.default_model
+    pipe = None
+    if method.pipeline_class is not None:
+        if model is None:
+            raise CLIError(f"--method {method.name} ships no default model: pass --model PATH (a folder written "
+                           f"by {method.pipeline_class.__name__}.save_pretrained)")
+        pipe = load_pipeline(model, device, quiet=args.quiet, pipeline_class=method.pipeline_class)
+        if args.quiet:
+            pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - start
-    if known_kernel is None and pipe.kernel_estimator is None:
-        raise CLIError(f"the model in {args.model} has no kernel_estimator, so it can only deblur with a "
-                       "known kernel: pass --kernel FILE")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    model_path = str(Path(args.model).resolve())
-    several = len(paths) > 1
-    if args.quiet:
-        pipe.set_progress_bar_config(disable=True)
-    outer = tqdm(total=len(paths), desc="images", unit="img", position=0, disable=args.quiet or not several)
-
-    failures = 0
-    for path, stem, (array, mode) in zip(paths, _output_stems(paths), images):
-        if not args.quiet:
-            pipe.set_progress_bar_config(desc=stem, position=1 if several else 0, leave=not several)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        height, width = array.shape[:2]
-        start = time.perf_counter()
+    if method.check is not None:
         try:
-            out = pipe(
-                array,
-                sigma=args.sigma,
-                kernel=known_kernel,
-                num_inference_steps=args.steps,
-                guidance=guidance,
-                guidance_scale=args.guidance_scale,
-                kernel_size=args.kernel_size,
-                num_particles=args.particles,
-                em_iterations=em_iterations,
-                generator=generator,
-                output_type="pil",
-            )
-        except (ValueError, RuntimeError) as error:  # bad sizes, divergence, out of memory
-            failures += 1
-            hint = ""
-            if "out of memory" in str(error).lower():
-                hint = " (try fewer --particles, a smaller image or --device cpu)"
-            print(f"diffusers-blind: error: {path}: {error}{hint}", file=sys.stderr)
-            outer.update()
-            continue
-        seconds = time.perf_counter() - start
+            notes = method.check(pipe, options, known_kernel is not None)
+        except ValueError as error:
+            raise CLIError(f"--method {method.name}: {error}") from None
+        for note in notes:
+            _note(note)
+    run = dict(method=method, options=options, known_kernel=known_kernel, seed=seed, device=device, state=state,
+               pipe=pipe, model=model, load_seconds=load_seconds, several=len(jobs) > 1,
+               processor=DeblurImageProcessor(),
+               kernel=torch.from_numpy(known_kernel)[None, None].to(device) if known_kernel is not None else None)
 
-        files = {
-            "image": out_dir / f"{stem}_deblurred.png",
-            "kernel_png": out_dir / f"{stem}_kernel.png",
-            "kernel_npy": out_dir / f"{stem}_kernel.npy",
-        }
-        out.images[0].save(files["image"])
-        kernel = np.asarray(out.kernels[0], dtype=np.float32)
-        np.save(files["kernel_npy"], kernel)
-        kernel_to_image(torch.from_numpy(kernel), scale=KERNEL_PREVIEW_SCALE).save(files["kernel_png"])
-        uncertainty = None
-        if out.uncertainty is not None:
-            std = np.asarray(out.uncertainty[0], dtype=np.float32)
-            files["uncertainty_png"] = out_dir / f"{stem}_uncertainty.png"
-            files["uncertainty_npy"] = out_dir / f"{stem}_uncertainty.npy"
-            _uncertainty_image(std).save(files["uncertainty_png"])
-            np.save(files["uncertainty_npy"], std)
-            uncertainty = {"max": float(std.max()), "mean": float(std.mean()),
-                           "note": "per-pixel std over particles in [0, 1] units; the PNG is divided by max"}
-        sigma_used = float(out.sigma[0])
-        record = {
-            "input": str(path),
-            "outputs": {name: str(file) for name, file in files.items()},
-            "image_size": {"width": width, "height": height},
-            "input_mode": mode,
-            "output_mode": out.images[0].mode,
-            "sigma": sigma_used,
-            "sigma_estimated": args.sigma == "auto",
-            "kernel_size": int(kernel.shape[-1]),
-            "settings": {
-                "method": args.method,
-                "guidance": guidance,
-                "blind": known_kernel is None,
-                "kernel_file": str(args.kernel) if args.kernel is not None else None,
-                "sigma": args.sigma,
-                "steps": args.steps,
-                "particles": args.particles,
-                "kernel_size": args.kernel_size,
-                "em_iterations": em_iterations,
-                "guidance_scale": args.guidance_scale,
-                "seed": seed,
-                "device": device,
-            },
-            "uncertainty": uncertainty,
-            "model": model_path,
-            "timings": {"load_seconds": round(load_seconds, 4), "image_seconds": round(seconds, 4)},
-            "versions": _versions(),
-        }
-        files_json = out_dir / f"{stem}.json"
-        _write_json(files_json, record)
-        sigma_text = f"{sigma_used:.2f} (estimated)" if args.sigma == "auto" else f"{sigma_used:g}"
-        if not args.quiet:
-            _say(f"{path} -> {files['image']}  [sigma {sigma_text}, kernel {kernel.shape[-1]}x{kernel.shape[-1]}, "
-                 f"{seconds:.1f} s]")
+    failed = dict(unreadable)
+    outer = tqdm(total=len(jobs), desc="images", unit="img", position=0, disable=args.quiet or len(jobs) < 2)
+    for path, plan in jobs:
+        try:
+            _deblur_one(path, plan, run, args)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # unreadable pixels, bad sizes, divergence, out of memory, a broken model
+            hint = " (try fewer --particles, a smaller image or --device cpu)" if is_out_of_memory(error) else ""
+            failed[path] = str(error) if isinstance(error, CLIError) else f"{path}: {type(error).__name__}: {error}{hint}"
+            _error(failed[path])
+            if args.overwrite:
+                remove_stale(plan, keep=())  # no output of an earlier run may look like this run's
         outer.update()
     outer.close()
-    if failures:
-        print(f"diffusers-blind: error: {failures} of {len(paths)} image(s) failed", file=sys.stderr)
+    if failed:
+        where = f" (process {state.process_index})" if state is not None else ""
+        _error(f"{len(failed)} of {len(paths)} image(s) failed{where}: {', '.join(str(p) for p in failed)}")
         return 2
     return 0
+
+
+def _launched_state(device: str):
+    """accelerate's ``PartialState`` when several processes were launched (``accelerate launch``,
+    ``torchrun``), else ``None``. Without a GPU (or with ``--device cpu``) the processes use gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------------------- blur
@@ -424,6 +506,7 @@ def cmd_blur(args) -> int:
     import torch
 
     from .image_processor import kernel_to_image
+    from .io import check_writable_folder, save_image, save_npy
     from .ops import fft_blur, gaussian_kernel, motion_kernel, spatial_blur
 
     sharp_path = Path(args.sharp)
@@ -434,8 +517,16 @@ def cmd_blur(args) -> int:
         out_path = out_path.with_suffix(".png")
     if out_path.suffix.lower() != ".png":
         raise CLIError(f"the blurry output is written as a lossless PNG: use a .png name, not {out_path.name}")
-    if out_path.resolve() == sharp_path.resolve():
-        raise CLIError("the output would overwrite the sharp input; choose another -o name")
+    kernel_npy = out_path.with_name(f"{out_path.stem}_kernel.npy")
+    kernel_png = out_path.with_name(f"{out_path.stem}_kernel.png")
+    outputs = (out_path, kernel_npy, kernel_png, out_path.with_suffix(".json"))
+    protected = [sharp_path] + ([Path(args.kernel)] if args.kernel not in ("motion", "gaussian") else [])
+    for file in outputs:
+        if any(file.resolve() == p.resolve() for p in protected):
+            raise CLIError(f"the output {file} would overwrite the input {file}; choose another -o name")
+    existing = [file.name for file in outputs if file.exists()]
+    if existing and not args.overwrite:
+        raise CLIError(f"{', '.join(existing)} already exist(s) in {out_path.parent}; pass --overwrite to replace")
     array, mode = load_image(sharp_path)
     height, width = array.shape[:2]
 
@@ -461,6 +552,10 @@ def cmd_blur(args) -> int:
         raise CLIError(f"the {kh}x{kw} kernel is too large for the {width}x{height} image; "
                        "use a smaller --kernel-size")
 
+    try:
+        check_writable_folder(out_path.parent, create=True)
+    except OSError as error:
+        raise CLIError(str(error)) from None
     x = torch.from_numpy(array)
     x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
     if args.mode == "circular":  # the paper's model: y = k ⊛ x with periodic boundaries (FFT)
@@ -470,17 +565,13 @@ def cmd_blur(args) -> int:
     noise = torch.randn(blurred.shape, generator=generator, dtype=blurred.dtype) * (args.sigma / 255.0)
     noisy = (blurred + noise).clamp(0, 1)
     quantised = (noisy[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if quantised.shape[-1] == 1:
-        PIL.Image.fromarray(quantised[..., 0], mode="L").save(out_path)
+        save_image(PIL.Image.fromarray(quantised[..., 0], mode="L"), out_path)
     else:
-        PIL.Image.fromarray(quantised, mode="RGB").save(out_path)
-
-    kernel_npy = out_path.with_name(f"{out_path.stem}_kernel.npy")
-    kernel_png = out_path.with_name(f"{out_path.stem}_kernel.png")
+        save_image(PIL.Image.fromarray(quantised, mode="RGB"), out_path)
     kernel_2d = kernel[0, 0].float()
-    np.save(kernel_npy, kernel_2d.numpy())
-    kernel_to_image(kernel_2d, scale=KERNEL_PREVIEW_SCALE).save(kernel_png)
+    save_npy(kernel_2d.numpy(), kernel_npy)
+    save_image(kernel_to_image(kernel_2d, scale=KERNEL_PREVIEW_SCALE), kernel_png)
     settings.update(sigma=args.sigma, seed=args.seed, mode=args.mode)
     record = {
         "sharp": str(sharp_path),
@@ -516,6 +607,7 @@ def cmd_info(args) -> int:
     print(f"  complete:     {'yes' if complete else 'no (no model_index.json)'}"
           + (f"; components: {', '.join(components)}" if components else ""))
     print(f"torch {versions['torch']}, diffusers {versions['diffusers']}, python {platform.python_version()}")
+    print(f"methods:        {', '.join(_methods())} (diffusers-blind deblur --method NAME)")
     if torch.cuda.is_available():
         print(f"device: cuda ({torch.cuda.get_device_name(0)}); `--device auto` uses it")
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -527,7 +619,8 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import DEFAULT_MODEL, __version__
+    from . import __version__
+    from .methods import all_options
 
     parser = argparse.ArgumentParser(
         prog="diffusers-blind",
@@ -537,37 +630,50 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
+    methods = _methods()
+    method_lines = "; ".join(f"{name}: {m.description}" for name, m in methods.items())
     deblur = commands.add_parser(
         "deblur",
-        help="deblur images and estimate their blur kernels",
-        description="Deblur each image and estimate its blur kernel. For every input writes into OUT_DIR: "
-        "<stem>_deblurred.png, <stem>_kernel.png (enlarged preview), <stem>_kernel.npy, <stem>.json "
-        "(settings, sigma, timings) and, with --particles > 1, <stem>_uncertainty.png/.npy.",
+        help="deblur images (and estimate their blur kernels)",
+        description="Deblur each image with --method and write into OUT_DIR, per input: <stem>_deblurred.png, "
+        "<stem>_kernel.png (enlarged preview) and <stem>_kernel.npy for methods that estimate a kernel, "
+        "<stem>.json (settings, sigma, timings; written last) and, with --particles > 1, "
+        "<stem>_uncertainty.png/.npy. Inputs with the same stem get <stem>_2, <stem>_3... Output files that "
+        "already exist are never replaced silently: pass --overwrite (an earlier run's files of an image are "
+        "removed) or --skip-existing (images with a complete record are kept, the others run). Every file is "
+        "written to a temporary name and renamed, so a crash never leaves a truncated file.",
     )
     deblur.add_argument("inputs", nargs="+", metavar="INPUT",
                         help=f"image files or folders (all {'/'.join(IMAGE_EXTENSIONS)} inside, sorted)")
     deblur.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created)")
+    deblur.add_argument("--method", choices=list(methods), default="fastem-pigdm", metavar="METHOD",
+                        help=f"one of: {method_lines} (default fastem-pigdm)")
     deblur.add_argument("--sigma", type=_sigma_arg, default=10.0,
                         help="noise std of the input in 8-bit levels, or 'auto' to estimate it (default 10)")
-    deblur.add_argument("--steps", type=_positive_int, default=100, help="diffusion steps (default 100)")
-    deblur.add_argument("--particles", type=_positive_int, default=1,
-                        help="posterior samples averaged per image; > 1 also writes an uncertainty map (default 1)")
-    deblur.add_argument("--kernel-size", type=_positive_int, default=None,
-                        help="size of the estimated kernel (default: the model's, 33 for the shipped one)")
-    deblur.add_argument("--method", choices=sorted(METHODS), default="fastem-pigdm",
-                        help="fastem-pigdm (default), fastem-dps, or diffusion-em (slower: several full runs)")
-    deblur.add_argument("--em-iterations", type=_positive_int, default=None,
-                        help=f"full runs of --method diffusion-em (default {DEFAULT_EM_ITERATIONS})")
-    deblur.add_argument("--guidance-scale", type=_non_negative_float, default=None,
-                        help="multiplier of the paper's guidance step size (default 1)")
-    deblur.add_argument("--model", default=DEFAULT_MODEL,
-                        help="pipeline folder (default: the model shipped with the package)")
+    flags = {"-o", "--output", "--method", "--sigma"}
+    for name, option in all_options(methods.values()).items():
+        if option.cli_flag in flags:
+            continue
+        flags.add(option.cli_flag)
+        owners = [m for m, record in methods.items() if name in record.option_names]
+        scope = "" if len(owners) == len(methods) else f" [{', '.join(owners)}]"
+        deblur.add_argument(option.cli_flag, dest=name, type=option.type, default=None,
+                            help=option.help.replace("%", "%%") + scope)
+    deblur.add_argument("--model", default=None,
+                        help="pipeline folder (default: the method's own; the model shipped with the package "
+                        "for the Fast EM methods)")
     deblur.add_argument("--seed", type=int, default=None,
                         help="random seed (default: random; the seed used is recorded in the JSON)")
     deblur.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     deblur.add_argument("--kernel", default=None, metavar="FILE",
                         help="non-blind: the known blur kernel as .npy or a grayscale image read pixel for pixel "
                         "(normalised to sum 1; use *_kernel.npy, not the enlarged *_kernel.png previews)")
+    existing = deblur.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace the outputs of an earlier run (its stale files of each image are removed)")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep images an earlier run finished with the same settings (complete <stem>.json) "
+                          "and run the others")
     deblur.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-image lines")
     deblur.set_defaults(func=cmd_deblur)
 
@@ -590,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     blur.add_argument("--seed", type=int, default=0, help="seed of the kernel and the noise (default 0)")
     blur.add_argument("--mode", choices=("reflect", "circular"), default="reflect",
                       help="boundaries: reflect (realistic, default) or circular (the paper's FFT model)")
+    blur.add_argument("--overwrite", action="store_true", help="replace OUT and its kernel/JSON files if they exist")
     blur.set_defaults(func=cmd_blur)
 
     info = commands.add_parser("info", help="show versions, the default model and the device")
@@ -598,7 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 usage or input error)."""
+    """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
+    from ._interrupt import restore
+
+    restore()  # Ctrl-C raises KeyboardInterrupt again (handled below) now that the imports are done
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -14,12 +14,12 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
+from ...image_processor import DeblurImageProcessor, ImageInput
 from ...models.kernel_estimator import KernelEstimator
 from ...ops.blur import edge_taper_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
-from ...ops.noise import estimate_noise_sigma
+from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
 from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, to_unit_range
 
 
@@ -144,6 +144,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale)
+        self.image_processor = DeblurImageProcessor(pad_multiple=2 ** (len(unet.config.block_out_channels) - 1))
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
@@ -216,12 +217,19 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
 
     def prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
-        """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``."""
+        """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``.
+
+        Values below ``AUTO_SIGMA_FLOOR`` (0.5 levels) are raised to it: an 8-bit image carries at
+        least the quantisation noise of 1/√12 level, and a smaller σ makes the Pi-GDM weight
+        ``1 / (r_t²|K|² + σ²)`` explode on the last steps (the run then diverges into noise).
+        """
         batch = measurement.shape[0]
+        if sigma is None:
+            raise ValueError("sigma (the noise std in 8-bit levels, e.g. 10) is required; pass a number or 'auto'")
         if isinstance(sigma, str):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
-            return estimate_noise_sigma(measurement).to(torch.float32)
+            return estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
         try:
             values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
         except (TypeError, ValueError, RuntimeError):
@@ -230,7 +238,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
         if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
             raise ValueError(f"sigma is in 8-bit levels and must be finite and in [0, 255], got {sigma!r}")
-        return (values / 255.0).expand(batch).clone().to(measurement.device)
+        return (values / 255.0).clamp_min(AUTO_SIGMA_FLOOR).expand(batch).clone().to(measurement.device)
 
     def prepare_kernel(self, kernel, batch: int, device, dtype=torch.float32) -> torch.Tensor:
         """A user kernel (``(k, k)``, ``(1|B, 1, k, k)``, numpy or torch) as a ``(B, 1, k, k)`` tensor."""
@@ -289,6 +297,21 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         return math.sqrt(alpha_bar), r2, v
 
     # ------------------------------------------------------------------ one step of Algorithm 2
+    @staticmethod
+    def measurement_window(shape, window, margin: int, kernel_size: int, device) -> torch.Tensor:
+        """Weights of the M-step data term on the padded grid (``docs/kernel_estimation.md``).
+
+        Zero on the reflected margin and the padding (there ``y = k ⊛ x`` does not hold: the margin
+        is invented), rising with a raised cosine over ``kernel_size // 2`` pixels inside the image,
+        so that the circular Fourier solve sees neither the invented border nor a jump. All ones
+        without a margin (data blurred circularly, the papers' protocol).
+        """
+        if margin <= 0:
+            return edge_taper_window(shape, 0, device=device)
+        top, left, height, width = window
+        ramp = min(kernel_size // 2, min(height, width) // 4)
+        return edge_taper_window(shape, ramp, device=device, region=window)
+
     def m_step(self, problem: FastEMProblem, estimates: torch.Tensor, kernel: torch.Tensor, r: float | None = None):
         """Kernel update (Eqs. 24-25) from ``estimates`` in ``[0, 1]``, then recentring (§4.2).
 
@@ -359,20 +382,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         """Crop, average the particles and convert: ``(images, kernels, uncertainty, particles)``."""
         if output_type == "latent":
             return latents, kernel, None, None
-        samples = crop_window(to_unit_range(latents), window)
-        if not torch.isfinite(samples).all():
-            raise RuntimeError("The sampler diverged (non-finite values): lower guidance_scale or check sigma.")
-        if grayscale:
-            samples = samples.mean(1, keepdim=True)
-        samples = samples.reshape(batch, num_particles, *samples.shape[1:])
-        mean = samples.mean(1)
-        std = samples.std(1, unbiased=False).mean(1, keepdim=True) if num_particles > 1 else None
-        images = tensor_to_output(mean, output_type)
-        if output_type == "pt":
-            return images, kernel.detach().cpu(), std.cpu() if std is not None else None, samples.cpu()
-        kernels = kernel.detach().float().cpu()[:, 0].numpy()
-        uncertainty = std[:, 0].cpu().numpy() if std is not None else None
-        return images, kernels, uncertainty, samples.permute(0, 1, 3, 4, 2).cpu().numpy()
+        images, uncertainty, particles = self.image_processor.postprocess(
+            to_unit_range(latents), num_particles, window, output_type, grayscale
+        )
+        kernels = kernel.detach().cpu() if output_type == "pt" else kernel.detach().float().cpu()[:, 0].numpy()
+        return images, kernels, uncertainty, particles
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -435,7 +449,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs
-        measurement = to_tensor(image)
+        measurement = self.image_processor.preprocess(image)
         if kernel_size is None:
             if kernel is not None:
                 kernel_size = int(np.shape(kernel)[-1])
@@ -458,13 +472,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         sigma = self.prepare_sigma(sigma, measurement).to(device)
 
         # 3. Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet
-        #    multiple. The M-step sees both images through an edge taper, so that the border of a
-        #    non-periodic photograph does not enter the Fourier kernel estimate (none when margin = 0).
+        #    multiple. The M-step weighs its data term by a window that is zero on the invented margin
+        #    and tapers inside the photograph (all ones when margin = 0).
         margin = kernel_size if boundary_margin is None else int(boundary_margin)
         multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        padded, window = pad_to_multiple(measurement, multiple, margin)
-        taper = min(kernel_size, min(padded.shape[-2:]) // 2) if margin > 0 else 0
-        taper_window = edge_taper_window(padded.shape[-2:], taper, device=device)
+        padded, window = self.image_processor.pad(measurement, margin, multiple)
+        taper_window = self.measurement_window(padded.shape[-2:], window, margin, kernel_size, device)
 
         # 4. Prepare the kernel: a Dirac to start the blind estimate, or the given one
         blind = kernel is None

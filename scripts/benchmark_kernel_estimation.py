@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""How far is the blind kernel from the true one, and what does it cost in PSNR?
+
+For every evaluation photograph (a folder of sharp PNGs, e.g. from ``scripts/prepare_eval_photos.py``),
+one seeded camera-shake kernel (size drawn in ``--kernel_sizes``, intensity in ``--intensity``) blurs a
+centre crop of ``--size`` pixels, with
+
+* ``--protocol valid``: a larger crop is blurred linearly and only the centre is kept (a real
+  photograph: no wrap-around); the pipeline runs with its default reflected margin;
+* ``--protocol circular``: the crop is blurred circularly (the papers' protocol), ``boundary_margin=0``;
+
+then noise of ``--sigma`` 8-bit levels and 8-bit quantisation. Per image it prints the PSNR of the
+blurry input, of blind Fast EM, of the same pipeline given the true kernel (oracle), the blind
+kernel's MNC, and the M-step's ceiling: the MNC the pipeline's ``KernelEstimator`` reaches when the
+diffusion is replaced by the TRUE sharp image (``--ceiling_steps`` M-steps from a Dirac, recentred
+after each, with the pipeline's measurement window). The ceiling separates what the M-step can do
+from what the E-step's estimates let it do.
+
+Example::
+
+    python scripts/prepare_eval_photos.py --output /tmp/eval_photos --resolution 256
+    python scripts/benchmark_kernel_estimation.py --data_dir /tmp/eval_photos --size 128 --sigma 10 --protocol valid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import diffusers_blind
+from diffusers_blind import FastEMDeblurPipeline
+from diffusers_blind.metrics import mnc, psnr
+from diffusers_blind.ops import center_kernel, dirac_kernel, motion_kernel
+from diffusers_blind.ops.operators import BlurOperator
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True, help="folder of sharp evaluation photographs (PNG/JPEG)")
+    p.add_argument("--model", default=diffusers_blind.DEFAULT_MODEL, help="Fast EM pipeline folder")
+    p.add_argument("--size", type=int, default=128, help="crop size in pixels")
+    p.add_argument("--protocol", choices=("valid", "circular"), default="valid")
+    p.add_argument("--sigma", type=float, default=10.0, help="noise std in 8-bit levels")
+    p.add_argument("--kernel_sizes", type=int, nargs=2, default=(15, 33), help="range of true kernel sizes (odd)")
+    p.add_argument("--intensity", type=float, nargs=2, default=(0.3, 0.7), help="range of motion intensities")
+    p.add_argument("--steps", type=int, default=100, help="diffusion steps")
+    p.add_argument("--ceiling_steps", type=int, default=20, help="M-steps of the true-image ceiling")
+    p.add_argument("--skip", nargs="*", default=(), choices=("blind", "oracle", "ceiling"), help="parts not to run")
+    p.add_argument("--limit", type=int, default=None, help="at most this many photographs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
+    return p.parse_args(argv)
+
+
+def load_photo(path: Path, size: int, border: int) -> torch.Tensor:
+    """Centre crop of ``size + 2·border`` pixels, ``(1, 3, s, s)`` in [0, 1]; small photos are upscaled to fit."""
+    image = Image.open(path).convert("RGB")
+    need = size + 2 * border
+    if min(image.size) < need:
+        scale = need / min(image.size)
+        image = image.resize((round(image.width * scale + 0.5), round(image.height * scale + 0.5)), Image.BICUBIC)
+    left, top = (image.width - need) // 2, (image.height - need) // 2
+    array = np.asarray(image.crop((left, top, left + need, top + need)), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def make_case(path: Path, index: int, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sharp, blurry, kernel)`` for one photograph, seeded by ``(seed, index)``."""
+    rng = np.random.default_rng([args.seed, index])
+    low, high = args.kernel_sizes
+    kernel_size = int(rng.integers(low // 2, high // 2 + 1)) * 2 + 1
+    kernel = motion_kernel(kernel_size, float(rng.uniform(*args.intensity)), rng)
+    border = kernel_size // 2 if args.protocol == "valid" else 0
+    source = load_photo(path, args.size, border)
+    sharp = source[..., border : border + args.size, border : border + args.size]
+    blurred = BlurOperator(padding="zeros" if args.protocol == "valid" else "circular")(source, kernel)
+    blurred = blurred[..., border : border + args.size, border : border + args.size]
+    noise = torch.from_numpy(rng.standard_normal(blurred.shape).astype(np.float32)) * args.sigma / 255.0
+    blurry = torch.round((blurred + noise).clamp(0, 1) * 255.0) / 255.0
+    return sharp, blurry, kernel
+
+
+def mstep_ceiling(pipe: FastEMDeblurPipeline, sharp, blurry, sigma_255: float, margin: int, steps: int) -> torch.Tensor:
+    """The kernel the pipeline's M-step finds with the true sharp image, on the pipeline's padded grid and window."""
+    estimator = pipe.kernel_estimator
+    size = estimator.config.kernel_size
+    multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    padded_y, window = pipe.image_processor.pad(blurry, margin, multiple)
+    padded_x, _ = pipe.image_processor.pad(sharp, margin, multiple)
+    weights = pipe.measurement_window(padded_y.shape[-2:], window, margin, size, padded_y.device)
+    kernel = dirac_kernel(size)
+    with torch.no_grad():
+        for _ in range(steps):
+            kernel = center_kernel(estimator(weights * padded_y, weights * padded_x, sigma_255 / 255.0, kernel))
+    return kernel
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    photos = sorted(p for p in Path(args.data_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if args.limit:
+        photos = photos[: args.limit]
+    if not photos:
+        raise SystemExit(f"no photographs in {args.data_dir}")
+    pipe = FastEMDeblurPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    margin = 0 if args.protocol == "circular" else pipe.kernel_estimator.config.kernel_size
+    call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt",
+                boundary_margin=0 if args.protocol == "circular" else None)
+
+    rows = []
+    header = f"{'photo':14s} {'k':>3s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'ceiling':>7s} {'s/run':>6s}"
+    print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, model {args.model}")
+    print(header)
+    for index, path in enumerate(photos):
+        sharp, blurry, kernel = make_case(path, index, args)
+        row = {"photo": path.stem, "kernel_size": kernel.shape[-1], "blurry_psnr": float(psnr(blurry, sharp))}
+        if "blind" not in args.skip:
+            start = time.perf_counter()
+            out = pipe(blurry, generator=torch.manual_seed(args.seed), **call)
+            row["seconds"] = time.perf_counter() - start
+            row["blind_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
+            row["blind_mnc"] = float(mnc(out.kernels, kernel))
+        if "oracle" not in args.skip:
+            out = pipe(blurry, kernel=kernel, generator=torch.manual_seed(args.seed), **call)
+            row["oracle_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
+        if "ceiling" not in args.skip:
+            ceiling = mstep_ceiling(pipe, sharp, blurry, args.sigma, margin, args.ceiling_steps)
+            row["ceiling_mnc"] = float(mnc(ceiling, kernel))
+        rows.append(row)
+        print(_format(row), flush=True)
+    mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key not in ("photo", "kernel_size")}
+    print(_format({"photo": "mean", "kernel_size": "", **mean}))
+    gaps = [r["blind_psnr"] - r["blurry_psnr"] for r in rows if "blind_psnr" in r]
+    if gaps:
+        worse = sum(g < 0 for g in gaps)
+        print(f"blind − blurry: mean {np.mean(gaps):+.2f} dB, worst {min(gaps):+.2f} dB, {worse} of {len(gaps)} images below the input")
+    if all("oracle_psnr" in r and "blind_psnr" in r for r in rows):
+        print(f"oracle − blind: {np.mean([r['oracle_psnr'] - r['blind_psnr'] for r in rows]):+.2f} dB")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows, "mean": mean}, indent=2, default=str))
+    return 0
+
+
+def _format(row: dict) -> str:
+    def cell(key, fmt):
+        return format(row[key], fmt) if key in row else "–".rjust(len(format(0.0, fmt)))
+
+    return (f"{str(row['photo'])[:14]:14s} {str(row['kernel_size']):>3s} {cell('blurry_psnr', '7.2f')} {cell('blind_psnr', '7.2f')} "
+            f"{cell('oracle_psnr', '7.2f')} {cell('blind_mnc', '6.3f')} {cell('ceiling_mnc', '7.3f')} {cell('seconds', '6.1f')}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

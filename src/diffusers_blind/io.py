@@ -1,0 +1,160 @@
+"""Files in and out: one image reader, atomic writes, writable-folder checks.
+
+Every file the package writes (PNG, NPY, JSON, CSV, text) goes through :func:`atomic_write`: the data
+is written to a temporary name in the same folder, flushed to disk (``fsync``) and renamed over the
+target with ``os.replace``. A crash or a full disk leaves either the old file or the new one, never a
+truncated one (only a ``.*.tmp`` file that the next write replaces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from .image_processor import DeblurImageProcessor
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read; the message names the file and the reason."""
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
+    """Read an image file as float32 ``(H, W)`` or ``(H, W, 3)`` in ``[0, 1]`` and its PIL mode.
+
+    Decoding is [`DeblurImageProcessor.decode_pil`], the one the pipelines use for PIL input (EXIF
+    orientation, 16-bit and float modes, alpha dropped). Values slightly outside ``[0, 1]`` are clipped.
+    Images larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                image.load()
+                array = DeblurImageProcessor.decode_pil(image, name=str(path))
+                mode = image.mode
+                frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            warnings.warn(f"{path} holds {frames} frames (an animation or a multi-page file); only the first is used",
+                          stacklevel=2)
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise ImageReadError(
+            f"cannot read image {path}: too large to decode safely ({error}). Downscale or crop it first "
+            "(or raise PIL.Image.MAX_IMAGE_PIXELS in Python if you trust the file)"
+        ) from None
+    except MemoryError:
+        raise ImageReadError(f"cannot read image {path}: not enough memory to decode it") from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from None
+    return np.clip(array, 0.0, 1.0), mode
+
+
+# ---------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``."""
+    path = Path(path)
+    handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
+
+
+def save_image(image: PIL.Image.Image, path: str | os.PathLike, format: str = "PNG") -> None:
+    """Write a PIL image atomically (PNG unless ``format`` says otherwise)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def save_npy(array: np.ndarray, path: str | os.PathLike) -> None:
+    """``np.save`` atomically (no pickles)."""
+    with atomic_write(path) as handle:
+        np.save(handle, np.asarray(array), allow_pickle=False)
+
+
+def save_json(data, path: str | os.PathLike) -> None:
+    """JSON with two-space indent and a final newline, written atomically."""
+    save_text(json.dumps(data, indent=2) + "\n", path)
+
+
+def save_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from ``path``; an empty, truncated or non-object file raises ``ValueError`` naming it."""
+    path = Path(path)
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty (an earlier run was probably killed while writing it)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error}); it was probably cut short") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} does not hold a JSON object")
+    return data
+
+
+def check_writable_folder(folder: str | os.PathLike, create: bool = False) -> Path:
+    """Prove a file can be written in ``folder`` (or, if it does not exist yet, in the nearest existing
+    parent, where it would be created); ``OSError`` with a clear message if not. ``create`` makes it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"output must be a folder, but {folder} is a file")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-", delete=True):
+            pass
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot write to the output folder {folder}: {reason}") from None
+    return folder
+
+
+def probe_image(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the file header, without decoding pixels; ``ImageReadError`` for files
+    that are not images or exceed the decompression-bomb limit."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                size = image.size
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise ImageReadError(
+            f"cannot read image {path}: too large to decode safely ({error}). Downscale or crop it first "
+            "(or raise PIL.Image.MAX_IMAGE_PIXELS in Python if you trust the file)"
+        ) from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from None
+    if size[0] == 0 or size[1] == 0:
+        raise ImageReadError(f"cannot read image {path}: it is empty ({size[0]}x{size[1]} pixels)")
+    return size

@@ -1,0 +1,357 @@
+"""The registry of deblurring methods used by ``diffusers-blind deblur`` and the evaluation.
+
+A method is one small [`Method`] record: its name, what it loads (a pipeline class and a default
+model folder, or nothing), whether it needs the true kernel, whether it returns a kernel, and its
+options (call arguments with their command-line flags). The command line builds ``--method`` and its
+flags from this registry, and the evaluation runs any registered method, so adding a method is::
+
+    from diffusers_blind.methods import Method, MethodResult, Option, register_method
+
+    def run(y, *, sigma, kernel, generator, pipeline, blur, strength):
+        return MethodResult(image=y.clamp(0, 1) ** strength, kernel=None)
+
+    register_method(Method("gamma", run, options=(Option("strength", float, 1.0, "the exponent"),)))
+
+The run function receives ``y``, the blurry ``(1, C, H, W)`` float tensor in ``[0, 1]`` on the device;
+``sigma``, the noise std in 8-bit levels or ``"auto"``; ``kernel``, the true ``(1, 1, k, k)`` kernel or
+``None``; ``generator``; ``pipeline``, the loaded pipeline (``None`` for methods without one); ``blur``,
+how ``y`` was blurred (``"circular"``: periodic FFT blur, the papers' protocol; ``"valid"`` or
+``None``: a real photograph's boundary); and one keyword per option. It returns a [`MethodResult`].
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+# ---------------------------------------------------------------------------- argument types
+def positive_int(value) -> int:
+    """An integer ≥ 1 (argparse type)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    if number < 1 or str(number) != str(value).strip().lstrip("+"):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def non_negative_float(value) -> float:
+    """A finite number ≥ 0 (argparse type)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return number
+
+
+# ---------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Option:
+    """A call argument of a method and its command-line flags.
+
+    Args:
+        name: the keyword the run function receives (and the key in records and configs).
+        type: parses the command-line string (an argparse ``type``).
+        default: the value when the flag is not given (``None``: the pipeline's own default).
+        help: one line for ``--help``.
+        flag: the ``diffusers-blind deblur`` flag (default ``--name-with-dashes``).
+        eval_flag: the evaluation flag (default ``--name_with_underscores``).
+        eval_default: the evaluation's default if it differs from ``default``.
+    """
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    flag: str | None = None
+    eval_flag: str | None = None
+    eval_default: Any = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def evaluation_flag(self) -> str:
+        return self.eval_flag or "--" + self.name
+
+    @property
+    def evaluation_default(self):
+        return self.default if self.eval_default is None else self.eval_default
+
+
+@dataclass
+class MethodResult:
+    """What a method returns: the restored ``(1, C, H, W)`` image in ``[0, 1]``, the ``(1, 1, k, k)``
+    kernel or ``None``, the noise std it used in 8-bit levels (``None`` if it uses none) and a
+    per-pixel std ``(1, 1, H, W)`` or ``None``."""
+
+    image: torch.Tensor
+    kernel: torch.Tensor | None = None
+    sigma: float | None = None
+    uncertainty: torch.Tensor | None = None
+
+
+@dataclass
+class Method:
+    """One deblurring method of the registry.
+
+    Args:
+        name: what ``--method`` / ``--methods`` take.
+        run: ``run(y, *, sigma, kernel, generator, pipeline, blur, **options) -> MethodResult``.
+        description: one line for ``--help``.
+        pipeline_class: loaded with ``pipeline_class.from_pretrained(folder)`` and passed as ``pipeline``.
+        default_model: the folder used when no ``--model`` is given.
+        needs_kernel: the method is non-blind and must be given the true kernel.
+        accepts_kernel: a blind method that can also run with a known kernel (``deblur --kernel``).
+        returns_kernel: the result holds a kernel estimate (kernel metrics are computed for blind ones).
+        options: the method's call arguments.
+        info: fixed facts recorded with every result (e.g. ``{"guidance": "dps"}``).
+        check: ``check(pipeline, options, kernel_given) -> list of notes``, called once before the run;
+            raises ``ValueError`` for settings that cannot work.
+    """
+
+    name: str
+    run: Callable[..., MethodResult]
+    description: str = ""
+    pipeline_class: type | None = None
+    default_model: str | None = None
+    needs_kernel: bool = False
+    accepts_kernel: bool = False
+    returns_kernel: bool = True
+    options: tuple[Option, ...] = ()
+    info: dict = field(default_factory=dict)
+    check: Callable[..., list[str]] | None = None
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(option.name for option in self.options)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Add ``method`` to the registry (``replace=True`` to redefine a name). Options shared by several
+    methods (same name) must agree on flags, type and default."""
+    if not replace and method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered (pass replace=True)")
+    if method.needs_kernel and method.accepts_kernel:
+        raise ValueError(f"{method.name}: needs_kernel and accepts_kernel exclude each other")
+    known = {o.name: o for m in METHODS.values() if m.name != method.name for o in m.options}
+    for option in method.options:
+        other = known.get(option.name)
+        if other is not None and (other.cli_flag, other.evaluation_flag, other.default, other.evaluation_default) != (
+            option.cli_flag, option.evaluation_flag, option.default, option.evaluation_default
+        ):
+            raise ValueError(f"{method.name}: option {option.name!r} differs from the one other methods declare")
+    METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    METHODS.pop(name, None)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}") from None
+
+
+def all_options(methods=None) -> dict[str, Option]:
+    """Every option of ``methods`` (default: all registered) by name, in registration order."""
+    methods = METHODS.values() if methods is None else methods
+    return {option.name: option for method in methods for option in method.options}
+
+
+def load_pipeline(method: Method, folder: str | None, device):
+    """The pipeline ``method`` needs, from ``folder`` (default: its own), on ``device``; ``None`` if it needs none."""
+    if method.pipeline_class is None:
+        return None
+    return method.pipeline_class.from_pretrained(str(folder or method.default_model)).to(device)
+
+
+# ---------------------------------------------------------------------------- built-in methods
+def _margin(blur: str | None):
+    """Pipeline ``boundary_margin`` for the data: none for circular blur, the default reflect margin otherwise."""
+    return 0 if blur == "circular" else None
+
+
+def _fastem_run(guidance: str, diffusion_em: bool = False):
+    def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size,
+            em_iterations=None):
+        out = pipeline(
+            y,
+            sigma=sigma,
+            kernel=kernel,
+            num_inference_steps=steps,
+            guidance=guidance,
+            guidance_scale=guidance_scale,
+            kernel_size=kernel_size if kernel is None else None,
+            num_particles=particles,
+            em_iterations=em_iterations if diffusion_em else None,
+            boundary_margin=_margin(blur),
+            generator=generator,
+            output_type="pt",
+        )
+        return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), float(out.sigma[0]),
+                            out.uncertainty)
+
+    return run
+
+
+PAPER_DPS_STEPS = 1000
+
+
+def _fastem_check(pipeline, options, kernel_given) -> list[str]:
+    if not kernel_given and getattr(pipeline, "kernel_estimator", None) is None:
+        raise ValueError("the model has no kernel_estimator, so it can only deblur with a known kernel "
+                         "(pass --kernel FILE, or use a known-kernel method)")
+    return []
+
+
+def _dps_check(pipeline, options, kernel_given) -> list[str]:
+    notes = _fastem_check(pipeline, options, kernel_given)
+    steps = options.get("steps")
+    if steps is not None and steps < PAPER_DPS_STEPS:
+        notes.append(f"the paper runs DPS guidance with {PAPER_DPS_STEPS} steps; running {steps} as asked "
+                     f"(pass --steps {PAPER_DPS_STEPS} for the paper's setting)")
+    return notes
+
+
+def _noise_sigma_01(y: torch.Tensor, sigma) -> float:
+    """``sigma`` (8-bit levels or ``"auto"``) in ``[0, 1]`` units."""
+    if sigma == "auto":
+        from .ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
+
+        return float(estimate_noise_sigma(y, floor=AUTO_SIGMA_FLOOR)[0])
+    return float(sigma) / 255.0
+
+
+def _wiener_run(y, *, sigma, kernel, generator, pipeline, blur):
+    from .baselines import wiener_deconvolution
+
+    sigma_01 = _noise_sigma_01(y, sigma)
+    image = wiener_deconvolution(y, kernel.to(y.device), sigma_01, blur or "valid")
+    return MethodResult(image.cpu(), kernel.cpu(), sigma_01 * 255)
+
+
+def _identity_run(y, *, sigma, kernel, generator, pipeline, blur, kernel_size):
+    """The measurement itself, with a Dirac kernel of ``kernel_size`` (at most the image's smaller side)."""
+    from .ops import dirac_kernel
+
+    size = min(kernel_size or 1, min(y.shape[-2:]))
+    return MethodResult(y.clamp(0, 1).cpu(), dirac_kernel(size))
+
+
+def _register_builtins() -> None:
+    from . import DEFAULT_MODEL
+    from .pipelines import FastEMDeblurPipeline
+
+    steps = Option("steps", positive_int, 100, "diffusion steps (default 100)")
+    particles = Option("particles", positive_int, 1,
+                       "posterior samples averaged per image; > 1 also writes an uncertainty map (default 1)")
+    guidance_scale = Option("guidance_scale", non_negative_float, None,
+                            "multiplier of the paper's guidance step size (default: the pipeline's, 3 for the "
+                            "shipped model)")
+    kernel_size = Option("kernel_size", positive_int, None,
+                         "size of the estimated kernel (default: the model's, 33 for the shipped one)")
+    em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3)",
+                           eval_default=10)
+    pipeline_options = (steps, particles, guidance_scale, kernel_size)
+    common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)
+    for name, guidance, description in (
+        ("fastem-pigdm", "pigdm", "Fast Diffusion EM with Pi-GDM guidance (blind; with --kernel: non-blind)"),
+        ("fastem-dps", "dps", "Fast Diffusion EM with DPS guidance (blind; the paper uses 1000 steps)"),
+    ):
+        register_method(Method(name, _fastem_run(guidance), description, accepts_kernel=True,
+                               options=pipeline_options, info={"guidance": guidance},
+                               check=_dps_check if guidance == "dps" else _fastem_check, **common))
+    register_method(Method("diffusion-em", _fastem_run("pigdm", diffusion_em=True),
+                           "Diffusion EM: several full Pi-GDM runs, one kernel update after each (slower)",
+                           options=(*pipeline_options, em_iterations), info={"guidance": "pigdm"},
+                           check=_fastem_check, **common))
+    for name, guidance in (("pigdm-known-kernel", "pigdm"), ("dps-known-kernel", "dps")):
+        register_method(Method(name, _fastem_run(guidance), f"non-blind {guidance} guidance with the true kernel",
+                               needs_kernel=True, options=(steps, particles, guidance_scale),
+                               info={"guidance": guidance}, **common))
+    register_method(Method("wiener-known-kernel", _wiener_run,
+                           "non-blind Wiener deconvolution with the true kernel (gradient prior, no model)",
+                           needs_kernel=True))
+    register_method(Method("identity", _identity_run, "no restoration: the blurry input, with a Dirac kernel",
+                           options=(kernel_size,)))
+
+
+def _unit_interval(value) -> float:
+    number = non_negative_float(value)
+    if number > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def _register_dvsr() -> None:
+    """DvSR (deblurring via stochastic refinement), when its pipeline is part of the package. It estimates
+    no kernel (a pipeline saved with a ``kernel_estimator`` reports one) and ships no default model."""
+    try:
+        from .pipelines.dvsr import StochasticRefinementDeblurPipeline
+    except ImportError:
+        return
+
+    def run(y, *, sigma, kernel, generator, pipeline, blur, perception_distortion):
+        out = pipeline(y, perception_distortion=perception_distortion, sigma=sigma, generator=generator,
+                       output_type="pt")
+        kernels = None if out.kernels is None else out.kernels.float().cpu()
+        return MethodResult(out.images.float().cpu(), kernels, out.sigma[0] if out.sigma else None, out.uncertainty)
+
+    register_method(Method(
+        "dvsr", run, "deblurring via stochastic refinement (predictor + conditional diffusion; no kernel; "
+        "needs --model)", pipeline_class=StochasticRefinementDeblurPipeline, returns_kernel=False,
+        options=(Option("perception_distortion", _unit_interval, None,
+                        "DvSR knob in [0, 1]: 0 = sharpest (100 steps, 1 sample), 1 = lowest distortion "
+                        "(10 steps, 4 samples averaged; the pipeline's default)"),),
+    ))
+
+
+def _register_blind_dps() -> None:
+    """BlindDPS (joint image and kernel diffusion), when its pipeline is part of the package; ships no default model."""
+    try:
+        from .pipelines.blind_dps import BlindDPSPipeline
+    except ImportError:
+        return
+
+    def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
+        # circular data: the periodic model, no margin; a photograph: a mirrored margin of half the kernel,
+        # which makes the result independent of the boundary model (the data term sees the image only)
+        margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
+        out = pipeline(y, num_inference_steps=steps, blur_model="circular" if blur == "circular" else "reflect",
+                       guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
+                       generator=generator, output_type="pt")
+        return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), None, out.uncertainty)
+
+    def check(pipeline, options, kernel_given) -> list[str]:
+        steps = options.get("steps")
+        if steps is not None and steps < PAPER_DPS_STEPS:
+            return [f"BlindDPS runs {PAPER_DPS_STEPS} steps in the paper; running {steps} as asked"]
+        return []
+
+    shared = all_options([METHODS["fastem-pigdm"]])
+    register_method(Method(
+        "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind; needs --model)",
+        pipeline_class=BlindDPSPipeline, options=(shared["steps"], shared["particles"], shared["guidance_scale"]),
+        info={"guidance": "dps"}, check=check,
+    ))
+
+
+_register_builtins()
+_register_dvsr()
+_register_blind_dps()

@@ -1,0 +1,122 @@
+"""The files ``diffusers-blind deblur`` writes per input: names, the rerun rule, atomic writing.
+
+Per input, in the output folder: ``<stem>_deblurred.png``; ``<stem>_kernel.npy`` and ``<stem>_kernel.png``
+(enlarged preview) when the method returns a kernel; ``<stem>_uncertainty.npy/.png`` with particles;
+``<stem>.json``, written last, which lists the files written and so marks the image as done.
+Stems are the inputs' own, made unique (see :func:`output_stems`); no output may replace an input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from .image_processor import kernel_to_image
+from .io import save_image, save_npy
+
+
+OUTPUT_SUFFIXES = ("_deblurred", "_kernel", "_uncertainty")  # skipped when a folder of inputs is scanned
+OUTPUT_FILES = {  # what deblur writes per input: name -> suffix after the output stem
+    "image": "_deblurred.png",
+    "kernel_png": "_kernel.png",
+    "kernel_npy": "_kernel.npy",
+    "uncertainty_png": "_uncertainty.png",
+    "uncertainty_npy": "_uncertainty.npy",
+    "record": ".json",
+}
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """One output stem per input, unique even ignoring case: the file stem, or ``stem_2``, ``stem_3``...
+    for the second, third... input with that stem, skipping any name that another input already has
+    (``photo.jpg``, ``photo.png`` and ``photo_2.png`` → ``photo``, ``photo_3``, ``photo_2``)."""
+    taken = {path.stem.casefold() for path in paths}
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem = path.stem
+        if stem.casefold() in used:
+            number = 2
+            while f"{stem}_{number}".casefold() in taken or f"{stem}_{number}".casefold() in used:
+                number += 1
+            stem = f"{stem}_{number}"
+        used.add(stem.casefold())
+        stems.append(stem)
+    return stems
+
+
+def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path]) -> list[dict[str, Path]]:
+    """The files each input may get in ``out_dir``; an error if one of them is an input (or ``protected``)."""
+    plans = [{name: out_dir / f"{stem}{suffix}" for name, suffix in OUTPUT_FILES.items()}
+             for stem in output_stems(paths)]
+    inputs = {os.path.normcase(str(p.resolve())): p for p in [*paths, *protected]}
+    seen: dict[str, Path] = {}
+    for plan in plans:
+        for file in plan.values():
+            key = os.path.normcase(str(file.resolve()))
+            if key in inputs:
+                raise ValueError(f"the output {file} would overwrite the input {inputs[key]}; choose another -o folder")
+            if key.casefold() in seen:  # cannot happen with output_stems; kept as a guard
+                raise ValueError(f"two inputs would write the same output {file}")
+            seen[key.casefold()] = file
+    return plans
+
+
+def finished_record(plan: dict[str, Path]) -> dict | None:
+    """The record of an earlier run that finished this input (valid JSON listing files that all exist), else ``None``."""
+    try:
+        record = json.loads(plan["record"].read_text())
+        folder = plan["record"].parent  # the listed paths may be relative to another working folder
+        if record["outputs"] and all((folder / Path(file).name).is_file() for file in record["outputs"].values()):
+            return record
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def is_done(plan: dict[str, Path]) -> bool:
+    """An earlier run finished this input (see :func:`finished_record`)."""
+    return finished_record(plan) is not None
+
+
+def settings_differences(record: dict, settings: dict) -> list[str]:
+    """``"name: old -> new"`` for every setting of ``settings`` that the finished ``record`` has otherwise."""
+    previous = record.get("settings", {})
+    return [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
+
+
+def uncertainty_image(std: np.ndarray) -> PIL.Image.Image:
+    """The per-pixel std map scaled by its maximum to 8-bit grayscale (white = most uncertain)."""
+    peak = float(std.max()) if std.size else 0.0
+    scaled = std / peak if peak > 0 else np.zeros_like(std)
+    return PIL.Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), mode="L")
+
+
+def write_outputs(plan: dict[str, Path], result, image: PIL.Image.Image, kernel_scale: int = 8) -> dict[str, Path]:
+    """Write the image, kernel and uncertainty files atomically; returns those written."""
+    import torch
+
+    written = {"image": plan["image"]}
+    save_image(image, plan["image"])
+    if result.kernel is not None:
+        kernel = np.asarray(result.kernel.detach().float().cpu().reshape(result.kernel.shape[-2:]), dtype=np.float32)
+        save_npy(kernel, plan["kernel_npy"])
+        save_image(kernel_to_image(torch.from_numpy(kernel), scale=kernel_scale), plan["kernel_png"])
+        written.update(kernel_npy=plan["kernel_npy"], kernel_png=plan["kernel_png"])
+    if result.uncertainty is not None:
+        std = np.asarray(result.uncertainty.detach().float().cpu().reshape(result.uncertainty.shape[-2:]), np.float32)
+        save_image(uncertainty_image(std), plan["uncertainty_png"])
+        save_npy(std, plan["uncertainty_npy"])
+        written.update(uncertainty_png=plan["uncertainty_png"], uncertainty_npy=plan["uncertainty_npy"])
+    return written
+
+
+def remove_stale(plan: dict[str, Path], keep) -> None:
+    """Delete the files of ``plan`` not named in ``keep`` (an earlier run's, which would look current)."""
+    for name, file in plan.items():
+        if name not in keep and file.is_file():
+            file.unlink()

@@ -1,0 +1,370 @@
+"""The command line never reads an input wrongly, never loses or overwrites a file, and fails with one clear
+line: output naming, the rerun rule, atomic writes, bad devices, huge or broken images, interrupted
+start-up, model-loading and out-of-memory errors. Most runs use ``--method identity`` (no model: fast)."""
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_blind import cli, io
+from diffusers_blind.cli import is_out_of_memory, main, output_stems
+from diffusers_blind.methods import METHODS
+
+
+def write_image(path: Path, seed: int = 0, size=(20, 24), mode="RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+    PIL.Image.fromarray(array).convert(mode).save(path)
+    return path
+
+
+def identity(inputs, out, *extra):
+    return main(["deblur", *map(str, inputs), "-o", str(out), "--method", "identity", "--quiet", *extra])
+
+
+def errors(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# ---------------------------------------------------------------------------- names
+def test_output_stems_never_collide_with_real_stems():
+    paths = [Path("a/photo.jpg"), Path("b/photo.png"), Path("photo_2.png"), Path("c/Photo.tif"), Path("x.png")]
+    stems = output_stems(paths)
+    assert stems == ["photo", "photo_3", "photo_2", "Photo_4", "x"]
+    assert len({s.casefold() for s in stems}) == len(stems)  # also on case-insensitive file systems
+
+
+def test_same_stems_in_one_run_keep_every_output(tmp_path, capsys):
+    write_image(tmp_path / "photo.jpg", 0)
+    write_image(tmp_path / "photo.png", 1)
+    write_image(tmp_path / "photo_2.png", 2)
+    out = tmp_path / "out"
+    assert identity([tmp_path], out) == 0, errors(capsys)
+    records = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(records) == ["photo.json", "photo_2.json", "photo_3.json"]
+    assert {Path(r["input"]).name for r in records.values()} == {"photo.jpg", "photo.png", "photo_2.png"}
+    for record in records.values():  # each output is its own input's
+        restored = np.asarray(PIL.Image.open(record["outputs"]["image"]))
+        original = np.asarray(PIL.Image.open(record["input"]).convert("RGB"))
+        np.testing.assert_array_equal(restored, original)
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys):
+    a = write_image(tmp_path / "a.png", 0)
+    a_kernel = write_image(tmp_path / "a_kernel.png", 1)
+    before = a_kernel.read_bytes()
+    assert identity([a, a_kernel], tmp_path) == 2
+    assert "would overwrite the input" in errors(capsys)
+    assert a_kernel.read_bytes() == before and not (tmp_path / "a.json").exists()
+    kernel = np.zeros((3, 3), np.float32)
+    kernel[1, 1] = 1
+    np.save(tmp_path / "b_kernel.npy", kernel)  # the known kernel, e.g. written by `blur`
+    b = write_image(tmp_path / "b.png", 2)
+    code = main(["deblur", str(b), "-o", str(tmp_path), "--method", "wiener-known-kernel",
+                 "--kernel", str(tmp_path / "b_kernel.npy"), "--quiet"])
+    assert code == 2 and "would overwrite the input" in errors(capsys)
+    np.testing.assert_array_equal(np.load(tmp_path / "b_kernel.npy"), kernel)
+
+
+# ---------------------------------------------------------------------------- reruns
+def test_rerun_refuses_then_overwrite_removes_stale_files(tmp_path, capsys, monkeypatch):
+    (tmp_path / "in").mkdir()
+    image = write_image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    assert identity([image], out) == 0
+    stale = out / "a_uncertainty.npy"  # as if an earlier run had used particles
+    np.save(stale, np.zeros((2, 2)))
+    first = (out / "a.json").read_bytes()
+    assert identity([image], out) == 2
+    err = errors(capsys)
+    assert "already holds" in err and "--overwrite" in err and "--skip-existing" in err
+    assert (out / "a.json").read_bytes() == first and stale.exists()  # nothing touched
+    assert identity([image], out, "--overwrite") == 0
+    assert not stale.exists()  # an earlier run's file is not left to look current
+    assert json.loads((out / "a.json").read_text())["outputs"].keys() == {"image", "kernel_npy", "kernel_png"}
+
+
+def test_skip_existing_resumes_and_redoes_incomplete_images(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        write_image(folder / f"{name}.png", i)
+    out = tmp_path / "out"
+    assert identity([folder], out) == 0
+    (out / "b.json").unlink()  # b was cut off before its record
+    (out / "c_deblurred.png").unlink()  # c's record lists a file that is gone
+    a_before = (out / "a.json").read_bytes()
+    calls = []
+    original = METHODS["identity"].run
+    monkeypatch.setattr(METHODS["identity"], "run", lambda y, **kw: calls.append(1) or original(y, **kw))
+    assert identity([folder], out, "--skip-existing") == 0
+    assert len(calls) == 2 and "skipping 1 image(s)" in errors(capsys)
+    assert (out / "a.json").read_bytes() == a_before and (out / "b.json").is_file() and (out / "c_deblurred.png").is_file()
+    assert main(["deblur", str(folder), "-o", str(out), "--overwrite", "--skip-existing"]) == 2
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def test_a_failed_write_leaves_no_truncated_file(tmp_path, capsys, monkeypatch):
+    image = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    real_save = np.save
+
+    def disk_full(file, array, **kwargs):
+        file.write(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    assert identity([image], out) == 2
+    err = errors(capsys)
+    assert "No space left on device" in err and "a.png" in err
+    monkeypatch.setattr(np, "save", real_save)
+    assert not (out / "a_kernel.npy").exists() and not list(out.glob(".*.tmp"))
+    assert not (out / "a.json").exists()  # the image is not marked done
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.json"
+    io.save_json({"a": 1}, target)
+    with pytest.raises(RuntimeError):
+        with io.atomic_write(target, "w") as handle:
+            handle.write('{"a": 2, "trunc')
+            raise RuntimeError("crash")
+    assert json.loads(target.read_text()) == {"a": 1} and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unwritable_output_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    image = write_image(tmp_path / "a.png")
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("x")
+    assert main(["deblur", str(image), "-o", str(tmp_path / "file" / "sub"), "--quiet"]) == 2
+    assert "cannot write to the output folder" in errors(capsys)
+    assert main(["deblur", str(image), "-o", str(tmp_path / "file"), "--quiet"]) == 2
+    assert "is a file" in errors(capsys)
+    if os.access("/sys", os.W_OK) and not os.path.exists("/sys/diffusers_blind_probe"):
+        try:  # a read-only file system (even for root): /sys in most containers and Linux systems
+            Path("/sys/diffusers_blind_probe").mkdir()
+        except OSError:
+            assert main(["deblur", str(image), "-o", "/sys/diffusers_blind_out", "--quiet"]) == 2
+            assert "cannot write to the output folder" in errors(capsys)
+        else:
+            Path("/sys/diffusers_blind_probe").rmdir()
+
+
+def test_read_only_folder_via_permissions(tmp_path, capsys, monkeypatch):
+    image = write_image(tmp_path / "a.png")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io.tempfile, "NamedTemporaryFile", refuse)  # what a read-only folder does for non-root
+    assert identity([image], folder) == 2
+    assert "cannot write to the output folder" in errors(capsys) and not list(folder.iterdir())
+
+
+# ---------------------------------------------------------------------------- clear errors
+@pytest.mark.parametrize("device, fragment", [("foo", "not a device"), ("cuda:99", "cuda"), ("meta", "not supported")])
+def test_bad_devices(tmp_path, capsys, device, fragment):
+    if device == "cuda:99" and torch.cuda.is_available() and torch.cuda.device_count() > 99:
+        pytest.fail("unexpected machine")
+    image = write_image(tmp_path / "a.png")
+    assert main(["deblur", str(image), "-o", str(tmp_path / "o"), "--device", device]) == 2
+    assert fragment in errors(capsys)
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width × height`` pixels (what a decompression bomb looks like to PIL)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_one_clear_line_and_the_others_run(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    png_header_only(folder / "bomb.png", 20000, 10000)
+    write_image(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert identity([folder], out) == 2
+    err = errors(capsys)
+    assert "too large to decode safely" in err and "bomb.png" in err
+    assert "3 of 4 image(s) failed" in err and "broken.jpg" in err and "empty.png" in err
+    assert (out / "good_deblurred.png").is_file()  # the good one is processed
+    assert identity([folder / "bomb.png"], tmp_path / "o2") == 2
+    assert "too large to decode safely" in errors(capsys) and not (tmp_path / "o2").exists()
+
+
+def test_images_are_decoded_one_at_a_time(tmp_path, capsys, monkeypatch):
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", i)
+    events = []
+    real_load = cli.load_image
+    monkeypatch.setattr(cli, "load_image", lambda path: events.append("decode") or real_load(path))
+    original = METHODS["identity"].run
+    monkeypatch.setattr(METHODS["identity"], "run", lambda y, **kw: events.append("run") or original(y, **kw))
+    assert identity([tmp_path], tmp_path / "out") == 0
+    assert events == ["decode", "run"] * 3
+
+
+def test_interrupt_during_start_up_is_one_line(tmp_path, capsys, monkeypatch):
+    image = write_image(tmp_path / "a.png")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_pipeline", interrupted)
+    assert main(["deblur", str(image), "-o", str(tmp_path / "o")]) == 130
+    assert "interrupted" in errors(capsys) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("message", [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes",
+    "DefaultCPUAllocator: not enough memory: you tried to allocate 123 bytes",
+    "MPS backend out of memory",
+])
+def test_out_of_memory_hint_for_every_allocator(tmp_path, capsys, monkeypatch, message):
+    assert is_out_of_memory(RuntimeError(message))
+    image = write_image(tmp_path / "a.png")
+
+    def oom(y, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(METHODS["identity"], "run", oom)
+    assert identity([image], tmp_path / "o") == 2
+    assert "try fewer --particles" in errors(capsys)
+    assert not is_out_of_memory(ValueError("kernel_size 9 is larger than the image"))
+
+
+def test_model_errors_are_one_line(tmp_path, capsys):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusers_blind import FastEMDeblurPipeline, KernelEstimator
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    estimator = KernelEstimator(kernel_size=5, num_iterations=2, regularization="l1")
+    FastEMDeblurPipeline(unet, DDPMScheduler(), estimator).save_pretrained(tmp_path / "l1")
+    image = write_image(tmp_path / "a.png")
+    code = main(["deblur", str(image), "-o", str(tmp_path / "o"), "--model", str(tmp_path / "l1"),
+                 "--steps", "2", "--kernel-size", "5", "--quiet", "--seed", "0"])
+    err = errors(capsys)  # works once the estimator is fixed; until then one line per image, never a traceback
+    # an estimator without weights cannot even be loaded today: a clear message then
+    assert (code == 0 and (tmp_path / "o" / "a_deblurred.png").is_file()) or (
+        code == 2 and ("a.png" in err or "cannot load the pipeline" in err) and len(err.strip().splitlines()) <= 3)
+    (tmp_path / "l1" / "unet" / "config.json").write_text("{")  # a corrupt component
+    code = main(["deblur", str(image), "-o", str(tmp_path / "o2"), "--model", str(tmp_path / "l1")])
+    assert code == 2 and "cannot load the pipeline" in errors(capsys)
+
+
+def test_blur_refuses_to_replace_files_unless_asked(tmp_path, capsys):
+    sharp = write_image(tmp_path / "sharp.png", size=(24, 24))
+    args = ["blur", str(sharp), "-o", str(tmp_path / "b.png"), "--kernel-size", "5"]
+    assert main(args) == 0
+    first = (tmp_path / "b.png").read_bytes()
+    assert main([*args, "--seed", "3"]) == 2 and "--overwrite" in errors(capsys)
+    assert (tmp_path / "b.png").read_bytes() == first
+    assert main([*args, "--seed", "3", "--overwrite"]) == 0 and (tmp_path / "b.png").read_bytes() != first
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "c.png"), "--kernel", str(tmp_path / "c_kernel.npy")]) == 2
+
+
+def test_float_tiff_in_8bit_levels_is_not_white(tmp_path, capsys):
+    levels = np.linspace(0, 255, 20 * 24, dtype=np.float32).reshape(20, 24)
+    PIL.Image.fromarray(levels).save(tmp_path / "f.tif")
+    assert identity([tmp_path / "f.tif"], tmp_path / "o") == 0
+    assert "note:" in errors(capsys)  # the rescaling is announced
+    restored = np.asarray(PIL.Image.open(tmp_path / "o" / "f_deblurred.png"), dtype=np.float64)
+    np.testing.assert_allclose(restored, levels, atol=1)
+
+
+# ---------------------------------------------------------------------------- several processes
+def test_deblur_splits_a_folder_across_processes_and_resumes(tmp_path):
+    """An earlier single-process run finished 2 of 6 images (and was cut in a third); a 2-process resume
+    runs each remaining image once and leaves the finished ones alone."""
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        write_image(folder / f"{i}.png", i)
+    out = tmp_path / "out"
+    assert identity([folder / "0.png", folder / "1.png", folder / "2.png"], out) == 0
+    (out / "2.json").unlink()  # image 2 was cut off before its record
+    kept = (out / "0.json").read_bytes()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "diffusers_blind.cli", "deblur", str(folder), "-o", str(out), "--method", "identity",
+              "--quiet", "--device", "cpu", "--skip-existing"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(records) == [str(i) for i in range(6)]  # every image once
+    assert (out / "0.json").read_bytes() == kept  # finished images are not redone
+    assert {records[str(i)]["process"] for i in (2, 3, 4, 5)} == {0, 1}  # the rest split over both processes
+
+
+@pytest.mark.parametrize("delay", [1.0, 2.0])
+def test_ctrl_c_while_importing_is_one_line(delay):
+    """SIGINT while ``python -m diffusers_blind.cli`` still imports torch/diffusers (or later): no traceback.
+
+    The delays start at 1 s: earlier, on a loaded machine, the signal can land while the interpreter
+    itself is still starting (before any code of the package runs), which no program can catch.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "diffusers_blind.cli", "info"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert "Traceback" not in err
+    if process.returncode != 0:  # 0: `info` finished before the signal arrived
+        assert process.returncode in (130, -signal.SIGINT) and (not err or "interrupted" in err), err
+
+
+def test_multi_frame_files_say_that_only_the_first_frame_is_used(tmp_path, capsys):
+    frames = [PIL.Image.new("L", (20, 24), value) for value in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert identity([tmp_path / "anim.gif"], tmp_path / "o") == 0
+    assert "2 frames" in errors(capsys)
+
+
+def test_skip_existing_refuses_results_of_other_settings(tmp_path, capsys):
+    image = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert main(["deblur", str(image), "-o", str(out), "--method", "identity", "--kernel-size", "3", "--quiet"]) == 0
+    before = (out / "a.json").read_bytes()
+    code = main(["deblur", str(image), "-o", str(out), "--method", "identity", "--kernel-size", "5", "--quiet",
+                 "--skip-existing"])
+    assert code == 2 and "kernel_size: 3 -> 5" in errors(capsys)
+    assert (out / "a.json").read_bytes() == before
+    assert main(["deblur", str(image), "-o", str(out), "--method", "identity", "--kernel-size", "3", "--quiet",
+                 "--skip-existing"]) == 0  # the same settings: nothing to do
+    assert (out / "a.json").read_bytes() == before

@@ -1,0 +1,190 @@
+"""The methods registry: a method added with one ``register_method`` call runs from the command line and in
+the evaluation, without any edit of ``cli.py`` or ``diffusers_blind.evaluation``."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_blind import methods
+from diffusers_blind.cli import build_parser, main
+from diffusers_blind.evaluation import runner
+from diffusers_blind.methods import METHODS, Method, MethodResult, Option, register_method, unregister_method
+
+
+def gamma_run(y, *, sigma, kernel, generator, pipeline, blur, gamma_exponent):
+    """A dummy 'restoration' that estimates no kernel."""
+    assert pipeline is None and kernel is None and isinstance(generator, torch.Generator)
+    return MethodResult(image=y.clamp(0, 1) ** gamma_exponent, kernel=None)
+
+
+@pytest.fixture
+def gamma_method():
+    method = register_method(Method(
+        "dummy-gamma", gamma_run, "a dummy method for the tests (gamma curve, no kernel)", returns_kernel=False,
+        options=(Option("gamma_exponent", float, 1.0, "exponent of the dummy gamma curve"),),
+    ))
+    yield method
+    unregister_method("dummy-gamma")
+
+
+def test_builtin_methods_are_registered():
+    assert {"fastem-pigdm", "fastem-dps", "diffusion-em", "pigdm-known-kernel", "dps-known-kernel",
+            "wiener-known-kernel", "identity"} <= set(METHODS)
+    assert METHODS["wiener-known-kernel"].needs_kernel and METHODS["wiener-known-kernel"].pipeline_class is None
+    assert METHODS["fastem-pigdm"].accepts_kernel and not METHODS["diffusion-em"].accepts_kernel
+    assert "em_iterations" in METHODS["diffusion-em"].option_names
+    assert "em_iterations" not in METHODS["fastem-pigdm"].option_names
+
+
+def test_registry_rejects_duplicates_and_conflicting_options(gamma_method):
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method("dummy-gamma", gamma_run))
+    with pytest.raises(ValueError, match="differs"):
+        register_method(Method("dummy-other", gamma_run, options=(Option("steps", int, 7, "other default"),)))
+    assert "dummy-other" not in METHODS
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.get_method("nope")
+
+
+def test_dummy_method_in_help_cli_and_evaluation(gamma_method, tmp_path, capsys, monkeypatch):
+    for key, value in {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    help_text = build_parser()._subparsers._group_actions[0].choices["deblur"].format_help()
+    assert "dummy-gamma" in help_text and "--gamma-exponent" in help_text
+
+    image = np.full((20, 24, 3), 0.25, np.float32)
+    PIL.Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    code = main(["deblur", str(tmp_path / "in.png"), "-o", str(out), "--method", "dummy-gamma",
+                 "--gamma-exponent", "0.5", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    restored = np.asarray(PIL.Image.open(out / "in_deblurred.png"), dtype=np.float64) / 255
+    np.testing.assert_allclose(restored, 0.5, atol=1 / 255)  # 0.25 ** 0.5
+    assert not (out / "in_kernel.npy").exists() and not (out / "in_kernel.png").exists()
+    record = json.loads((out / "in.json").read_text())
+    assert record["settings"]["method"] == "dummy-gamma" and record["settings"]["gamma_exponent"] == 0.5
+    assert record["kernel_size"] is None and record["model"] is None and set(record["outputs"]) == {"image"}
+    # an option of another method is refused, naming the methods that have it
+    code = main(["deblur", str(tmp_path / "in.png"), "-o", str(tmp_path / "o2"), "--method", "dummy-gamma",
+                 "--steps", "3"])
+    assert code == 2 and "--steps does not apply to --method dummy-gamma" in capsys.readouterr().err
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        PIL.Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    evaluation = tmp_path / "eval"
+    args = ["--data_dir", str(images), "--resolution", "16", "--kernel_size", "5", "--sigma", "5",
+            "--methods", "dummy-gamma", "identity", "--gamma_exponent", "1.0", "--output_dir", str(evaluation),
+            "--extra_metrics", "none", "--num_grid", "1"]
+    assert runner.main(args) == 0
+    records = [json.loads(line) for line in (evaluation / "results.jsonl").read_text().splitlines()]
+    gamma = [r for r in records if r["method"] == "dummy-gamma"]
+    identity = [r for r in records if r["method"] == "identity"]
+    assert len(gamma) == 2 and len(identity) == 2
+    for g, i in zip(gamma, identity):  # exponent 1 = identity: the same image scores
+        assert g["psnr"] == pytest.approx(i["psnr"]) and g["gamma_exponent"] == 1.0
+        assert g["kernel_mse"] is None and g["mnc"] is None and g["reblur_total"] is None  # no kernel
+        assert i["kernel_mse"] is not None
+    summary = (evaluation / "summary.md").read_text()
+    assert "| dummy-gamma | 5 | 2 |" in summary and "`dummy-gamma`: gamma_exponent 1.0" in summary
+    assert json.loads((evaluation / "config.json").read_text())["gamma_exponent"] == 1.0
+
+
+def test_a_method_without_default_model_asks_for_one(tmp_path, capsys):
+    from diffusers_blind import FastEMDeblurPipeline
+
+    register_method(Method("dummy-no-model", gamma_run, pipeline_class=FastEMDeblurPipeline, default_model=None))
+    try:
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+        code = main(["deblur", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--method", "dummy-no-model"])
+        err = capsys.readouterr().err
+        assert code == 2 and "ships no default model: pass --model PATH" in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+    finally:
+        unregister_method("dummy-no-model")
+
+
+def test_dvsr_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, monkeypatch):
+    """DvSR (no kernel; a pipeline saved with a kernel estimator reports one) through the registry entry."""
+    pytest.importorskip("diffusers_blind.pipelines.dvsr")  # present once the DvSR pipeline is merged
+    from test_pipeline_dvsr import make_pipe
+
+    for key, value in {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    make_pipe(estimator=False).save_pretrained(tmp_path / "dvsr")
+    make_pipe(estimator=True).save_pretrained(tmp_path / "dvsr_k")
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    for model, kernel in (("dvsr", False), ("dvsr_k", True)):
+        out = tmp_path / f"out_{model}"
+        assert main(["deblur", str(images), "-o", str(out), "--method", "dvsr", "--model", str(tmp_path / model),
+                     "--perception-distortion", "1", "--quiet", "--seed", "0"]) == 0, capsys.readouterr().err
+        assert (out / "0_deblurred.png").is_file() and (out / "0_kernel.npy").is_file() == kernel
+        assert json.loads((out / "0.json").read_text())["settings"]["perception_distortion"] == 1.0
+    assert runner.main(["--data_dir", str(images), "--resolution", "16", "--kernel_size", "5", "--methods", "dvsr",
+                        "--model", str(tmp_path / "dvsr"), "--output_dir", str(tmp_path / "ev"),
+                        "--extra_metrics", "none", "--num_grid", "1"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["kernel_mse"] is None and r["psnr"] > 0 for r in records)
+
+
+def test_evaluation_model_folders_per_method():
+    from diffusers_blind import DEFAULT_MODEL
+    from diffusers_blind.evaluation.runner import resolve_models
+
+    class OtherPipeline:
+        pass
+
+    register_method(Method("dummy-other-pipe", gamma_run, pipeline_class=OtherPipeline, default_model=None))
+    try:
+        both = ["fastem-pigdm", "pigdm-known-kernel", "identity"]
+        assert resolve_models(both, []) == {"fastem-pigdm": DEFAULT_MODEL, "pigdm-known-kernel": DEFAULT_MODEL}
+        assert set(resolve_models(both, ["m"]).values()) == {"m"}
+        mixed = ["fastem-pigdm", "dummy-other-pipe"]
+        assert resolve_models(mixed, ["dummy-other-pipe=o"]) == {"fastem-pigdm": DEFAULT_MODEL, "dummy-other-pipe": "o"}
+        assert resolve_models(mixed, ["f", "dummy-other-pipe=o"]) == {"fastem-pigdm": "f", "dummy-other-pipe": "o"}
+        for entries, match in ((["m"], "different pipelines"), ([], "ships no default model"),
+                               (["a", "b"], "one PATH"), (["identity=x", "dummy-other-pipe=o"], "not a selected")):
+            with pytest.raises(ValueError, match=match):
+                resolve_models(mixed if entries != ["a", "b"] else both, entries)
+        args = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--methods", *mixed,
+                                  "--model", "dummy-other-pipe=o"])
+        assert args.model == {"dummy-other-pipe": "o", "fastem-pigdm": DEFAULT_MODEL}  # stored in config.json
+        assert runner.parse_args(["--data_dir", ".", "--output_dir", "x"]).model == DEFAULT_MODEL  # as before
+    finally:
+        unregister_method("dummy-other-pipe")
+
+
+def test_blind_dps_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, monkeypatch):
+    """BlindDPS through its registry entry, next to Fast EM with a per-method --model, for both blur models."""
+    pytest.importorskip("diffusers_blind.pipelines.blind_dps")  # present once the BlindDPS pipeline is merged
+    from test_pipeline_blind_dps import pipe_with
+
+    for key, value in {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    pipe_with().save_pretrained(tmp_path / "bdps")
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["deblur", str(images), "-o", str(out), "--method", "blind-dps", "--model", str(tmp_path / "bdps"),
+                 "--steps", "3", "--quiet", "--seed", "0"]) == 0, capsys.readouterr().err
+    assert (out / "0_deblurred.png").is_file() and (out / "0_kernel.npy").is_file()
+    for blur in ("circular", "valid"):
+        assert runner.main(["--data_dir", str(images), "--resolution", "16", "--kernel_size", "5", "--blur", blur,
+                            "--methods", "blind-dps", "fastem-pigdm", "--model", f"blind-dps={tmp_path / 'bdps'}",
+                            "--steps", "3", "--output_dir", str(tmp_path / f"ev_{blur}"), "--extra_metrics", "none",
+                            "--num_grid", "1"]) == 0
+        records = [json.loads(line) for line in (tmp_path / f"ev_{blur}" / "results.jsonl").read_text().splitlines()]
+        assert len(records) == 4 and all(r["kernel_mse"] is not None for r in records)
