@@ -301,24 +301,35 @@ def _unit_interval(value) -> float:
 
 def _register_dvsr() -> None:
     """DvSR (deblurring via stochastic refinement), when its pipeline is part of the package. It estimates
-    no kernel (a pipeline saved with a ``kernel_estimator`` reports one) and ships no default model."""
+    no kernel (a pipeline saved with a ``kernel_estimator`` reports one); the package ships a default model."""
     try:
+        from . import DVSR_DEFAULT_MODEL
         from .pipelines.dvsr import StochasticRefinementDeblurPipeline
     except ImportError:
         return
 
-    def run(y, *, sigma, kernel, generator, pipeline, blur, perception_distortion):
-        out = pipeline(y, perception_distortion=perception_distortion, sigma=sigma, generator=generator,
-                       output_type="pt")
+    def run(y, *, sigma, kernel, generator, pipeline, blur, perception_distortion, dvsr_steps, dvsr_samples):
+        # the knob and the explicit (steps, samples) pair are exclusive: send one or the other
+        if dvsr_steps is not None or dvsr_samples is not None:
+            if perception_distortion is not None:
+                raise ValueError("give either --perception-distortion or --dvsr-steps/--dvsr-samples, not both")
+            settings = {"num_inference_steps": dvsr_steps or 10, "num_samples": dvsr_samples or 1}
+        else:
+            settings = {"perception_distortion": perception_distortion}
+        out = pipeline(y, sigma=sigma, generator=generator, output_type="pt", boundary_margin=0, **settings)
         kernels = None if out.kernels is None else out.kernels.float().cpu()
         return MethodResult(out.images.float().cpu(), kernels, out.sigma[0] if out.sigma else None, out.uncertainty)
 
     register_method(Method(
-        "dvsr", run, "deblurring via stochastic refinement (predictor + conditional diffusion; no kernel; "
-        "needs --model)", pipeline_class=StochasticRefinementDeblurPipeline, returns_kernel=False,
-        options=(Option("perception_distortion", _unit_interval, None,
-                        "DvSR knob in [0, 1]: 0 = sharpest (100 steps, 1 sample), 1 = lowest distortion "
-                        "(10 steps, 4 samples averaged; the pipeline's default)"),),
+        "dvsr", run, "deblurring via stochastic refinement (predictor + conditional diffusion on the residual; no kernel)",
+        pipeline_class=StochasticRefinementDeblurPipeline, default_model=DVSR_DEFAULT_MODEL, returns_kernel=False,
+        options=(
+            Option("perception_distortion", _unit_interval, None,
+                   "DvSR knob in [0, 1]: 0 = sharpest (100 steps, 1 sample), 1 = lowest distortion "
+                   "(10 steps, 4 samples averaged; the pipeline's default)"),
+            Option("dvsr_steps", positive_int, None, "DvSR diffusion steps (instead of the knob)"),
+            Option("dvsr_samples", positive_int, None, "DvSR samples averaged (instead of the knob)"),
+        ),
     ))
 
 
