@@ -14,6 +14,7 @@ from .blur import (
     spatial_blur_adjoint,
 )
 from .guidance import JointGradient, dps_joint_gradient, dps_residual_norm, kernel_l1, pigdm_guidance
+from .kernel_range import kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from .kernels import (
     GaussianKernelGenerator,
     MotionKernelGenerator,
@@ -54,7 +55,9 @@ __all__ = [
     "gaussian_kernel",
     "kernel_center_of_mass",
     "kernel_l1",
+    "kernel_to_model_range",
     "motion_kernel",
+    "model_range_to_kernel",
     "o2p",
     "p2o",
     "pad_adjoint",
@@ -65,6 +68,7 @@ __all__ = [
     "shift_kernel",
     "spatial_blur",
     "spatial_blur_adjoint",
+    "unnormalized_kernel",
     "warp",
     "warp_adjoint",
 ]
