@@ -10,7 +10,7 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks
 
 from . import ops
 from .models import KernelDenoiser, KernelEstimator
-from .pipelines import DeblurPipelineOutput, FastEMDeblurPipeline, FastEMDeblurPipelineOutput
+from .pipelines import BlindDPSPipeline, DeblurPipelineOutput, FastEMDeblurPipeline, FastEMDeblurPipelineOutput
 
 
 __version__ = "0.1.0"
@@ -18,7 +18,12 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = str(Path(__file__).parent / "default_model")
 """Path of the shipped default Fast EM pipeline folder (load with ``FastEMDeblurPipeline.from_pretrained``)."""
 
+BLIND_DPS_DEFAULT_MODEL = str(Path(__file__).parent / "blind_dps_default_model")
+"""Path of the shipped default BlindDPS pipeline folder (load with ``BlindDPSPipeline.from_pretrained``)."""
+
 __all__ = [
+    "BLIND_DPS_DEFAULT_MODEL",
+    "BlindDPSPipeline",
     "DEFAULT_MODEL",
     "DeblurPipelineOutput",
     "FastEMDeblurPipeline",

@@ -1,5 +1,6 @@
+from .blind_dps import BlindDPSPipeline
 from .fast_em import FastEMDeblurPipeline, FastEMDeblurPipelineOutput
 from .pipeline_utils import DeblurPipelineOutput, DenoiserPrediction, UNetDenoiser
 
 
-__all__ = ["DeblurPipelineOutput", "DenoiserPrediction", "FastEMDeblurPipeline", "FastEMDeblurPipelineOutput", "UNetDenoiser"]
+__all__ = ["BlindDPSPipeline", "DeblurPipelineOutput", "DenoiserPrediction", "FastEMDeblurPipeline", "FastEMDeblurPipelineOutput", "UNetDenoiser"]

@@ -1,0 +1,4 @@
+from .pipeline_blind_dps_deblur import BlindDPSPipeline
+
+
+__all__ = ["BlindDPSPipeline"]
