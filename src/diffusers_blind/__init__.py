@@ -10,7 +10,14 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks
 
 from . import ops
 from .models import KernelDenoiser, KernelEstimator
-from .pipelines import BlindDPSPipeline, DeblurPipelineOutput, FastEMDeblurPipeline, FastEMDeblurPipelineOutput
+from .pipelines import (
+    BlindDPSPipeline,
+    BlindDPSTurbulencePipeline,
+    BlindDPSTurbulencePipelineOutput,
+    DeblurPipelineOutput,
+    FastEMDeblurPipeline,
+    FastEMDeblurPipelineOutput,
+)
 
 
 __version__ = "0.1.0"
@@ -24,6 +31,8 @@ BLIND_DPS_DEFAULT_MODEL = str(Path(__file__).parent / "blind_dps_default_model")
 __all__ = [
     "BLIND_DPS_DEFAULT_MODEL",
     "BlindDPSPipeline",
+    "BlindDPSTurbulencePipeline",
+    "BlindDPSTurbulencePipelineOutput",
     "DEFAULT_MODEL",
     "DeblurPipelineOutput",
     "FastEMDeblurPipeline",

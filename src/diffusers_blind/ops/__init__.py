@@ -30,6 +30,7 @@ from .kernels import (
 )
 from .noise import estimate_noise_sigma
 from .operators import BlurOperator, LinearOperator, TiltBlurOperator, TiltOperator
+from .tilt import TiltMapGenerator, tilt_map
 from .warp import warp, warp_adjoint
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "LinearOperator",
     "MotionKernelGenerator",
     "TiltBlurOperator",
+    "TiltMapGenerator",
     "TiltOperator",
     "as_numpy_generator",
     "center_kernel",
@@ -68,6 +70,7 @@ __all__ = [
     "shift_kernel",
     "spatial_blur",
     "spatial_blur_adjoint",
+    "tilt_map",
     "unnormalized_kernel",
     "warp",
     "warp_adjoint",

@@ -1,6 +1,15 @@
-from .blind_dps import BlindDPSPipeline
+from .blind_dps import BlindDPSPipeline, BlindDPSTurbulencePipeline, BlindDPSTurbulencePipelineOutput
 from .fast_em import FastEMDeblurPipeline, FastEMDeblurPipelineOutput
 from .pipeline_utils import DeblurPipelineOutput, DenoiserPrediction, UNetDenoiser
 
 
-__all__ = ["BlindDPSPipeline", "DeblurPipelineOutput", "DenoiserPrediction", "FastEMDeblurPipeline", "FastEMDeblurPipelineOutput", "UNetDenoiser"]
+__all__ = [
+    "BlindDPSPipeline",
+    "BlindDPSTurbulencePipeline",
+    "BlindDPSTurbulencePipelineOutput",
+    "DeblurPipelineOutput",
+    "DenoiserPrediction",
+    "FastEMDeblurPipeline",
+    "FastEMDeblurPipelineOutput",
+    "UNetDenoiser",
+]

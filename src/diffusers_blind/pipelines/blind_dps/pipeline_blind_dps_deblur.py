@@ -399,6 +399,44 @@ class BlindDPSPipeline(DiffusionPipeline):
             [`DeblurPipelineOutput`] with ``images`` and ``kernels`` (sum 1, true convolution, centre ``k // 2``),
             or the tuple ``(images, kernels)``.
         """
+        return self._sample(
+            image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
+            num_particles, boundary_margin, eta, generator, {"latents": latents, "kernel": kernel_latents},
+            output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )
+
+    def measurement_operator(self, blur_model: str) -> LinearOperator:
+        """The forward model ``A`` of this pipeline (before masking to the image window)."""
+        return blur_operator(blur_model)
+
+    def initial_states(self, n: int, canvas: tuple[int, int], kernel_size: int, generator, device, given: dict) -> dict:
+        """``x_T`` of every chain: the given tensors (shape-checked) or ``N(0, I)`` noise, drawn chain by chain."""
+        shapes = {"latents": (n, self.unet.config.in_channels, *canvas), "kernel": (n, 1, kernel_size, kernel_size)}
+        dtypes = {"latents": self.unet.dtype, "kernel": self.kernel_unet.dtype}
+        return {name: self.prepare_latents(shapes[name], generator, device, dtypes[name], given.get(name),
+                                           self.latents_argument(name)) for name in shapes}
+
+    def latents_argument(self, chain: str) -> str:
+        """The ``__call__`` argument that sets a chain's initial noise."""
+        return {chain_name: arg for arg, chain_name in self.callback_latent_names().items()}[chain]
+
+    def build_output(self, states, operator, window, batch, num_particles, grayscale, output_type, return_dict):
+        """Step 5: the final image chain and the sum-1 kernel of the final kernel chain."""
+        kernels = self.postprocess_kernel(self.output_kernel(states["kernel"], operator), batch, num_particles,
+                                          output_type)
+        if output_type == "latent":
+            images, uncertainty, particles = states["latents"], None, None
+        else:
+            images, uncertainty, particles = self.postprocess_images(states["latents"], window, batch, num_particles,
+                                                                     grayscale, output_type)
+        if not return_dict:
+            return images, kernels
+        return DeblurPipelineOutput(images=images, kernels=kernels, uncertainty=uncertainty, particles=particles)
+
+    def _sample(self, image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
+                num_particles, boundary_margin, eta, generator, given_latents, output_type, return_dict,
+                callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """The body of ``__call__`` shared by the deblurring and turbulence pipelines."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
@@ -411,22 +449,17 @@ class BlindDPSPipeline(DiffusionPipeline):
         device = self._execution_device
         batch = measurement.shape[0]
         y, operator, window, grayscale = self._canvas(measurement.to(device), num_particles, boundary_margin,
-                                                      blur_operator(blur_model))
+                                                      self.measurement_operator(blur_model))
         problem = BlindDPSProblem(y, operator, step_size, sparsity_weight)
 
-        # 3. Timesteps, denoisers, initial noise of both chains
+        # 3. Timesteps, denoisers, initial noise of every chain
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
         generator = self._expand_generator(generator, batch, num_particles)
         denoisers = {name: UNetDenoiser(unet, self.scheduler) for name, unet in self.chains().items()}
         step_kwargs = denoisers["latents"].step_kwargs(generator, eta)
-        n = batch * num_particles
-        states = {
-            "latents": self.prepare_latents((n, self.unet.config.in_channels, *y.shape[-2:]), generator, device,
-                                            self.unet.dtype, latents, "latents"),
-            "kernel": self.prepare_latents((n, 1, kernel_size, kernel_size), generator, device,
-                                           self.kernel_unet.dtype, kernel_latents, "kernel_latents"),
-        }
+        states = self.initial_states(batch * num_particles, tuple(y.shape[-2:]), kernel_size, generator, device,
+                                     given_latents)
 
         # 4. Denoising loop (Algorithm 1)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
@@ -434,14 +467,5 @@ class BlindDPSPipeline(DiffusionPipeline):
                                   callback_on_step_end_tensor_inputs, progress_bar)
         self.maybe_free_model_hooks()
 
-        # 5. Outputs: the final image chain, and the sum-1 kernel of the final kernel chain
-        kernels = self.postprocess_kernel(self.output_kernel(states["kernel"], operator), batch, num_particles,
-                                          output_type)
-        if output_type == "latent":
-            images, uncertainty, particles = states["latents"], None, None
-        else:
-            images, uncertainty, particles = self.postprocess_images(states["latents"], window, batch, num_particles,
-                                                                     grayscale, output_type)
-        if not return_dict:
-            return images, kernels
-        return DeblurPipelineOutput(images=images, kernels=kernels, uncertainty=uncertainty, particles=particles)
+        # 5. Outputs
+        return self.build_output(states, operator, window, batch, num_particles, grayscale, output_type, return_dict)
