@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- model / scheduler
-def build_unet(args):
+def build_unet(args, channels: int = 1, sample_size: int | None = None):
+    """The prior's ``UNet2DModel``: ``channels`` in, ``channels`` out (twice that for a learned variance)."""
     from diffusers import UNet2DModel
 
     n = len(args.block_out_channels)
@@ -109,9 +110,9 @@ def build_unet(args):
     if args.attention == "lowest":
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     return UNet2DModel(
-        sample_size=args.kernel_size,
-        in_channels=1,
-        out_channels=2 if args.variance == "learned_range" else 1,
+        sample_size=args.kernel_size if sample_size is None else sample_size,
+        in_channels=channels,
+        out_channels=2 * channels if args.variance == "learned_range" else channels,
         layers_per_block=args.layers_per_block,
         block_out_channels=tuple(args.block_out_channels),
         down_block_types=tuple(down),
@@ -165,7 +166,8 @@ def vlb_loss(scheduler, model_output, x_t, x0, t) -> torch.Tensor:
     post_var = b * (1 - a_prev) / (1 - a)
     c0, ct = a_prev.sqrt() * b / (1 - a), (1 - b).sqrt() * (1 - a_prev) / (1 - a)
     true_mean, true_logvar = c0 * x0 + ct * x_t, torch.log(post_var.clamp_min(1e-20))
-    eps, v = model_output[:, :1].detach(), model_output[:, 1:]
+    channels = x_t.shape[1]
+    eps, v = model_output[:, :channels].detach(), model_output[:, channels:]
     x0_hat = ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
     min_log, max_log = torch.log(post_var.clamp_min(1e-20)), torch.log(b)
     frac = (v + 1) / 2
@@ -185,14 +187,14 @@ def sample_kernels(unet, scheduler, n: int, steps: int, seed: int) -> torch.Tens
     sched.set_timesteps(steps)
     device = next(unet.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    x = torch.randn(n, 1, size, size, generator=g).to(device)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    x = torch.randn(n, channels, size, size, generator=g).to(device)
     was_training = unet.training
     unet.eval()
     for t in sched.timesteps:
         out = unet(x, t.to(device)).sample
         if sched.config.variance_type not in ("learned", "learned_range"):
-            out = out[:, :1]
+            out = out[:, :channels]
         x = sched.step(out, t, x, generator=g).prev_sample
     unet.train(was_training)
     return x
@@ -217,8 +219,9 @@ def save_kernel_grid(images: torch.Tensor, path: Path, cols: int | None = None, 
     Image.fromarray(grid.numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def export_model(unet, scheduler, output_dir: Path, export_dir: Path | None, info: dict) -> Path:
-    """Write ``<output_dir>/export/{unet,scheduler}``; with ``export_dir`` also ``<export_dir>/kernel_unet``."""
+def export_model(unet, scheduler, output_dir: Path, export_dir: Path | None, info: dict,
+                 component: str = "kernel_unet") -> Path:
+    """Write ``<output_dir>/export/{unet,scheduler}``; with ``export_dir`` also ``<export_dir>/<component>``."""
     exp = output_dir / "export"
     tmp = output_dir / "export_tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -227,7 +230,7 @@ def export_model(unet, scheduler, output_dir: Path, export_dir: Path | None, inf
     (tmp / "unet" / "training_info.json").write_text(json.dumps(info, indent=1))
     targets = [(tmp / "unet", exp / "unet"), (tmp / "scheduler", exp / "scheduler")]
     if export_dir is not None:
-        targets.append((tmp / "unet", Path(export_dir) / "kernel_unet"))
+        targets.append((tmp / "unet", Path(export_dir) / component))
     for src, dst in targets:
         dst.mkdir(parents=True, exist_ok=True)
         for f in src.iterdir():
@@ -242,6 +245,15 @@ def export_model(unet, scheduler, output_dir: Path, export_dir: Path | None, inf
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    sampler = KernelSampler(args.kernel_size, args.intensity_range, args.gaussian_fraction, args.gaussian_std_range)
+    info = {"kernel_size": args.kernel_size, "intensity_range": args.intensity_range,
+            "gaussian_fraction": args.gaussian_fraction, "gaussian_std_range": args.gaussian_std_range}
+    return train(args, sampler, channels=1, sample_size=args.kernel_size, component="kernel_unet",
+                 save_grid=save_kernel_grid, info_extra=info)
+
+
+def train(args, sampler, channels: int, sample_size: int, component: str, save_grid, info_extra: dict) -> dict:
+    """The training loop shared by the kernel and tilt priors: ``sampler.batch(n, rng)`` gives model-range data."""
     t_start = time.time()
     torch.set_num_threads(args.num_threads)
 
@@ -256,8 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
                               project_config=ProjectConfiguration(project_dir=str(args.output_dir)))
     set_seed(args.seed)
 
-    sampler = KernelSampler(args.kernel_size, args.intensity_range, args.gaussian_fraction, args.gaussian_std_range)
-    unet = build_unet(args)
+    unet = build_unet(args, channels, sample_size)
     noise_scheduler = build_scheduler(args.variance)
     n_params = sum(p.numel() for p in unet.parameters())
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
             global_step = int(ckpt.name.split("-")[1])
             accelerator.print(f"[train] resumed from {ckpt} at step {global_step}")
 
-    accelerator.print(f"[train] kernels {args.kernel_size}x{args.kernel_size} | UNet {n_params / 1e6:.3f}M params | "
+    accelerator.print(f"[train] {component} {sample_size}x{sample_size}x{channels} | UNet {n_params / 1e6:.3f}M params | "
                       f"variance {args.variance} | batch {args.batch_size} | start step {global_step}")
     (args.output_dir / "args.json").write_text(
         json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=1))
@@ -295,10 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
     def do_export(reason: str):
         model = ema_unet()
         info = {"step": global_step, "reason": reason, "params": n_params, "minutes": (time.time() - t_start) / 60,
-                "loss_ema": loss_avg, "kernel_size": args.kernel_size, "variance": args.variance,
-                "intensity_range": args.intensity_range, "gaussian_fraction": args.gaussian_fraction,
-                "gaussian_std_range": args.gaussian_std_range, "batch_size": args.batch_size, "seed": args.seed}
-        exp = export_model(model, noise_scheduler, args.output_dir, args.export_dir, info)
+                "loss_ema": loss_avg, "variance": args.variance, "batch_size": args.batch_size, "seed": args.seed,
+                **info_extra}
+        exp = export_model(model, noise_scheduler, args.output_dir, args.export_dir, info, component)
         accelerator.print(f"[train] exported EMA model at step {global_step} -> {exp}", flush=True)
         return model
 
@@ -324,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         with accelerator.accumulate(unet):
             out = unet(noisy, timesteps).sample
-            loss = F.mse_loss(out[:, :1].float(), noise.float())
+            loss = F.mse_loss(out[:, :channels].float(), noise.float())
             if args.variance == "learned_range":
                 loss = loss + args.vlb_weight * vlb_loss(noise_scheduler, out.float(), noisy, clean, timesteps)
             accelerator.backward(loss)
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
             do_checkpoint()
         if args.sample_every and global_step % args.sample_every == 0:
             x = sample_kernels(ema_unet(), noise_scheduler, args.num_sample_images, args.sample_steps, args.seed)
-            save_kernel_grid(x, sample_dir / f"step_{global_step:07d}.png")
+            save_grid(x, sample_dir / f"step_{global_step:07d}.png")
         if args.export_every_minutes and (time.time() - t_last_export) / 60 >= args.export_every_minutes:
             do_export("periodic")
             t_last_export = time.time()
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     final = do_export(f"final ({stop_reason})")
     if not args.no_final_samples:
         x = sample_kernels(final, noise_scheduler, args.num_sample_images, args.sample_steps, args.seed)
-        save_kernel_grid(x, sample_dir / f"final_step_{global_step:07d}.png")
+        save_grid(x, sample_dir / f"final_step_{global_step:07d}.png")
     accelerator.print(f"[train] done: step {global_step}, stop: {stop_reason}, {(time.time() - t_start) / 60:.1f} min")
     return {"global_step": global_step, "stop_reason": stop_reason, "params": n_params, "output_dir": str(args.output_dir)}
 
