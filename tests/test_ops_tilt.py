@@ -45,3 +45,18 @@ def test_a_generated_field_warps_an_image():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         tilt_map(**kwargs)
+
+
+def test_simulate_turbulence_is_tilt_then_blur_and_seeded():
+    from diffusers_blind.ops import BlurOperator, gaussian_kernel, simulate_turbulence
+
+    x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    y, kernel, field = simulate_turbulence(x, generator=5)
+    y2, _, field2 = simulate_turbulence(x, generator=5)
+    torch.testing.assert_close(y, y2)
+    assert field.shape == (2, 2, 40, 40) and (field[0] - field[1]).abs().max() > 0  # one field per image
+    torch.testing.assert_close(kernel, gaussian_kernel(33, 3.0))
+    expected = BlurOperator("reflect")(TiltOperator("border")(x, field), kernel)
+    torch.testing.assert_close(y, expected)
+    with pytest.raises(ValueError, match="image must be"):
+        simulate_turbulence(x[0])

@@ -30,7 +30,7 @@ from .kernels import (
 )
 from .noise import estimate_noise_sigma
 from .operators import BlurOperator, LinearOperator, TiltBlurOperator, TiltOperator
-from .tilt import TiltMapGenerator, tilt_map
+from .tilt import TiltMapGenerator, simulate_turbulence, tilt_map
 from .warp import warp, warp_adjoint
 
 
@@ -68,6 +68,7 @@ __all__ = [
     "project_kernel",
     "random_gaussian_kernel",
     "shift_kernel",
+    "simulate_turbulence",
     "spatial_blur",
     "spatial_blur_adjoint",
     "tilt_map",

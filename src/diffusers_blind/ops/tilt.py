@@ -69,3 +69,31 @@ class TiltMapGenerator:
     def __call__(self, batch_size: int = 1, generator=None) -> torch.Tensor:
         rng = as_numpy_generator(generator)
         return torch.cat([tilt_map(self.height, self.width, generator=rng, **self.kwargs) for _ in range(batch_size)])
+
+
+def simulate_turbulence(
+    image: torch.Tensor,
+    kernel: torch.Tensor | None = None,
+    field: torch.Tensor | None = None,
+    padding: str = "reflect",
+    generator: torch.Generator | np.random.Generator | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turbulence degradation of BlindDPS: tilt, then blur: ``y = k ⊛ T_d(x)`` (no noise added).
+
+    ``image`` is ``(B, C, H, W)`` in ``[0, 1]``. ``kernel`` defaults to a 33×33 Gaussian of std 3 px
+    (what the paper's code blurs with); ``field`` to one :func:`tilt_map` per image drawn from
+    ``generator``. ``padding`` is the blur's border (``"reflect"``, ``"circular"`` or ``"zeros"``); the
+    tilt repeats the edge pixel. Returns ``(degraded, kernel, field)``; add noise separately.
+    """
+    from .operators import BlurOperator, TiltBlurOperator, TiltOperator
+
+    if image.ndim != 4:
+        raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
+    if kernel is None:
+        kernel = gaussian_kernel(33, 3.0)
+    if field is None:
+        field = TiltMapGenerator(image.shape[-2], image.shape[-1])(image.shape[0], generator)
+    field = field.to(device=image.device, dtype=image.dtype)
+    kernel = kernel.to(device=image.device, dtype=image.dtype)
+    operator = TiltBlurOperator(BlurOperator(padding), TiltOperator("border"))
+    return operator(image, kernel, field), kernel, field
