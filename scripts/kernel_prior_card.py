@@ -12,7 +12,9 @@ Statistics per kernel (sum-1, true convolution), mean ± std over the set:
 * ``peak``: the largest entry (concentration);
 * ``noise``: share of the mass below 5 % of the peak (speckle outside the trajectory).
 
-The generator set is drawn with the mix recorded in the prior's ``training_info.json``.
+The generator set is drawn with the mix recorded in the prior's ``training_info.json``. Samples are
+mapped to kernels both with the plain ``u/Σu`` (``samples.png``, "model (none)") and with the median
+background removed (``samples_median.png``, "model (median)", what the BlindDPS pipelines use).
 """
 
 from __future__ import annotations
@@ -80,21 +82,26 @@ def main(argv=None) -> dict:
     images = torch.cat([trainer.sample_kernels(unet, scheduler, min(32, args.num_samples - i), args.steps, args.seed + i)
                         for i in range(0, args.num_samples, 32)])
     samples = model_range_to_kernel(images)
+    samples_median = model_range_to_kernel(images, background="median")
     sampler = trainer.KernelSampler(size, info.get("intensity_range", [0.05, 1.0]), info.get("gaussian_fraction", 1 / 6),
                                     info.get("gaussian_std_range", [0.5, max(1.0, size / 10)]))
     reference = sampler.kernels(args.num_samples, np.random.default_rng(12345))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_kernel_grid(images, args.output_dir / "samples.png", cols=8, scale=3)
+    trainer.save_kernel_grid(images, args.output_dir / "samples_median.png", cols=8, scale=3, background="median")
+    torch.save(images, args.output_dir / "samples_model_range.pt")
     trainer.save_kernel_grid(2 * reference / reference.amax(dim=(-2, -1), keepdim=True) - 1,
                              args.output_dir / "generator.png", cols=8, scale=3)
-    result = {"model": summary(kernel_statistics(samples)), "generator": summary(kernel_statistics(reference)),
+    result = {"model (none)": summary(kernel_statistics(samples)),
+              "model (median)": summary(kernel_statistics(samples_median)),
+              "generator": summary(kernel_statistics(reference)),
               "num_samples": args.num_samples, "steps": args.steps, "kernel_size": size,
               "training_step": info.get("step")}
     (args.output_dir / "stats.json").write_text(json.dumps(result, indent=1))
-    print(f"{'statistic':<11} {'prior samples':>18} {'generator':>18}")
-    for name in result["model"]:
-        (m, s), (gm, gs) = result["model"][name], result["generator"][name]
-        print(f"{name:<11} {m:>10.3f} ± {s:<6.3f} {gm:>10.3f} ± {gs:<6.3f}")
+    columns = ("model (none)", "model (median)", "generator")
+    print(f"{'statistic':<11} " + " ".join(f"{c:>20}" for c in columns))
+    for name in result["generator"]:
+        print(f"{name:<11} " + " ".join(f"{result[c][name][0]:>11.3f} ± {result[c][name][1]:<6.3f}" for c in columns))
     return result
 
 

@@ -200,11 +200,12 @@ def sample_kernels(unet, scheduler, n: int, steps: int, seed: int) -> torch.Tens
     return x
 
 
-def save_kernel_grid(images: torch.Tensor, path: Path, cols: int | None = None, scale: int = 2) -> None:
+def save_kernel_grid(images: torch.Tensor, path: Path, cols: int | None = None, scale: int = 2,
+                     background: str = "none") -> None:
     """Write model-range kernel images as a PNG grid, each kernel stretched to its own peak (white = max)."""
     from diffusers_blind.ops import model_range_to_kernel
 
-    kernels = model_range_to_kernel(images.float().cpu())
+    kernels = model_range_to_kernel(images.float().cpu(), background)
     peaks = kernels.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
     tiles = (kernels / peaks * 255).round().to(torch.uint8)[:, 0]
     n, h, w = tiles.shape

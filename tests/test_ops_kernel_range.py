@@ -50,3 +50,16 @@ def test_the_l1_norm_of_the_unnormalised_kernel_has_a_gradient_but_the_sum_one_k
 def test_bad_kernels_are_rejected(bad):
     with pytest.raises(ValueError, match="kernel"):
         kernel_to_model_range(bad)
+
+
+def test_median_background_is_removed_per_element_and_changes_nothing_on_a_clean_background():
+    kernels = torch.cat([motion_kernel(16, 0.5, generator=2), gaussian_kernel(16, 1.0)])
+    clean = kernel_to_model_range(kernels)
+    torch.testing.assert_close(model_range_to_kernel(clean, background="median"), kernels, atol=1e-7, rtol=1e-5)
+    drifted = clean.clone()
+    drifted[0] = (drifted[0] + 1) * 0.6 - 0.4  # background at -0.4: a grey pedestal, peak still at +0.8
+    assert model_range_to_kernel(drifted)[0].amax() < 0.5 * kernels[0].amax()  # u / Σu: the pedestal takes the mass
+    torch.testing.assert_close(model_range_to_kernel(drifted, background="median")[0], kernels[0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(model_range_to_kernel(drifted, background="median")[1], kernels[1], atol=1e-7, rtol=1e-5)
+    with pytest.raises(ValueError, match="background"):
+        model_range_to_kernel(clean, background="mean")

@@ -160,18 +160,32 @@ def test_pipeline_step_uses_the_joint_gradient_and_sparsity_reaches_the_kernel_c
     torch.testing.assert_close(kernel[0].sum(dim=(-2, -1)), torch.ones(1, 1))
 
 
+class Prediction:
+    def __init__(self, x0):
+        self.x0 = x0
+
+
 def test_batch_of_two_kernels_is_normalised_per_element():
-    pipe = pipe_with()
+    pipe = BlindDPSPipeline(**components(), kernel_background="none")  # the public code's map u / Σu
     raw = torch.stack([torch.full((1, 8, 8), -1.0), torch.full((1, 8, 8), 0.0)])
     raw[0, 0, 4, 4] = 1.0
-
-    class Prediction:
-        def __init__(self, x0):
-            self.x0 = x0
-
     (kernel,) = pipe.operator_params({"kernel": Prediction(raw)})
     torch.testing.assert_close(kernel.sum(dim=(-2, -1)), torch.ones(2, 1))
     assert kernel[0, 0, 4, 4] == 1.0 and torch.allclose(kernel[1], torch.full((1, 8, 8), 1 / 64))
+
+
+def test_default_median_background_removes_a_grey_pedestal_per_element():
+    pipe = pipe_with()
+    assert pipe.config.kernel_background == "median"
+    raw = torch.full((2, 1, 8, 8), -1.0)
+    raw[1] = -0.5  # second kernel: a grey background that u / Σu would turn into most of the mass
+    raw[:, 0, 3, 2:6] = 1.0
+    (kernel,) = pipe.operator_params({"kernel": Prediction(raw)})
+    torch.testing.assert_close(kernel[0], kernel[1])
+    assert torch.allclose(kernel[0, 0, 3, 2:6], torch.full((4,), 0.25))
+    pipe.register_to_config(kernel_background="mean")
+    with pytest.raises(ValueError, match="kernel_background"):
+        pipe(smooth_images(1, 3, 16, 16), num_inference_steps=1, kernel_size=8)
 
 
 def test_save_load_keeps_both_unets_and_the_config(tmp_path):

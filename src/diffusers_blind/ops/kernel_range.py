@@ -7,6 +7,9 @@ whereas a blur kernel is non-negative with sum 1 (docs/conventions.md, "Kernel d
   Used to make training data; it removes the kernel's scale (sum 1 is restored on the way back).
 * :func:`unnormalized_kernel` — ``u = (clip(k̃, −1, 1) + 1) / 2`` in ``[0, 1]``: the kernel up to its scale.
 * :func:`model_range_to_kernel` — ``k = u / Σu``, per batch element (an all-zero ``u`` gives a Dirac).
+  With ``background="median"`` the kernel's median ``m`` (its background: a blur kernel covers far
+  fewer than half of its pixels) is removed first, ``u ← max(u − m, 0)``: a sample whose background
+  drifted from ``−1`` (an under-trained prior) would otherwise put most of its mass in a flat pedestal.
 
 The round trip ``model_range_to_kernel(kernel_to_model_range(k)) == k`` holds for every non-negative,
 non-zero kernel with sum 1.
@@ -40,8 +43,20 @@ def unnormalized_kernel(image: torch.Tensor) -> torch.Tensor:
     return (image.clamp(-1, 1) + 1) / 2
 
 
-def model_range_to_kernel(image: torch.Tensor) -> torch.Tensor:
-    """The sum-1, non-negative kernel of a model-range image, normalised per batch element (differentiable)."""
+KERNEL_BACKGROUNDS = ("none", "median")
+
+
+def model_range_to_kernel(image: torch.Tensor, background: str = "none") -> torch.Tensor:
+    """The sum-1, non-negative kernel of a model-range image, normalised per batch element (differentiable).
+
+    ``background="none"``: ``u / Σu`` (the BlindDPS sampler's map). ``"median"``: ``max(u − median(u), 0)``
+    normalised, per element; identical when the background is at ``−1``, as for a well-trained prior.
+    """
     if image.ndim != 4 or image.shape[1] != 1:
         raise ValueError(f"kernel image must be (B, 1, kh, kw), got {tuple(image.shape)}")
-    return project_kernel(unnormalized_kernel(image))
+    if background not in KERNEL_BACKGROUNDS:
+        raise ValueError(f"background must be one of {KERNEL_BACKGROUNDS}, got {background!r}")
+    u = unnormalized_kernel(image)
+    if background == "median":
+        u = u - u.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+    return project_kernel(u)

@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
-from ...ops.kernel_range import model_range_to_kernel, unnormalized_kernel
+from ...ops.kernel_range import KERNEL_BACKGROUNDS, model_range_to_kernel, unnormalized_kernel
 from ...ops.operators import BlurOperator, LinearOperator
 from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, to_unit_range
 
@@ -107,6 +107,9 @@ class BlindDPSPipeline(DiffusionPipeline):
         scheduler ([`DDPMScheduler`] or [`DDIMScheduler`]): drives both chains (the same schedule).
         guidance_scale (`float`): default multiplier of the step size (see above).
         sparsity_weight (`float`): default ``λ`` of the ℓ1 sparsity prior on the unnormalised kernel ``u``.
+        kernel_background (`str`): ``"median"`` (default) removes each kernel image's median before normalising
+            (robust to a prior whose background drifts from ``−1``); ``"none"`` is the public code's ``u/Σu``.
+            Both agree when the background is at ``−1`` (docs/conventions.md, "Kernel diffusion prior").
     """
 
     model_cpu_offload_seq = "unet->kernel_unet"
@@ -119,10 +122,12 @@ class BlindDPSPipeline(DiffusionPipeline):
         scheduler: DDPMScheduler | DDIMScheduler,
         guidance_scale: float = 1.0,
         sparsity_weight: float = 0.0,
+        kernel_background: str = "median",
     ):
         super().__init__()
         self.register_modules(unet=unet, kernel_unet=kernel_unet, scheduler=scheduler)
-        self.register_to_config(guidance_scale=guidance_scale, sparsity_weight=sparsity_weight)
+        self.register_to_config(guidance_scale=guidance_scale, sparsity_weight=sparsity_weight,
+                                kernel_background=kernel_background)
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
@@ -170,6 +175,9 @@ class BlindDPSPipeline(DiffusionPipeline):
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
         self._check_number("guidance_scale", guidance_scale)
         self._check_number("sparsity_weight", sparsity_weight)
+        background = getattr(self.config, "kernel_background", "median")
+        if background not in KERNEL_BACKGROUNDS:
+            raise ValueError(f"kernel_background must be one of {KERNEL_BACKGROUNDS}, got {background!r}")
         if not isinstance(boundary_margin, int) or boundary_margin < 0:
             raise ValueError(f"boundary_margin must be an int >= 0, got {boundary_margin!r}")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -236,7 +244,11 @@ class BlindDPSPipeline(DiffusionPipeline):
 
     def operator_params(self, predictions: dict) -> tuple[torch.Tensor, ...]:
         """The operator's parameters from the chains' x̂0: the sum-1 kernel ``k̂0``, normalised per batch element."""
-        return (model_range_to_kernel(predictions["kernel"].x0),)
+        return (self.kernel_from_model_range(predictions["kernel"].x0),)
+
+    def kernel_from_model_range(self, image: torch.Tensor) -> torch.Tensor:
+        """Sum-1 kernels of kernel-chain images, per batch element, with the configured background handling."""
+        return model_range_to_kernel(image, getattr(self.config, "kernel_background", "median"))
 
     def chains(self) -> dict[str, UNet2DModel]:
         """The diffusion chains run in parallel, by name: image and kernel."""
@@ -262,7 +274,7 @@ class BlindDPSPipeline(DiffusionPipeline):
 
     def output_kernel(self, kernel_state: torch.Tensor, operator: LinearOperator) -> torch.Tensor:
         """The sum-1 kernel of a kernel-chain state in the package convention (true convolution, centre ``k // 2``)."""
-        kernel = model_range_to_kernel(kernel_state.float())
+        kernel = self.kernel_from_model_range(kernel_state.float())
         inner = getattr(operator, "operator", operator)
         blur = getattr(inner, "blur", inner)
         return flip_kernel(kernel) if getattr(blur, "kernel_convention", "convolution") == "correlation" else kernel

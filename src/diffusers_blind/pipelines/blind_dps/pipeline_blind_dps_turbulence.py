@@ -49,6 +49,7 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         scheduler ([`DDPMScheduler`] or [`DDIMScheduler`]): drives the three chains.
         guidance_scale (`float`): default step-size multiplier.
         tilt_scale (`float`): pixels per unit of the tilt prior's range.
+        kernel_background (`str`): as in [`BlindDPSPipeline`].
     """
 
     model_cpu_offload_seq = "unet->kernel_unet->tilt_unet"
@@ -62,10 +63,12 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         scheduler: DDPMScheduler | DDIMScheduler,
         guidance_scale: float = 1.0,
         tilt_scale: float = 2.5,
+        kernel_background: str = "median",
     ):
         DiffusionPipeline.__init__(self)
         self.register_modules(unet=unet, kernel_unet=kernel_unet, tilt_unet=tilt_unet, scheduler=scheduler)
-        self.register_to_config(guidance_scale=guidance_scale, tilt_scale=tilt_scale)
+        self.register_to_config(guidance_scale=guidance_scale, tilt_scale=tilt_scale,
+                                kernel_background=kernel_background)
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
