@@ -28,8 +28,8 @@ def main(argv=None) -> Path:
     p.add_argument("--kernel_unet", type=Path, required=True, help="exported kernel UNet folder")
     p.add_argument("--output", type=Path, default=PACKAGE / "blind_dps_default_model")
     p.add_argument("--image_model", type=Path, default=PACKAGE / "default_model", help="folder with unet/ and scheduler/")
-    p.add_argument("--guidance_scale", type=float, default=25.0,
-                   help="shipped default step multiplier (tuned at 100 respaced steps, see the model card)")
+    p.add_argument("--guidance_scale", type=float, default=10.0,
+                   help="shipped default step multiplier (for the default 250 respaced steps, see the model card)")
     p.add_argument("--sparsity_weight", type=float, default=0.0)
     p.add_argument("--copy_unet", action="store_true", help="copy the image UNet instead of linking it")
     p.add_argument("--float32", action="store_true",

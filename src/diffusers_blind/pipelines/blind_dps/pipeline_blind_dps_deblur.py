@@ -38,7 +38,7 @@ EXAMPLE_DOC_STRING = """
 
         >>> pipe = BlindDPSPipeline.from_pretrained(diffusers_blind.BLIND_DPS_DEFAULT_MODEL)
         >>> blurry = Image.open("blurry.png")
-        >>> out = pipe(blurry, num_inference_steps=100, blur_model="reflect", generator=torch.manual_seed(0))
+        >>> out = pipe(blurry, num_inference_steps=250, blur_model="reflect", generator=torch.manual_seed(0))
         >>> out.images[0].save("restored.png")
         >>> out.kernels.shape  # (B, k, k), true-convolution convention, centre k // 2
         (1, 32, 32)
@@ -361,7 +361,7 @@ class BlindDPSPipeline(DiffusionPipeline):
     def __call__(
         self,
         image: ImageInput,
-        num_inference_steps: int = 100,
+        num_inference_steps: int = 250,
         blur_model: str = "correlation",
         step_size: str = "sqrt_alpha_bar",
         guidance_scale: float | None = None,
@@ -384,8 +384,8 @@ class BlindDPSPipeline(DiffusionPipeline):
             image: blurry image(s): PIL, numpy ``(H, W[, C])``/``(B, H, W, C)`` or torch ``(C, H, W)``/``(B, C, H, W)``,
                 values in ``[0, 1]`` (uint8 is rescaled); RGB or grayscale; any ``H × W``.
             num_inference_steps: diffusion steps; below the scheduler's 1000 the schedule is respaced. The paper runs
-                1000; the default 100 is what a CPU affords. ``guidance_scale`` has to be tuned with the step count
-                (the shipped folder's 25 was tuned at 100 steps).
+                1000; the default 250 is what a CPU affords. ``guidance_scale`` has to be tuned with the step count
+                (the shipped folder's 10 was chosen for 250 steps; 25 did best of 1-100 at 100 steps).
             blur_model: the measurement model ``A``: ``"correlation"`` (the paper: zero-padded correlation in ``[−1, 1]``,
                 i.e. a mid-grey border), ``"circular"`` or ``"reflect"`` (true convolution, periodic / mirrored border).
             step_size: ``"sqrt_alpha_bar"`` (``ζ_t = guidance_scale·√ᾱ_t``, the public code) or ``"constant"``

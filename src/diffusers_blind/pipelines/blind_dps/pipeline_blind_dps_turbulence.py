@@ -139,7 +139,7 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
     def __call__(
         self,
         image: ImageInput,
-        num_inference_steps: int = 100,
+        num_inference_steps: int = 250,
         blur_model: str = "correlation",
         step_size: str = "sqrt_alpha_bar",
         guidance_scale: float | None = None,
