@@ -12,6 +12,9 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks
 from . import ops
 from .models import DeblurPredictor, KernelDenoiser, KernelEstimator
 from .pipelines import (
+    BlindDPSPipeline,
+    BlindDPSTurbulencePipeline,
+    BlindDPSTurbulencePipelineOutput,
     DeblurPipelineOutput,
     FastEMDeblurPipeline,
     FastEMDeblurPipelineOutput,
@@ -28,8 +31,14 @@ DEFAULT_MODEL = str(Path(__file__).parent / "default_model")
 
 DVSR_DEFAULT_MODEL = str(Path(__file__).parent / "dvsr_default_model")
 """Path of the shipped DvSR pipeline folder (load with ``StochasticRefinementDeblurPipeline.from_pretrained``)."""
+BLIND_DPS_DEFAULT_MODEL = str(Path(__file__).parent / "blind_dps_default_model")
+"""Path of the shipped default BlindDPS pipeline folder (load with ``BlindDPSPipeline.from_pretrained``)."""
 
 __all__ = [
+    "BLIND_DPS_DEFAULT_MODEL",
+    "BlindDPSPipeline",
+    "BlindDPSTurbulencePipeline",
+    "BlindDPSTurbulencePipelineOutput",
     "ContinuousNoiseLevelScheduler",
     "DEFAULT_MODEL",
     "DVSR_DEFAULT_MODEL",

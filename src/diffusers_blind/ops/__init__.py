@@ -14,6 +14,7 @@ from .blur import (
     spatial_blur_adjoint,
 )
 from .guidance import JointGradient, dps_joint_gradient, dps_residual_norm, kernel_l1, pigdm_guidance
+from .kernel_range import kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from .kernels import (
     GaussianKernelGenerator,
     MotionKernelGenerator,
@@ -29,6 +30,7 @@ from .kernels import (
 )
 from .noise import estimate_noise_sigma
 from .operators import BlurOperator, LinearOperator, TiltBlurOperator, TiltOperator
+from .tilt import TiltMapGenerator, simulate_turbulence, tilt_map
 from .warp import warp, warp_adjoint
 
 
@@ -39,6 +41,7 @@ __all__ = [
     "LinearOperator",
     "MotionKernelGenerator",
     "TiltBlurOperator",
+    "TiltMapGenerator",
     "TiltOperator",
     "as_numpy_generator",
     "center_kernel",
@@ -54,7 +57,9 @@ __all__ = [
     "gaussian_kernel",
     "kernel_center_of_mass",
     "kernel_l1",
+    "kernel_to_model_range",
     "motion_kernel",
+    "model_range_to_kernel",
     "o2p",
     "p2o",
     "pad_adjoint",
@@ -63,8 +68,11 @@ __all__ = [
     "project_kernel",
     "random_gaussian_kernel",
     "shift_kernel",
+    "simulate_turbulence",
     "spatial_blur",
     "spatial_blur_adjoint",
+    "tilt_map",
+    "unnormalized_kernel",
     "warp",
     "warp_adjoint",
 ]

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Assemble the shipped BlindDPS pipeline folder from a trained kernel prior.
+
+    python scripts/build_blind_dps_default_model.py --kernel_unet /work/runs/kernel_prior/export/unet
+
+Writes ``src/diffusers_blind/blind_dps_default_model/`` with ``model_index.json``, ``kernel_unet/``
+(config, weights stored in float16, training_info.json), ``scheduler/`` (the image prior's DDPM schedule, which the
+kernel prior was trained on too) and ``unet`` as a **relative symbolic link** to the Fast EM default
+model's ``unet/`` (the same image prior; the link keeps 17 MB of weights out of the repository twice).
+Pipeline defaults (``guidance_scale``, ``sparsity_weight``) go to ``model_index.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "diffusers_blind"
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kernel_unet", type=Path, required=True, help="exported kernel UNet folder")
+    p.add_argument("--output", type=Path, default=PACKAGE / "blind_dps_default_model")
+    p.add_argument("--image_model", type=Path, default=PACKAGE / "default_model", help="folder with unet/ and scheduler/")
+    p.add_argument("--guidance_scale", type=float, default=10.0,
+                   help="shipped default step multiplier (for the default 250 respaced steps, see the model card)")
+    p.add_argument("--sparsity_weight", type=float, default=0.0)
+    p.add_argument("--copy_unet", action="store_true", help="copy the image UNet instead of linking it")
+    p.add_argument("--float32", action="store_true",
+                   help="store the kernel UNet in float32 (default: float16 on disk, 2x smaller; loads as float32)")
+    args = p.parse_args(argv)
+
+    import diffusers_blind  # noqa: F401  (registers the pipeline classes)
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers_blind import BlindDPSPipeline
+
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    kernel_unet = UNet2DModel.from_pretrained(args.kernel_unet)
+    if not args.float32:
+        kernel_unet = kernel_unet.half()
+    scheduler = DDPMScheduler.from_pretrained(args.image_model / "scheduler")
+    # model_index.json written by diffusers itself (with a throw-away copy of the image UNet)
+    staging = out.parent / f".{out.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe = BlindDPSPipeline(UNet2DModel.from_pretrained(args.image_model / "unet"), kernel_unet, scheduler,
+                            guidance_scale=args.guidance_scale, sparsity_weight=args.sparsity_weight)
+    pipe.save_pretrained(staging)
+    for name in ("model_index.json",):
+        shutil.copy2(staging / name, out / name)
+    for sub in ("kernel_unet", "scheduler"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+        shutil.copytree(staging / sub, out / sub)
+    info = args.kernel_unet / "training_info.json"
+    if info.is_file():
+        shutil.copy2(info, out / "kernel_unet" / "training_info.json")
+    shutil.rmtree(staging, ignore_errors=True)
+    for f in out.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o644)
+    link = out / "unet"
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    if args.copy_unet:
+        shutil.copytree(args.image_model / "unet", link)
+    else:
+        os.symlink(os.path.relpath(args.image_model / "unet", out), link)
+    print(json.dumps(json.loads((out / "model_index.json").read_text()), indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

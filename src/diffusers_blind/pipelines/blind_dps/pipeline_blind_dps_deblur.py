@@ -1,0 +1,485 @@
+"""BlindDPS (Chung, Kim, Kim, Ye, CVPR 2023): blind deblurring by parallel diffusion of image and kernel.
+
+Algorithm 1 of the paper, as its public code runs it and with the corrections listed in
+docs/blind_dps.md: each step, the image chain and the kernel chain take an (unguided) DDPM
+step; the predicted clean kernel ``k̂0`` is mapped to a non-negative, sum-1 kernel per batch
+element; both chains then move against the gradient of one joint data term
+``‖y − A(x̂0, k̂0)‖₂ (+ λ‖u(k̂0)‖₁)`` (Eq. 10).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
+from ...ops.blur import flip_kernel
+from ...ops.guidance import dps_joint_gradient, kernel_l1
+from ...ops.kernel_range import KERNEL_BACKGROUNDS, model_range_to_kernel, unnormalized_kernel
+from ...ops.operators import BlurOperator, LinearOperator
+from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, to_unit_range
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> import diffusers_blind
+        >>> from diffusers_blind import BlindDPSPipeline
+        >>> from PIL import Image
+
+        >>> pipe = BlindDPSPipeline.from_pretrained(diffusers_blind.BLIND_DPS_DEFAULT_MODEL)
+        >>> blurry = Image.open("blurry.png")
+        >>> out = pipe(blurry, num_inference_steps=250, blur_model="reflect", generator=torch.manual_seed(0))
+        >>> out.images[0].save("restored.png")
+        >>> out.kernels.shape  # (B, k, k), true-convolution convention, centre k // 2
+        (1, 32, 32)
+        ```
+"""
+
+BLUR_MODELS = ("correlation", "circular", "reflect")
+STEP_SIZES = ("sqrt_alpha_bar", "constant")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def blur_operator(blur_model: str) -> BlurOperator:
+    """The measurement model of a ``blur_model`` name.
+
+    ``"correlation"``: the paper's zero-padded cross-correlation (``F.conv2d(padding="same")``); the
+    kernel chain then holds the 180°-rotated (correlation) kernel. ``"circular"`` / ``"reflect"``:
+    the package's true convolution with periodic / mirrored boundaries.
+    """
+    if blur_model == "correlation":
+        return BlurOperator("zeros", kernel_convention="correlation")
+    if blur_model in ("circular", "reflect"):
+        return BlurOperator(blur_model)
+    raise ValueError(f"blur_model must be one of {BLUR_MODELS}, got {blur_model!r}")
+
+
+class MaskedOperator(LinearOperator):
+    """``M ⊙ A(x, θ)``: an operator whose output is seen only on a window ``M`` (the image inside a padded canvas)."""
+
+    def __init__(self, operator: LinearOperator, mask: torch.Tensor):
+        self.operator = operator
+        self.mask = mask
+        self.param_names = operator.param_names
+
+    def A(self, x, *params):
+        return self.mask * self.operator.A(x, *params)
+
+    def A_adjoint(self, y, *params):
+        return self.operator.A_adjoint(self.mask * y, *params)
+
+
+@dataclass
+class BlindDPSProblem:
+    """Per-call constants: the measurement in the model range on the padded canvas, and the guidance settings."""
+
+    measurement: torch.Tensor  # (B·n, C, H', W') in [-1, 1], zero outside the image window
+    operator: LinearOperator
+    step_size: str
+    sparsity_weight: float
+
+
+class BlindDPSPipeline(DiffusionPipeline):
+    r"""Blind deblurring by BlindDPS: an image diffusion prior and a kernel diffusion prior run in parallel.
+
+    Each step (Algorithm 1, Eq. 10): ``x'_{t−1}, x̂0 = step(unet, x_t)``, ``k'_{t−1}, k̃0 = step(kernel_unet, k_t)``,
+    ``k̂0 = u/Σu`` with ``u = (k̃0 + 1)/2`` per batch element, ``L = ‖y − A(x̂0, k̂0)‖₂ + λ‖u‖₁``, then
+    ``x_{t−1} = x'_{t−1} − ζ_t ∇_{x_t} L`` and ``k_{t−1} = k'_{t−1} − ζ_t ∇_{k_t} L`` with
+    ``ζ_t = guidance_scale · √ᾱ_t`` (the public code) or ``ζ_t = guidance_scale`` (the paper's constant).
+    The data term is computed in the models' ``[−1, 1]`` range, as in the paper. Differences from the
+    public code are listed in docs/blind_dps.md.
+
+    Args:
+        unet ([`UNet2DModel`]): ε-prediction image prior on ``[−1, 1]`` (3 or 6 output channels).
+        kernel_unet ([`UNet2DModel`]): ε-prediction kernel prior, 1 input channel (1 or 2 output channels), on
+            kernels mapped with ``2k/max(k) − 1`` (:func:`~diffusers_blind.ops.kernel_to_model_range`); its
+            ``sample_size`` is the default kernel size.
+        scheduler ([`DDPMScheduler`] or [`DDIMScheduler`]): drives both chains (the same schedule).
+        guidance_scale (`float`): default multiplier of the step size (see above).
+        sparsity_weight (`float`): default ``λ`` of the ℓ1 sparsity prior on the unnormalised kernel ``u``.
+        kernel_background (`str`): ``"median"`` (default) removes each kernel image's median before normalising
+            (robust to a prior whose background drifts from ``−1``); ``"none"`` is the public code's ``u/Σu``.
+            Both agree when the background is at ``−1`` (docs/conventions.md, "Kernel diffusion prior").
+    """
+
+    model_cpu_offload_seq = "unet->kernel_unet"
+    _callback_tensor_inputs = ["latents", "kernel_latents", "kernel"]
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        kernel_unet: UNet2DModel,
+        scheduler: DDPMScheduler | DDIMScheduler,
+        guidance_scale: float = 1.0,
+        sparsity_weight: float = 0.0,
+        kernel_background: str = "median",
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, kernel_unet=kernel_unet, scheduler=scheduler)
+        self.register_to_config(guidance_scale=guidance_scale, sparsity_weight=sparsity_weight,
+                                kernel_background=kernel_background)
+        self._guidance_scale = None
+        self._num_timesteps = 0
+        self._interrupt = False
+
+    @property
+    def guidance_scale(self) -> float:
+        """The step-size multiplier of the current (or last) call; the saved default before any call."""
+        return float(self.config.guidance_scale) if self._guidance_scale is None else self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def _check_number(name: str, value, minimum: float = 0.0) -> None:
+        try:
+            ok = math.isfinite(float(value)) and float(value) >= minimum
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
+
+    def _unet_multiple(self, unet: UNet2DModel) -> int:
+        return 2 ** (len(unet.config.block_out_channels) - 1)
+
+    def check_inputs(self, measurement, kernel_size, blur_model, step_size, num_inference_steps, num_particles,
+                     output_type, guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs):
+        if blur_model not in BLUR_MODELS:
+            raise ValueError(f"blur_model must be one of {BLUR_MODELS}, got {blur_model!r}")
+        if step_size not in STEP_SIZES:
+            raise ValueError(f"step_size must be one of {STEP_SIZES}, got {step_size!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        if num_inference_steps > self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the scheduler's "
+                             f"{self.scheduler.config.num_train_timesteps} training steps")
+        if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+        self._check_number("guidance_scale", guidance_scale)
+        self._check_number("sparsity_weight", sparsity_weight)
+        background = getattr(self.config, "kernel_background", "median")
+        if background not in KERNEL_BACKGROUNDS:
+            raise ValueError(f"kernel_background must be one of {KERNEL_BACKGROUNDS}, got {background!r}")
+        if not isinstance(boundary_margin, int) or boundary_margin < 0:
+            raise ValueError(f"boundary_margin must be an int >= 0, got {boundary_margin!r}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
+        unet_channels = self.unet.config.in_channels
+        if measurement.shape[1] != unet_channels and not (measurement.shape[1] == 1 and unet_channels == 3):
+            raise ValueError(f"image has {measurement.shape[1]} channels but the UNet expects {unet_channels}")
+        if self.kernel_unet.config.in_channels != 1:
+            raise ValueError(f"kernel_unet must take 1 channel, it takes {self.kernel_unet.config.in_channels}")
+        multiple = self._unet_multiple(self.kernel_unet)
+        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % multiple:
+            raise ValueError(f"kernel_size must be a positive multiple of {multiple} (the kernel UNet's levels), "
+                             f"got {kernel_size!r}")
+        height, width = measurement.shape[-2:]
+        if kernel_size > height or kernel_size > width:
+            raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width})")
+        self._check_variance(self.unet, "unet", 2 * unet_channels)
+        self._check_variance(self.kernel_unet, "kernel_unet", 2)
+
+    def _check_variance(self, unet: UNet2DModel, name: str, learned_channels: int) -> None:
+        learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        if learned and unet.config.out_channels != learned_channels:
+            raise ValueError(f"the scheduler learns the variance but {name} has {unet.config.out_channels} output "
+                             f"channels (needs {learned_channels}); use a fixed-variance scheduler")
+
+    def prepare_latents(self, shape, generator, device, dtype, latents=None, name: str = "latents") -> torch.Tensor:
+        """``N(0, I)`` noise of ``shape``, or the given ``latents`` (checked)."""
+        if latents is not None:
+            if not torch.is_tensor(latents) or tuple(latents.shape) != tuple(shape):
+                got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+                raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
+            return latents.to(device=device, dtype=dtype)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    @staticmethod
+    def _expand_generator(generator, batch: int, num_particles: int):
+        """Repeat a per-image generator list so that every particle of image ``b`` draws from ``generator[b]``."""
+        if not isinstance(generator, list):
+            return generator
+        if len(generator) == batch * num_particles:
+            return generator
+        if len(generator) != batch:
+            raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * num_particles}")
+        return [g for g in generator for _ in range(num_particles)]
+
+    # ------------------------------------------------------------------ one step of Algorithm 1
+    def step_size_at(self, t, step_size: str) -> float:
+        """``ζ_t``: ``guidance_scale · √ᾱ_t`` (public code) or the constant ``guidance_scale`` (paper)."""
+        if step_size == "constant":
+            return self.guidance_scale
+        return self.guidance_scale * float(self.scheduler.alphas_cumprod[int(t)]) ** 0.5
+
+    def sparsity_term(self, predictions: dict, sparsity_weight: float):
+        """The ℓ1 prior ``λ‖u‖₁`` on the unnormalised kernel ``u = (k̃0 + 1)/2`` as a regulariser, or ``None``.
+
+        The public code puts ``‖k̂0‖₁`` on the sum-1 kernel, where it is identically 1 (zero gradient);
+        ``u`` keeps its scale, so the prior does push towards sparse kernels.
+        """
+        if sparsity_weight <= 0:
+            return None
+        unnormalized = unnormalized_kernel(predictions["kernel"].x0)
+        return lambda kernel: sparsity_weight * kernel_l1(unnormalized)
+
+    def operator_params(self, predictions: dict) -> tuple[torch.Tensor, ...]:
+        """The operator's parameters from the chains' x̂0: the sum-1 kernel ``k̂0``, normalised per batch element."""
+        return (self.kernel_from_model_range(predictions["kernel"].x0),)
+
+    def kernel_from_model_range(self, image: torch.Tensor) -> torch.Tensor:
+        """Sum-1 kernels of kernel-chain images, per batch element, with the configured background handling."""
+        return model_range_to_kernel(image, getattr(self.config, "kernel_background", "median"))
+
+    def chains(self) -> dict[str, UNet2DModel]:
+        """The diffusion chains run in parallel, by name: image and kernel."""
+        return {"latents": self.unet, "kernel": self.kernel_unet}
+
+    def denoising_step(self, problem: BlindDPSProblem, denoisers: dict, states: dict, t, step_kwargs: dict):
+        """Algorithm 1, one step: unguided DDPM step of every chain, then one joint gradient step (Eq. 10).
+
+        Returns the new states and the per-element kernel estimate ``k̂0`` (operator convention), detached.
+        """
+        with torch.enable_grad():
+            x_t = {name: state.detach().requires_grad_(True) for name, state in states.items()}
+            predictions = {name: denoisers[name](x_t[name], t, step=True, **step_kwargs) for name in x_t}
+            params = self.operator_params(predictions)
+            names = list(x_t)
+            result = dps_joint_gradient(
+                problem.measurement, predictions["latents"].x0, params, [x_t[n] for n in names],
+                operator=problem.operator, kernel_regularizer=self.sparsity_term(predictions, problem.sparsity_weight),
+            )
+        zeta = self.step_size_at(t, problem.step_size)
+        new_states = {n: (predictions[n].prev_sample - zeta * g).detach() for n, g in zip(names, result.gradients)}
+        return new_states, tuple(p.detach() for p in params)
+
+    def output_kernel(self, kernel_state: torch.Tensor, operator: LinearOperator) -> torch.Tensor:
+        """The sum-1 kernel of a kernel-chain state in the package convention (true convolution, centre ``k // 2``)."""
+        kernel = self.kernel_from_model_range(kernel_state.float())
+        inner = getattr(operator, "operator", operator)
+        blur = getattr(inner, "blur", inner)
+        return flip_kernel(kernel) if getattr(blur, "kernel_convention", "convolution") == "correlation" else kernel
+
+    # ------------------------------------------------------------------ outputs
+    def postprocess_images(self, latents, window, batch: int, num_particles: int, grayscale: bool, output_type: str):
+        """Crop, average the particles, convert: ``(images, uncertainty, particles)``."""
+        samples = crop_window(to_unit_range(latents), window)
+        if not torch.isfinite(samples).all():
+            raise RuntimeError("The sampler diverged (non-finite values): lower guidance_scale.")
+        if grayscale:
+            samples = samples.mean(1, keepdim=True)
+        samples = samples.reshape(batch, num_particles, *samples.shape[1:])
+        std = samples.std(1, unbiased=False).mean(1, keepdim=True) if num_particles > 1 else None
+        images = tensor_to_output(samples.mean(1), output_type)
+        if output_type == "pt":
+            return images, std.cpu() if std is not None else None, samples.cpu()
+        uncertainty = std[:, 0].cpu().numpy() if std is not None else None
+        return images, uncertainty, samples.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+    @staticmethod
+    def postprocess_kernel(kernel: torch.Tensor, batch: int, num_particles: int, output_type: str):
+        """Average the particles' sum-1 kernels: ``(B, 1, k, k)`` tensor for ``"pt"``, else a ``(B, k, k)`` array."""
+        kernel = kernel.reshape(batch, num_particles, *kernel.shape[1:]).mean(1).detach().float().cpu()
+        return kernel if output_type == "pt" else kernel[:, 0].numpy()
+
+    # ------------------------------------------------------------------ shared call machinery
+    def _prepare(self, image, kernel_size, blur_model, step_size, num_inference_steps, num_particles, output_type,
+                 guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs):
+        measurement = to_tensor(image)
+        kernel_size = int(self.kernel_unet.config.sample_size) if kernel_size is None else kernel_size
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        sparsity_weight = self.config.sparsity_weight if sparsity_weight is None else sparsity_weight
+        self.check_inputs(measurement, kernel_size, blur_model, step_size, num_inference_steps, num_particles,
+                          output_type, guidance_scale, sparsity_weight, boundary_margin,
+                          callback_on_step_end_tensor_inputs)
+        self._guidance_scale = float(guidance_scale)
+        self._interrupt = False
+        return measurement, kernel_size, float(sparsity_weight)
+
+    def _canvas(self, measurement, num_particles: int, boundary_margin: int, operator: LinearOperator):
+        """Pad to the UNet multiple (plus a margin), go to ``[−1, 1]``, repeat per particle; mask the data term to the image."""
+        grayscale = measurement.shape[1] == 1 and self.unet.config.in_channels == 3
+        if grayscale:
+            measurement = measurement.expand(-1, 3, -1, -1)
+        padded, window = pad_to_multiple(measurement, self._unet_multiple(self.unet), boundary_margin)
+        y = (2 * padded - 1).repeat_interleave(num_particles, dim=0)
+        if padded.shape[-2:] != measurement.shape[-2:]:
+            mask = torch.zeros_like(padded[:1, :1])
+            top, left, height, width = window
+            mask[..., top: top + height, left: left + width] = 1
+            operator, y = MaskedOperator(operator, mask), y * mask
+        return y, operator, window, grayscale
+
+    def _run(self, problem, denoisers, states, step_kwargs, callback_on_step_end, tensor_inputs, progress_bar):
+        """The denoising loop with callbacks; returns the final states and the last ``k̂0`` params."""
+        params = None
+        for i, t in enumerate(self.scheduler.timesteps):
+            if self.interrupt:
+                continue
+            states, params = self.denoising_step(problem, denoisers, states, t, step_kwargs)
+            if callback_on_step_end is not None:
+                available = self.callback_tensors(states, problem)
+                outputs = callback_on_step_end(self, i, t, {name: available[name] for name in tensor_inputs})
+                for name, chain in self.callback_latent_names().items():
+                    states[chain] = outputs.pop(name, states[chain])
+            progress_bar.update()
+        return states, params
+
+    @staticmethod
+    def callback_latent_names() -> dict[str, str]:
+        """Callback tensor name → chain name, for the states a callback may replace."""
+        return {"latents": "latents", "kernel_latents": "kernel"}
+
+    def callback_tensors(self, states: dict, problem: BlindDPSProblem) -> dict:
+        """Every tensor a step-end callback may ask for (``kernel`` is the current sum-1 estimate, read-only)."""
+        tensors = {name: states[chain] for name, chain in self.callback_latent_names().items()}
+        tensors["kernel"] = self.output_kernel(states["kernel"], problem.operator)
+        return tensors
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image: ImageInput,
+        num_inference_steps: int = 250,
+        blur_model: str = "correlation",
+        step_size: str = "sqrt_alpha_bar",
+        guidance_scale: float | None = None,
+        sparsity_weight: float | None = None,
+        kernel_size: int | None = None,
+        num_particles: int = 1,
+        boundary_margin: int = 0,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        kernel_latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""Deblur ``image`` and estimate its blur kernel with BlindDPS.
+
+        Args:
+            image: blurry image(s): PIL, numpy ``(H, W[, C])``/``(B, H, W, C)`` or torch ``(C, H, W)``/``(B, C, H, W)``,
+                values in ``[0, 1]`` (uint8 is rescaled); RGB or grayscale; any ``H × W``.
+            num_inference_steps: diffusion steps; below the scheduler's 1000 the schedule is respaced. The paper runs
+                1000; the default 250 is what a CPU affords. ``guidance_scale`` has to be tuned with the step count
+                (the shipped folder's 10 was chosen for 250 steps; 25 did best of 1-100 at 100 steps).
+            blur_model: the measurement model ``A``: ``"correlation"`` (the paper: zero-padded correlation in ``[−1, 1]``,
+                i.e. a mid-grey border), ``"circular"`` or ``"reflect"`` (true convolution, periodic / mirrored border).
+            step_size: ``"sqrt_alpha_bar"`` (``ζ_t = guidance_scale·√ᾱ_t``, the public code) or ``"constant"``
+                (``ζ_t = guidance_scale``, the paper's ζ).
+            guidance_scale: multiplier of the step size (default: ``config.guidance_scale``).
+            sparsity_weight: ``λ`` of the ℓ1 prior on the unnormalised kernel (default: ``config.sparsity_weight``; 0 = off).
+            kernel_size: size of the estimated kernel, a multiple of the kernel UNet's down-sampling factor
+                (default: ``kernel_unet.config.sample_size``, the size the prior was trained at).
+            num_particles: ``n`` posterior samples per image (each with its own kernel); the outputs average them.
+            boundary_margin: pixels of mirrored canvas around the image; the data term is measured on the image only,
+                so a margin of ``kernel_size // 2`` makes the result independent of the boundary model.
+            eta: DDIM's ``η`` (ignored by DDPM).
+            generator: a ``torch.Generator``, or a list with one per image (or per particle).
+            latents: the image chain's initial noise, ``(B·n, C, H', W')`` on the padded canvas.
+            kernel_latents: the kernel chain's initial noise, ``(B·n, 1, k, k)``.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (raw image-chain state in ``[−1, 1]``).
+            return_dict: return a [`DeblurPipelineOutput`] instead of a tuple ``(images, kernels)``.
+            callback_on_step_end: ``fn(pipe, step, timestep, tensors)`` after each step; may return new ``latents`` and
+                ``kernel_latents`` (``kernel``, the current sum-1 estimate, is read-only).
+            callback_on_step_end_tensor_inputs: which of ``latents``, ``kernel_latents``, ``kernel`` the callback gets.
+
+        Examples:
+
+        Returns:
+            [`DeblurPipelineOutput`] with ``images`` and ``kernels`` (sum 1, true convolution, centre ``k // 2``),
+            or the tuple ``(images, kernels)``.
+        """
+        return self._sample(
+            image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
+            num_particles, boundary_margin, eta, generator, {"latents": latents, "kernel": kernel_latents},
+            output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )
+
+    def measurement_operator(self, blur_model: str) -> LinearOperator:
+        """The forward model ``A`` of this pipeline (before masking to the image window)."""
+        return blur_operator(blur_model)
+
+    def initial_states(self, n: int, canvas: tuple[int, int], kernel_size: int, generator, device, given: dict) -> dict:
+        """``x_T`` of every chain: the given tensors (shape-checked) or ``N(0, I)`` noise, drawn chain by chain."""
+        shapes = {"latents": (n, self.unet.config.in_channels, *canvas), "kernel": (n, 1, kernel_size, kernel_size)}
+        dtypes = {"latents": self.unet.dtype, "kernel": self.kernel_unet.dtype}
+        return {name: self.prepare_latents(shapes[name], generator, device, dtypes[name], given.get(name),
+                                           self.latents_argument(name)) for name in shapes}
+
+    def latents_argument(self, chain: str) -> str:
+        """The ``__call__`` argument that sets a chain's initial noise."""
+        return {chain_name: arg for arg, chain_name in self.callback_latent_names().items()}[chain]
+
+    def build_output(self, states, operator, window, batch, num_particles, grayscale, output_type, return_dict):
+        """Step 5: the final image chain and the sum-1 kernel of the final kernel chain."""
+        kernels = self.postprocess_kernel(self.output_kernel(states["kernel"], operator), batch, num_particles,
+                                          output_type)
+        if output_type == "latent":
+            images, uncertainty, particles = states["latents"], None, None
+        else:
+            images, uncertainty, particles = self.postprocess_images(states["latents"], window, batch, num_particles,
+                                                                     grayscale, output_type)
+        if not return_dict:
+            return images, kernels
+        return DeblurPipelineOutput(images=images, kernels=kernels, uncertainty=uncertainty, particles=particles)
+
+    def _sample(self, image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
+                num_particles, boundary_margin, eta, generator, given_latents, output_type, return_dict,
+                callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """The body of ``__call__`` shared by the deblurring and turbulence pipelines."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs
+        measurement, kernel_size, sparsity_weight = self._prepare(
+            image, kernel_size, blur_model, step_size, num_inference_steps, num_particles, output_type,
+            guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs)
+
+        # 2. The measurement on the padded canvas in [-1, 1], and the (masked) measurement model
+        device = self._execution_device
+        batch = measurement.shape[0]
+        y, operator, window, grayscale = self._canvas(measurement.to(device), num_particles, boundary_margin,
+                                                      self.measurement_operator(blur_model))
+        problem = BlindDPSProblem(y, operator, step_size, sparsity_weight)
+
+        # 3. Timesteps, denoisers, initial noise of every chain
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        generator = self._expand_generator(generator, batch, num_particles)
+        denoisers = {name: UNetDenoiser(unet, self.scheduler) for name, unet in self.chains().items()}
+        step_kwargs = denoisers["latents"].step_kwargs(generator, eta)
+        states = self.initial_states(batch * num_particles, tuple(y.shape[-2:]), kernel_size, generator, device,
+                                     given_latents)
+
+        # 4. Denoising loop (Algorithm 1)
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            states, _ = self._run(problem, denoisers, states, step_kwargs, callback_on_step_end,
+                                  callback_on_step_end_tensor_inputs, progress_bar)
+        self.maybe_free_model_hooks()
+
+        # 5. Outputs
+        return self.build_output(states, operator, window, batch, num_particles, grayscale, output_type, return_dict)

@@ -1,0 +1,37 @@
+"""The shipped BlindDPS pipeline folder: loads offline, shares the Fast EM image prior, runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusers_blind
+from diffusers_blind import BlindDPSPipeline
+
+FOLDER = Path(diffusers_blind.BLIND_DPS_DEFAULT_MODEL)
+pytestmark = pytest.mark.slow
+
+
+def test_folder_layout_and_card():
+    index = json.loads((FOLDER / "model_index.json").read_text())
+    assert index["_class_name"] == "BlindDPSPipeline"
+    assert {"unet", "kernel_unet", "scheduler"} <= set(index)
+    card = (FOLDER / "README.md").read_text()
+    assert "samples.png" in card and (FOLDER / "samples.png").is_file()
+    # the image prior is the Fast EM default one, linked rather than duplicated
+    assert (FOLDER / "unet").resolve() == (Path(diffusers_blind.DEFAULT_MODEL) / "unet").resolve()
+
+
+def test_loads_and_runs_a_few_steps():
+    pipe = BlindDPSPipeline.from_pretrained(FOLDER)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.kernel_unet.dtype == torch.float32 and pipe.kernel_unet.config.in_channels == 1
+    info = json.loads((FOLDER / "kernel_unet" / "training_info.json").read_text())
+    assert info["kernel_size"] == pipe.kernel_unet.config.sample_size
+    image = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    out = pipe(image, num_inference_steps=2, blur_model="reflect", output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    k = pipe.kernel_unet.config.sample_size
+    assert out.images.shape == (1, 40, 40, 3) and out.kernels.shape == (1, k, k)
+    assert abs(out.kernels.sum() - 1) < 1e-4 and (out.kernels >= 0).all()

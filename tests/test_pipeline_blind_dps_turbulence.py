@@ -1,0 +1,101 @@
+"""BlindDPSTurbulencePipeline (image, kernel and tilt chains) end to end on tiny components."""
+
+import numpy as np
+import torch
+from conftest import smooth_images, tiny_ddpm, tiny_unet
+from pipeline_mixin import PipelineTesterMixin
+
+from diffusers_blind import BlindDPSTurbulencePipeline, BlindDPSTurbulencePipelineOutput
+from diffusers_blind.ops import TiltBlurOperator, TiltOperator, BlurOperator, gaussian_kernel, tilt_map
+
+
+def components():
+    return {"unet": tiny_unet(), "kernel_unet": tiny_unet(out_channels=1, in_channels=1, sample_size=8, seed=1),
+            "tilt_unet": tiny_unet(out_channels=2, in_channels=2, seed=2), "scheduler": tiny_ddpm()}
+
+
+class TestBlindDPSTurbulenceContract(PipelineTesterMixin):
+    pipeline_class = BlindDPSTurbulencePipeline
+    extra_bad_inputs = [
+        (dict(tilt_latents=torch.zeros(1, 2, 8, 8)), ValueError, "tilt_latents must"),
+        (dict(blur_model="gaussian"), ValueError, "blur_model"),
+    ]
+
+    def get_dummy_components(self):
+        return components()
+
+    def get_dummy_inputs(self, seed=0, batch=1):
+        generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)] if batch > 1 else (
+            torch.Generator().manual_seed(seed))
+        return {"image": smooth_images(batch, 3, 16, 16, seed=seed), "num_inference_steps": 3, "kernel_size": 8,
+                "generator": generator, "output_type": "np"}
+
+
+def make_pipe():
+    pipe = BlindDPSTurbulencePipeline(**components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_end_to_end_on_a_tilted_and_blurred_image():
+    x = smooth_images(1, 3, 18, 20, seed=5)
+    operator = TiltBlurOperator(BlurOperator("reflect"), TiltOperator())
+    y = operator(x, gaussian_kernel(7, 1.0), tilt_map(18, 20, generator=0)).clamp(0, 1)
+    pipe = make_pipe()
+    seen = {}
+
+    def keep(p, i, t, tensors):
+        seen.update(tensors)
+        return tensors
+
+    out = pipe(y, num_inference_steps=3, kernel_size=8, blur_model="reflect", output_type="pt",
+               callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["tilt_latents", "tilt", "kernel"],
+               generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, BlindDPSTurbulencePipelineOutput)
+    assert out.images.shape == (1, 3, 18, 20) and out.kernels.shape == (1, 1, 8, 8) and out.tilts.shape == (1, 2, 18, 20)
+    assert seen["tilt_latents"].shape == (1, 2, 18, 20) and seen["tilt"].abs().max() <= pipe.config.tilt_scale
+    torch.testing.assert_close(out.kernels.sum(dim=(-2, -1)), torch.ones(1, 1))
+    images, kernels, tilts = pipe(y, num_inference_steps=2, kernel_size=8, return_dict=False, output_type="np")
+    assert tilts.shape == (1, 2, 18, 20) and np.isfinite(tilts).all()
+
+
+def test_tilt_prior_range_is_scaled_to_pixels_and_the_gradient_reaches_the_tilt_chain():
+    pipe = make_pipe()
+    pipe.register_to_config(tilt_scale=2.5)
+
+    class Prediction:
+        def __init__(self, x0):
+            self.x0 = x0
+
+    raw_kernel = -torch.ones(1, 1, 8, 8)
+    raw_kernel[..., 4, 4] = 1
+    kernel, field = pipe.operator_params({"kernel": Prediction(raw_kernel), "tilt": Prediction(torch.ones(1, 2, 4, 4))})
+    assert field.max() == 2.5 and kernel.sum() == 1  # the public code is limited to ±1 px here
+
+    # one guided step moves the tilt chain differently from the unguided step
+    from diffusers_blind.pipelines.blind_dps.pipeline_blind_dps_deblur import BlindDPSProblem
+    from diffusers_blind.pipelines.pipeline_utils import UNetDenoiser
+
+    x = smooth_images(1, 3, 16, 16, seed=1) * 2 - 1
+    operator = pipe.measurement_operator("circular")
+    y = operator(x, gaussian_kernel(8, 1.0), tilt_map(16, 16, generator=1))
+    g = torch.Generator().manual_seed(0)
+    states = {"latents": torch.randn(1, 3, 16, 16, generator=g), "kernel": torch.randn(1, 1, 8, 8, generator=g),
+              "tilt": torch.randn(1, 2, 16, 16, generator=g)}
+    denoisers = {n: UNetDenoiser(u, pipe.scheduler) for n, u in pipe.chains().items()}
+    pipe.scheduler.set_timesteps(10)
+    t = pipe.scheduler.timesteps[8]  # late step: x̂0 of the tilt chain is not clipped everywhere
+    results = []
+    for scale in (0.0, 1.0):
+        pipe._guidance_scale = scale
+        problem = BlindDPSProblem(y, operator, "constant", 0.0)
+        results.append(pipe.denoising_step(problem, denoisers, dict(states), t, {"generator": torch.Generator().manual_seed(0)})[0])
+    assert (results[1]["tilt"] - results[0]["tilt"]).abs().max() > 0
+
+
+def test_save_load_with_three_unets(tmp_path):
+    pipe = make_pipe()
+    pipe.register_to_config(tilt_scale=2.0)
+    pipe.save_pretrained(tmp_path)
+    loaded = BlindDPSTurbulencePipeline.from_pretrained(tmp_path)
+    assert loaded.config.tilt_scale == 2.0 and loaded.tilt_unet.config.in_channels == 2
