@@ -334,8 +334,9 @@ def _register_dvsr() -> None:
 
 
 def _register_blind_dps() -> None:
-    """BlindDPS (joint image and kernel diffusion), when its pipeline is part of the package; ships no default model."""
+    """BlindDPS (joint image and kernel diffusion), when its pipeline is part of the package, with its shipped default."""
     try:
+        from . import BLIND_DPS_DEFAULT_MODEL
         from .pipelines.blind_dps import BlindDPSPipeline
     except ImportError:
         return
@@ -357,8 +358,8 @@ def _register_blind_dps() -> None:
 
     shared = all_options([METHODS["fastem-pigdm"]])
     register_method(Method(
-        "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind; needs --model)",
-        pipeline_class=BlindDPSPipeline, options=(shared["steps"], shared["particles"], shared["guidance_scale"]),
+        "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind)",
+        pipeline_class=BlindDPSPipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=(shared["steps"], shared["particles"], shared["guidance_scale"]),
         info={"guidance": "dps"}, check=check,
     ))
 
