@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel_sizes", type=int, nargs=2, default=(15, 33), help="range of true kernel sizes (odd)")
     p.add_argument("--intensity", type=float, nargs=2, default=(0.3, 0.7), help="range of motion intensities")
     p.add_argument("--steps", type=int, default=100, help="diffusion steps")
+    p.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's configured value")
     p.add_argument("--ceiling_steps", type=int, default=20, help="M-steps of the true-image ceiling")
     p.add_argument("--skip", nargs="*", default=(), choices=("blind", "oracle", "ceiling"), help="parts not to run")
     p.add_argument("--limit", type=int, default=None, help="at most this many photographs")
@@ -114,12 +115,13 @@ def main(argv=None) -> int:
     pipe = FastEMDeblurPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     margin = 0 if args.protocol == "circular" else pipe.kernel_estimator.config.kernel_size
-    call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt",
+    call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt", guidance_scale=args.guidance_scale,
                 boundary_margin=0 if args.protocol == "circular" else None)
 
     rows = []
     header = f"{'photo':14s} {'k':>3s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'ceiling':>7s} {'s/run':>6s}"
-    print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, model {args.model}")
+    print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, "
+          f"guidance_scale {pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale}, model {args.model}")
     print(header)
     for index, path in enumerate(photos):
         sharp, blurry, kernel = make_case(path, index, args)
