@@ -1,0 +1,51 @@
+"""scripts/benchmark_kernel_estimation.py end to end on a tiny pipeline and two small photographs."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import smooth_images, tiny_ddpm, tiny_unet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import benchmark_kernel_estimation as bench  # noqa: E402
+
+
+def test_prints_every_photo_and_a_mean_and_writes_json(tmp_path, capsys):
+    from diffusers_blind import FastEMDeblurPipeline, KernelEstimator
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(2):
+        array = (smooth_images(1, 3, 64, 64, seed=index)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(array).save(photos / f"p{index}.png")
+    pipe = FastEMDeblurPipeline(tiny_unet(), tiny_ddpm(), KernelEstimator(kernel_size=7, regularization="none"))
+    pipe.save_pretrained(tmp_path / "model")
+    output = tmp_path / "rows.json"
+    argv = ["--data_dir", str(photos), "--model", str(tmp_path / "model"), "--size", "24", "--kernel_sizes", "5", "7",
+            "--steps", "2", "--ceiling_steps", "2", "--output", str(output)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "p0" in printed and "p1" in printed and "mean" in printed and "oracle − blind" in printed
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["photo"] for row in rows] == ["p0", "p1"]
+    for row in rows:
+        assert row["kernel_size"] in (5, 7)
+        assert 0 < row["ceiling_mnc"] <= 1 + 1e-6 and 0 < row["blind_mnc"] <= 1 + 1e-6
+        assert all(np.isfinite(row[key]) for key in ("blurry_psnr", "blind_psnr", "oracle_psnr"))
+
+
+def test_valid_protocol_blurs_beyond_the_crop():
+    """The valid case's blurry crop equals the zero-padded blur of the larger source, centre kept."""
+    args = bench.parse_args(["--data_dir", ".", "--size", "16", "--kernel_sizes", "5", "5", "--sigma", "0"])
+    path = Path(__file__).resolve().parents[1] / "examples" / "sharp.png"
+    sharp, blurry, kernel = bench.make_case(path, 0, args)
+    assert sharp.shape == blurry.shape == (1, 3, 16, 16) and kernel.shape == (1, 1, 5, 5)
+    source = bench.load_photo(path, 16, 2)
+    from diffusers_blind.ops.operators import BlurOperator
+
+    expected = BlurOperator(padding="zeros")(source, kernel)[..., 2:18, 2:18]
+    torch.testing.assert_close(blurry, torch.round(expected.clamp(0, 1) * 255) / 255)
