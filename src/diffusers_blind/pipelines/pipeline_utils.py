@@ -19,6 +19,7 @@ import PIL.Image
 import torch
 from diffusers import UNet2DModel
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 
 @dataclass
@@ -149,3 +150,27 @@ class UNetDenoiser:
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     """A model-range sample ``[-1, 1]`` as an image in ``[0, 1]``, computed in float32 and clamped."""
     return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def expand_generator(generator, batch: int, copies: int):
+    """Repeat a list of ``batch`` generators so that all ``copies`` (particles, samples) of image ``b`` draw from ``generator[b]``.
+
+    A single generator or ``None`` is returned as is; a list of ``batch · copies`` is used per copy.
+    """
+    if not isinstance(generator, list):
+        return generator
+    if len(generator) == batch * copies:
+        return generator
+    if len(generator) != batch:
+        raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * copies}")
+    return [g for g in generator for _ in range(copies)]
+
+
+def prepare_noise(shape, generator, device, dtype, latents=None, name: str = "latents") -> torch.Tensor:
+    """``N(0, I)`` noise of ``shape`` drawn with ``generator``, or the given ``latents`` after a shape check."""
+    if latents is not None:
+        if not torch.is_tensor(latents) or tuple(latents.shape) != tuple(shape):
+            got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"{name} must have shape {tuple(shape)} (a tensor), got {got}")
+        return latents.to(device=device, dtype=dtype)
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)

@@ -13,19 +13,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
 from ...ops.kernel_range import KERNEL_BACKGROUNDS, model_range_to_kernel, unnormalized_kernel
 from ...ops.operators import BlurOperator, LinearOperator
-from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, to_unit_range
+from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
 
 
 EXAMPLE_DOC_STRING = """
@@ -206,23 +204,9 @@ class BlindDPSPipeline(DiffusionPipeline):
 
     def prepare_latents(self, shape, generator, device, dtype, latents=None, name: str = "latents") -> torch.Tensor:
         """``N(0, I)`` noise of ``shape``, or the given ``latents`` (checked)."""
-        if latents is not None:
-            if not torch.is_tensor(latents) or tuple(latents.shape) != tuple(shape):
-                got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-                raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
-            return latents.to(device=device, dtype=dtype)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return prepare_noise(shape, generator, device, dtype, latents, name)
 
-    @staticmethod
-    def _expand_generator(generator, batch: int, num_particles: int):
-        """Repeat a per-image generator list so that every particle of image ``b`` draws from ``generator[b]``."""
-        if not isinstance(generator, list):
-            return generator
-        if len(generator) == batch * num_particles:
-            return generator
-        if len(generator) != batch:
-            raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * num_particles}")
-        return [g for g in generator for _ in range(num_particles)]
+    _expand_generator = staticmethod(expand_generator)
 
     # ------------------------------------------------------------------ one step of Algorithm 1
     def step_size_at(self, t, step_size: str) -> float:

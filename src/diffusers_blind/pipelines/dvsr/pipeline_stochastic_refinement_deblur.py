@@ -12,7 +12,6 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...models.deblur_predictor import DeblurPredictor
@@ -21,7 +20,7 @@ from ...ops.blur import edge_taper_window
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import estimate_noise_sigma
 from ...schedulers.scheduling_continuous_noise_level import ContinuousNoiseLevelScheduler
-from ..pipeline_utils import DeblurPipelineOutput
+from ..pipeline_utils import DeblurPipelineOutput, expand_generator, prepare_noise
 
 
 EXAMPLE_DOC_STRING = """
@@ -180,24 +179,11 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
 
-    @staticmethod
-    def _expand_generator(generator, batch: int, num_samples: int):
-        """A list of ``B`` generators seeds every sample of image ``b`` from ``generator[b]``."""
-        if not isinstance(generator, list):
-            return generator
-        if len(generator) == batch * num_samples:
-            return generator
-        if len(generator) != batch:
-            raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * num_samples}")
-        return [g for g in generator for _ in range(num_samples)]
+    _expand_generator = staticmethod(expand_generator)
 
     def prepare_latents(self, shape, generator, device, dtype, latents=None) -> torch.Tensor:
         """``z_T ~ N(0, I)`` of ``shape = (B·n, C, H, W)`` (or the given ``latents``)."""
-        if latents is not None:
-            if tuple(latents.shape) != tuple(shape):
-                raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-            return latents.to(device=device, dtype=dtype)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return prepare_noise(shape, generator, device, dtype, latents)
 
     # ------------------------------------------------------------------ kernel (optional)
     @torch.no_grad()

@@ -12,7 +12,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 
 from ...image_processor import DeblurImageProcessor, ImageInput
 from ...models.kernel_estimator import KernelEstimator
@@ -20,7 +19,7 @@ from ...ops.blur import edge_taper_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
-from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, to_unit_range
+from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
 
 
 EXAMPLE_DOC_STRING = """
@@ -261,22 +260,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
 
     def prepare_latents(self, shape, generator, device, dtype, latents=None) -> torch.Tensor:
         """``x_T ~ N(0, I)`` of ``shape = (B·n, C, H, W)``; a list of ``B`` generators seeds each image's particles."""
-        if latents is not None:
-            if tuple(latents.shape) != tuple(shape):
-                raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-            return latents.to(device=device, dtype=dtype)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return prepare_noise(shape, generator, device, dtype, latents)
 
-    @staticmethod
-    def _expand_generator(generator, batch: int, num_particles: int):
-        """Repeat a per-image generator list so that every particle of image ``b`` draws from ``generator[b]``."""
-        if not isinstance(generator, list):
-            return generator
-        if len(generator) == batch * num_particles:
-            return generator
-        if len(generator) != batch:
-            raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * num_particles}")
-        return [g for g in generator for _ in range(num_particles)]
+    _expand_generator = staticmethod(expand_generator)
 
     # ------------------------------------------------------------------ schedule
     def _previous_alpha_bar(self, step_index: int, timesteps: torch.Tensor) -> float:
