@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=(), choices=("blind", "oracle", "ceiling"), help="parts not to run")
     p.add_argument("--limit", type=int, default=None, help="at most this many photographs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                   help="comma-separated photo indices to run (kernels stay seeded by the index), to split a run")
+    p.add_argument("--num_scales", type=int, default=1, help="coarse-to-fine levels of the blind run")
+    p.add_argument("--refine_strength", type=float, default=0.6, help="with --num_scales > 1")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
     return p.parse_args(argv)
@@ -124,11 +128,15 @@ def main(argv=None) -> int:
           f"guidance_scale {pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale}, model {args.model}")
     print(header)
     for index, path in enumerate(photos):
+        if args.only is not None and index not in args.only:
+            continue
         sharp, blurry, kernel = make_case(path, index, args)
         row = {"photo": path.stem, "kernel_size": kernel.shape[-1], "blurry_psnr": float(psnr(blurry, sharp))}
         if "blind" not in args.skip:
             start = time.perf_counter()
-            out = pipe(blurry, generator=torch.manual_seed(args.seed), **call)
+            out = pipe(blurry, generator=torch.manual_seed(args.seed), num_scales=args.num_scales,
+                       refine_strength=args.refine_strength, **call)
+            row["fallback"] = bool(out.fallback and out.fallback[0])
             row["seconds"] = time.perf_counter() - start
             row["blind_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
             row["blind_mnc"] = float(mnc(out.kernels, kernel))
@@ -140,7 +148,10 @@ def main(argv=None) -> int:
             row["ceiling_mnc"] = float(mnc(ceiling, kernel))
         rows.append(row)
         print(_format(row), flush=True)
-    mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key not in ("photo", "kernel_size")}
+    mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key not in ("photo", "kernel_size", "fallback")}
+    fallbacks = [r["photo"] for r in rows if r.get("fallback")]
+    if fallbacks:
+        print(f"guard fell back to the input on: {', '.join(fallbacks)}")
     print(_format({"photo": "mean", "kernel_size": "", **mean}))
     gaps = [r["blind_psnr"] - r["blurry_psnr"] for r in rows if "blind_psnr" in r]
     if gaps:

@@ -252,3 +252,14 @@ def test_console_script_help():
     assert result.returncode == 0
     for command in ("deblur", "blur", "info"):
         assert command in result.stdout
+
+
+def test_deblur_kernel_size_auto_records_the_chosen_size(model_dir, tmp_path):
+    PIL.Image.fromarray(smooth_array(64, 64, 3, 2), mode="RGB").save(tmp_path / "big.png")
+    assert deblur([str(tmp_path / "big.png")], model_dir, tmp_path / "out", "--kernel-size", "auto") == 0
+    record = json.loads((tmp_path / "out" / "big.json").read_text())
+    assert record["kernel_size"] in (9, 15, 23)  # the candidates that fit half of a 64 px image
+    assert np.load(tmp_path / "out" / "big_kernel.npy").shape == (record["kernel_size"],) * 2
+    assert record["settings"]["kernel_size"] == "auto"
+    with pytest.raises(SystemExit):
+        deblur([str(tmp_path / "big.png")], model_dir, tmp_path / "out2", "--kernel-size", "large")

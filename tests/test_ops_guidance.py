@@ -256,3 +256,24 @@ def test_joint_gradient_errors():
     x = x0.clone().requires_grad_(True)
     with pytest.raises(ValueError, match="kernel_regularizer"):
         dps_joint_gradient(y, x, (field,), (x,), operator=TiltOperator(), kernel_regularizer=kernel_l1)
+
+
+def test_residual_weight_makes_masked_pixels_unobserved():
+    from diffusers_blind.ops import gaussian_kernel
+    from diffusers_blind.ops.blur import edge_taper_window
+    from diffusers_blind.ops.guidance import dps_residual_norm, pigdm_guidance
+
+    g = torch.Generator().manual_seed(0)
+    y, x0 = torch.rand(2, 3, 24, 28, generator=g, dtype=torch.float64), torch.rand(2, 3, 24, 28, generator=g, dtype=torch.float64)
+    kernel = gaussian_kernel(5, 1.2).to(torch.float64).expand(2, 1, 5, 5)
+    ones = torch.ones(1, 1, 24, 28, dtype=torch.float64)
+    torch.testing.assert_close(pigdm_guidance(y, x0, kernel, 0.05, 0.1, residual_weight=ones),
+                               pigdm_guidance(y, x0, kernel, 0.05, 0.1))
+    mask = edge_taper_window((24, 28), 0, region=(5, 5, 14, 18), dtype=torch.float64)
+    changed = y + (1 - mask) * torch.rand(y.shape, generator=g, dtype=torch.float64)  # new values only where unobserved
+    torch.testing.assert_close(pigdm_guidance(changed, x0, kernel, 0.05, 0.1, residual_weight=mask),
+                               pigdm_guidance(y, x0, kernel, 0.05, 0.1, residual_weight=mask))
+    assert not torch.allclose(pigdm_guidance(changed, x0, kernel, 0.05, 0.1), pigdm_guidance(y, x0, kernel, 0.05, 0.1))
+    torch.testing.assert_close(dps_residual_norm(changed, x0, kernel, residual_weight=mask),
+                               dps_residual_norm(y, x0, kernel, residual_weight=mask))
+    assert torch.all(pigdm_guidance(y, x0, kernel, 0.05, 0.1, residual_weight=torch.zeros_like(ones)) == 0)

@@ -282,3 +282,19 @@ def test_motion_kernel_generator_batches():
     assert (batch[0] - batch[1]).abs().max() > 1e-3
     ranged = MotionKernelGenerator(kernel_size=12, intensity=(0.2, 0.8))(batch_size=2, generator=torch.Generator().manual_seed(2))
     assert ranged.shape == (2, 1, 12, 12) and (ranged >= 0).all()
+
+
+def test_rescale_kernel_halves_and_doubles_a_blur_and_keeps_it_centred():
+    from diffusers_blind.metrics.kernel import mnc
+    from diffusers_blind.ops import kernel_center_of_mass, rescale_kernel
+
+    kernel = gaussian_kernel(33, (6.0, 2.0), angle=0.3)
+    half = rescale_kernel(kernel, 0.5, 17)
+    assert half.shape == (1, 1, 17, 17) and abs(float(half.sum()) - 1) < 1e-5 and float(half.min()) >= 0
+    torch.testing.assert_close(kernel_center_of_mass(half), torch.tensor([[8.0, 8.0]]), atol=0.05, rtol=0)
+    # second moments halve with the resolution: a Gaussian stays a Gaussian of half the std
+    torch.testing.assert_close(half, gaussian_kernel(17, (3.0, 1.0), angle=0.3), atol=4e-3, rtol=0)
+    back = rescale_kernel(half, 2.0, 33)
+    assert float(mnc(back, kernel)) > 0.97
+    with pytest.raises(ValueError, match="factor"):
+        rescale_kernel(kernel, 0.0, 17)

@@ -276,6 +276,10 @@ def test_guidance_pulls_towards_the_measurement():
         (dict(kernel=gaussian_kernel(5, 1.0), em_iterations=2), "em_iterations"),
         (dict(latents=torch.zeros(1, 3, 8, 8)), "latents must have shape"),
         (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(num_scales=0), "num_scales"),
+        (dict(num_scales=2.0), "num_scales"),
+        (dict(refine_strength=0), "refine_strength"),
+        (dict(refine_strength=1.5), "refine_strength"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
@@ -399,3 +403,120 @@ def test_sigma_below_the_quantisation_floor_is_raised_to_it():
     measurement = torch.rand(2, 3, 8, 8)
     sigma = FastEMDeblurPipeline.prepare_sigma(None, [0.0, 10.0], measurement)
     torch.testing.assert_close(sigma, torch.tensor([AUTO_SIGMA_FLOOR, 10 / 255]))
+
+
+def coarse_pipe(kernel_size=9):
+    torch.manual_seed(0)
+    return FastEMDeblurPipeline(tiny_unet(), ddpm(), KernelEstimator(kernel_size=kernel_size, num_iterations=2))
+
+
+def test_coarse_to_fine_runs_a_half_size_problem_first_and_seeds_the_fine_run(monkeypatch):
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    original = FastEMDeblurPipeline.__call__
+
+    def spy(self, image, **kwargs):
+        calls.append((tuple(image.shape[-2:]) if torch.is_tensor(image) else None, kwargs.get("kernel_size")))
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(FastEMDeblurPipeline, "__call__", spy)
+    steps = []
+    out = pipe(smooth_images(1, height=64, width=72), sigma=10, num_inference_steps=10, num_scales=3,
+               refine_strength=0.5, generator=torch.manual_seed(0), output_type="pt",
+               callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {})
+    # 64x72 with a 9 px kernel: one coarser level (32x36, kernel 5); a 5 px kernel stops the pyramid
+    assert calls == [((64, 72), None), ((32, 36), 5)]
+    assert out.images.shape == (1, 3, 64, 72) and out.kernels.shape == (1, 1, 9, 9)
+    assert steps == list(range(5, 10))  # the fine level replays the last half of the schedule
+    assert torch.isfinite(out.images).all() and abs(float(out.kernels.sum()) - 1) < 1e-5
+
+
+def test_one_scale_and_known_kernel_ignore_the_pyramid():
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_images(1, height=64, width=64)
+    single = run(pipe, image, num_scales=1)
+    default = run(pipe, image)
+    np.testing.assert_array_equal(single.images, default.images)
+    known = gaussian_kernel(9, 1.5)
+    a, b = run(pipe, image, kernel=known, num_scales=3), run(pipe, image, kernel=known)
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_coarse_to_fine_is_reproducible_and_full_strength_only_keeps_the_kernel():
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_images(1, height=64, width=64)
+    a, b = run(pipe, image, num_scales=2), run(pipe, image, num_scales=2)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.kernels, b.kernels)
+    steps = []
+    run(pipe, image, num_scales=2, refine_strength=1.0, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {})
+    assert steps == [0, 1, 2]
+
+
+def test_kernel_size_auto_keeps_the_smallest_size_that_fits(monkeypatch):
+    import diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur as module
+
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    tried = []
+
+    def fake_fit(measurement, image, kernel, sigma):  # a 15 px blur: smaller supports fit badly
+        size = kernel.shape[-1]
+        tried.append(size)
+        return torch.tensor([5.0 if size < 7 else 1.05 if size == 7 else 1.0])
+
+    monkeypatch.setattr(module, "reblur_fit", fake_fit)
+    out = run(pipe, smooth_images(1, height=64, width=64), kernel_size="auto", output_type="pt")
+    assert tried == [5, 7, 11]  # candidates 9, 15, 23 at half scale; 33 and up exceed half the image
+    assert out.kernels.shape[-1] == 15  # within 10 % of the best fit (23) and smaller
+
+
+def test_kernel_size_auto_errors():
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="auto"):
+        run(pipe, smooth_images(1, height=64, width=64), kernel_size="big")
+    with pytest.raises(ValueError, match="known"):
+        run(pipe, smooth_images(1, height=64, width=64), kernel_size="auto", kernel=gaussian_kernel(5, 1.0))
+    with pytest.raises(ValueError, match="too small"):
+        run(pipe, smooth_images(1, height=16, width=16), kernel_size="auto")
+
+
+def test_reblur_fit_is_about_one_for_the_true_pair_and_large_for_a_wrong_kernel():
+    from diffusers_blind.ops import motion_kernel, reblur_fit, spatial_blur, flip_kernel
+
+    g = torch.Generator().manual_seed(0)
+    x = smooth_images(2, height=64, width=64)
+    kernel = motion_kernel(9, 0.6, generator=0)
+    y = spatial_blur(x, flip_kernel(kernel)) + 0.01 * torch.randn(x.shape, generator=g)
+    fit = reblur_fit(y, x, kernel, 0.01)
+    assert fit.shape == (2,) and torch.all((fit > 0.8) & (fit < 1.2))
+    assert torch.all(reblur_fit(y, x, torch.nn.functional.pad(torch.ones(1, 1, 1, 1), (4,) * 4), 0.01) > 2)
+    with pytest.raises(ValueError, match="sigma"):
+        reblur_fit(y, x, kernel, 0.0)
+
+
+def test_guard_returns_the_input_when_the_estimate_does_not_explain_it():
+    pipe = coarse_pipe(kernel_size=5)
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_images(2, height=32, width=32)
+
+    def wreck_first_image(p, i, t, kw):  # the last step's state of image 0 becomes noise
+        latents = kw["latents"].clone()
+        if i == p.num_timesteps - 1:
+            latents[0] = torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(1)) * 3
+        return {"latents": latents}
+
+    with pytest.warns(UserWarning, match=r"image\(s\) \[0\] does not explain the photo"):
+        out = run(pipe, image, sigma=5, output_type="pt", callback_on_step_end=wreck_first_image)
+    assert out.fallback == [True, False] and out.fit[0] > 4
+    torch.testing.assert_close(out.images[0], image[0])
+    torch.testing.assert_close(out.kernels[0, 0], torch.nn.functional.pad(torch.ones(1, 1), (2, 2, 2, 2)))
+    assert not torch.allclose(out.images[1], image[1])
+    off = run(pipe, image, sigma=5, output_type="pt", callback_on_step_end=wreck_first_image, guard=False)
+    assert off.fit is None and off.fallback is None and not torch.allclose(off.images[0], image[0])
+    known = run(pipe, image, sigma=5, output_type="pt", kernel=gaussian_kernel(5, 1.0))
+    assert known.fit is None  # the guard is for blind estimates

@@ -41,6 +41,16 @@ def positive_int(value) -> int:
     return number
 
 
+def kernel_size_or_auto(value) -> int | str:
+    """A positive integer, or ``"auto"`` (argparse type of ``--kernel-size``)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
 def non_negative_float(value) -> float:
     """A finite number ≥ 0 (argparse type)."""
     try:
@@ -250,7 +260,7 @@ def _identity_run(y, *, sigma, kernel, generator, pipeline, blur, kernel_size):
     """The measurement itself, with a Dirac kernel of ``kernel_size`` (at most the image's smaller side)."""
     from .ops import dirac_kernel
 
-    size = min(kernel_size or 1, min(y.shape[-2:]))
+    size = min(kernel_size if isinstance(kernel_size, int) else 1, min(y.shape[-2:]))
     return MethodResult(y.clamp(0, 1).cpu(), dirac_kernel(size))
 
 
@@ -264,8 +274,9 @@ def _register_builtins() -> None:
     guidance_scale = Option("guidance_scale", non_negative_float, None,
                             "multiplier of the paper's guidance step size (default: the pipeline's, 3 for the "
                             "shipped model)")
-    kernel_size = Option("kernel_size", positive_int, None,
-                         "size of the estimated kernel (default: the model's, 33 for the shipped one)")
+    kernel_size = Option("kernel_size", kernel_size_or_auto, None,
+                         "size of the estimated kernel, or 'auto' to pick it from the data fit of short trial "
+                         "runs (default: the model's, 33 for the shipped one)")
     em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3)",
                            eval_default=10)
     pipeline_options = (steps, particles, guidance_scale, kernel_size)

@@ -26,8 +26,10 @@ from .kernels import (
     motion_kernel,
     project_kernel,
     random_gaussian_kernel,
+    rescale_kernel,
     shift_kernel,
 )
+from .fit import reblur_fit
 from .noise import estimate_noise_sigma
 from .operators import BlurOperator, LinearOperator, TiltBlurOperator, TiltOperator
 from .tilt import TiltMapGenerator, simulate_turbulence, tilt_map
@@ -67,6 +69,8 @@ __all__ = [
     "pigdm_guidance",
     "project_kernel",
     "random_gaussian_kernel",
+    "reblur_fit",
+    "rescale_kernel",
     "shift_kernel",
     "simulate_turbulence",
     "spatial_blur",

@@ -30,12 +30,17 @@ def pigdm_guidance(
     kernel: torch.Tensor,
     sigma: float | torch.Tensor,
     r: float | torch.Tensor,
+    residual_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pi-GDM guidance vector in closed form (Fast EM Eq. 17; Pi-GDM Eq. 7 for a circulant ``H``).
 
     ``G = IFFT( conj(K) · (Y − K·X0) / (r²·|K|² + σ²) ).real``, ``K = p2o(kernel)``; the E-step then
     back-propagates ``(G.detach() * x0).sum()`` through the denoiser. ``sigma`` (noise std) and ``r``
     (std of ``x0`` around ``x̂0``) are in the units of the images, floats or ``(B,)`` tensors.
+
+    ``residual_weight`` (``(1|B, 1, H, W)``, optional) multiplies the spatial residual ``y − k ⊛ x̂0``
+    before the Fourier weighting: a 0/1 mask of the observed pixels turns the circular model into a
+    *valid* convolution (pixels outside the photograph are unknowns the blur reaches, not data).
 
     ``r == 0`` gives the plain ``Kᴴ(y − Kx̂0)/σ²``; ``σ == 0`` is replaced by ``1e-8`` (as in the
     reference code), giving ``Kᴴ(y − Kx̂0)/(r²|K|²)``. Both zero is an error (no finite guidance).
@@ -50,13 +55,17 @@ def pigdm_guidance(
     sigma = _as_batch_scalar(sigma, x0).clamp_min(1e-8)
     r = _as_batch_scalar(r, x0)
     otf = p2o(kernel.to(x0.dtype), x0.shape[-2:])
-    residual = torch.fft.fft2(measurement) - otf * torch.fft.fft2(x0)
+    if residual_weight is None:
+        residual = torch.fft.fft2(measurement) - otf * torch.fft.fft2(x0)
+    else:
+        residual = torch.fft.fft2(residual_weight * (measurement - torch.fft.ifft2(otf * torch.fft.fft2(x0)).real))
     denominator = r.square() * otf.abs().square() + sigma.square()
     return torch.fft.ifft2(otf.conj() * residual / denominator).real
 
 
 def dps_residual_norm(
-    measurement: torch.Tensor, x0: torch.Tensor, *params: torch.Tensor, operator: LinearOperator | None = None
+    measurement: torch.Tensor, x0: torch.Tensor, *params: torch.Tensor, operator: LinearOperator | None = None,
+    residual_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DPS data term ``‖y − A(x̂0, θ)‖₂`` per sample (the norm, not its square; DPS Alg. 1).
 
@@ -70,6 +79,8 @@ def dps_residual_norm(
     if len(params) != len(operator.param_names):
         raise ValueError(f"{type(operator).__name__} takes {operator.param_names}, got {len(params)} parameter(s)")
     residual = measurement - operator(x0, *params)
+    if residual_weight is not None:  # e.g. a 0/1 mask of the observed pixels (see pigdm_guidance)
+        residual = residual_weight * residual
     return residual.flatten(1).norm(dim=1)
 
 
@@ -94,6 +105,7 @@ def dps_joint_gradient(
     operator: LinearOperator | None = None,
     scale: float = 1.0,
     kernel_regularizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    residual_weight: torch.Tensor | None = None,
 ) -> JointGradient:
     """Gradients of ``L = scale · Σ_b ‖y_b − A(x̂0_b, θ_b)‖ + Σ_b R(k̂_b)`` with respect to every tensor in ``wrt``.
 
@@ -101,7 +113,8 @@ def dps_joint_gradient(
     a tilt field, …), each possibly a differentiable function of a tensor in ``wrt`` — e.g. of the
     noisy states ``x_t`` and ``k_t`` when ``x̂0`` and ``k̂0`` come from two denoisers (BlindDPS Eq. 10
     takes one step ``−ζ ∇`` per state). ``kernel_regularizer`` (e.g. ``lambda k: 0.1 * kernel_l1(k)``)
-    maps the ``"kernel"`` parameter to a per-sample ``(B,)`` penalty. A ``wrt`` tensor that the loss does
+    maps the ``"kernel"`` parameter to a per-sample ``(B,)`` penalty; ``residual_weight`` weighs the
+    residual (a mask of the observed pixels). A ``wrt`` tensor that the loss does
     not reach gets a zero gradient. Call under ``torch.enable_grad()``; nothing is detached.
     """
     operator = BlurOperator("circular") if operator is None else operator
@@ -110,7 +123,7 @@ def dps_joint_gradient(
     if not wrt or not all(t.requires_grad for t in wrt):
         raise ValueError("every tensor in `wrt` must require grad (call .requires_grad_() before computing x0, params)")
     with torch.enable_grad():
-        norms = dps_residual_norm(measurement, x0, *params, operator=operator)
+        norms = dps_residual_norm(measurement, x0, *params, operator=operator, residual_weight=residual_weight)
         loss = scale * norms.sum()
         if kernel_regularizer is not None:
             if "kernel" not in operator.param_names:

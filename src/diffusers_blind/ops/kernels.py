@@ -80,6 +80,27 @@ def center_kernel(kernel: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
     return centred
 
 
+def rescale_kernel(kernel: torch.Tensor, factor: float, kernel_size: int) -> torch.Tensor:
+    """The same blur seen at ``factor``× the resolution, on a ``kernel_size`` grid, centred.
+
+    ``k_f(v) ∝ k(v / factor)``: bilinear resampling of the ``(B, 1, k, k)`` kernel to ``round(k·factor)``
+    pixels (antialiased when shrinking), zero-padded or cropped about its centre to ``kernel_size``,
+    projected (``≥ 0``, sum 1) and recentred. Coarse-to-fine estimation uses it to carry a kernel
+    found on a downscaled image to the next finer scale.
+    """
+    if factor <= 0 or kernel_size < 1:
+        raise ValueError(f"factor must be > 0 and kernel_size >= 1, got {factor!r}, {kernel_size!r}")
+    size = max(1, round(kernel.shape[-1] * factor))
+    resized = F.interpolate(kernel, size=(size, size), mode="bilinear", align_corners=False, antialias=factor < 1)
+    if size < kernel_size:
+        before = (kernel_size - size) // 2
+        resized = F.pad(resized, (before, kernel_size - size - before) * 2)
+    elif size > kernel_size:
+        start = (size - kernel_size) // 2
+        resized = resized[..., start:start + kernel_size, start:start + kernel_size]
+    return center_kernel(project_kernel(resized))
+
+
 def gaussian_kernel(kernel_size: int, std: float | tuple[float, float], angle: float = 0.0) -> torch.Tensor:
     """A (possibly anisotropic, rotated by ``angle`` radians) Gaussian kernel ``(1, 1, k, k)``, sum 1."""
     std_r, std_c = (std, std) if isinstance(std, (int, float)) else std

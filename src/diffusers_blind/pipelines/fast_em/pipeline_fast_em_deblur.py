@@ -9,15 +9,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import replace_example_docstring
+from diffusers.utils import logging, replace_example_docstring
 
 from ...image_processor import DeblurImageProcessor, ImageInput
 from ...models.kernel_estimator import KernelEstimator
 from ...ops.blur import edge_taper_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
-from ...ops.kernels import center_kernel, dirac_kernel
+from ...ops.kernels import center_kernel, dirac_kernel, rescale_kernel
+from ...ops.fit import reblur_fit
 from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
 from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
 
@@ -39,9 +41,17 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
+logger = logging.get_logger(__name__)
+
 GUIDANCES = ("pigdm", "dps")
 R_SCHEDULES = ("fastem", "pigdm")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+GUARD_FIT_LIMIT = 4.0  # re-blur residual (in noise variances) a blind result may always have
+KERNEL_SIZE_CANDIDATES = (9, 15, 23, 33, 45, 63)  # tried by kernel_size="auto"
+KERNEL_SIZE_TOLERANCE = 0.1  # "auto" keeps the smallest size whose fit is within 10 % of the best
+KERNEL_SIZE_STEPS = 25  # diffusion steps of each trial run of kernel_size="auto"
+MIN_COARSE_KERNEL = 9  # below this a kernel is too small to gain from a coarser scale
+MIN_COARSE_IMAGE = 32  # smallest side of a coarse image
 
 
 @dataclass
@@ -57,7 +67,13 @@ class FastEMDeblurPipelineOutput(DeblurPipelineOutput):
             ``"pt"``), or ``None`` with a single particle.
         particles: every particle, ``(B, n, H, W, C)`` array (``(B, n, C, H, W)`` tensor for ``"pt"``).
         sigma: the noise level used per image, in 8-bit levels (estimated when ``sigma="auto"``).
+        fit: blind runs: the re-blur residual ``mean (y − k̂ ⊛ x̂)² / σ²`` per image (about 1 when the estimate
+            explains the photo), else ``None``.
+        fallback: blind runs: per image, whether the guard returned the input instead of a failed estimate.
     """
+
+    fit: list[float] | None = None
+    fallback: list[bool] | None = None
 
 
 @dataclass
@@ -73,6 +89,8 @@ class FastEMProblem:
         r_schedule: ``"fastem"`` or ``"pigdm"`` (see :meth:`FastEMDeblurPipeline.guidance_coefficients`).
         estimate_kernel: run the M-step at every diffusion step (Fast EM); ``False`` for a known kernel
             and inside the runs of Diffusion EM.
+        observed: ``(1, 1, H, W)`` 0/1 mask of the photograph on the padded grid: the E-step's data term
+            counts only these pixels (a valid convolution); ``None`` counts the whole padded grid.
     """
 
     measurement: torch.Tensor
@@ -82,6 +100,7 @@ class FastEMProblem:
     guidance: str
     r_schedule: str
     estimate_kernel: bool
+    observed: torch.Tensor | None = None
     measurement_per_particle: torch.Tensor = field(init=False, repr=False)
     sigma_per_particle: torch.Tensor = field(init=False, repr=False)
     tapered_measurement: torch.Tensor = field(init=False, repr=False)
@@ -105,6 +124,18 @@ class FastEMState:
     latents: torch.Tensor
     kernel: torch.Tensor
     x0: torch.Tensor | None = None
+
+
+def check_coarse_to_fine(num_scales, refine_strength) -> None:
+    """Clear errors for the coarse-to-fine arguments of [`FastEMDeblurPipeline.__call__`]."""
+    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or not 1 <= num_scales <= 8:
+        raise ValueError(f"num_scales must be an int in [1, 8], got {num_scales!r}")
+    try:
+        strength = float(refine_strength)
+    except (TypeError, ValueError):
+        strength = float("nan")
+    if not 0 < strength <= 1:
+        raise ValueError(f"refine_strength must be in (0, 1], got {refine_strength!r}")
 
 
 class FastEMDeblurPipeline(DiffusionPipeline):
@@ -325,10 +356,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 factor = zeta * r2 * math.sqrt(1 / (1 + v))
                 if factor <= 0:
                     return prev_sample
-                vector = pigdm_guidance(y, x0.detach(), kernel_p, sigma, math.sqrt(r2))
+                vector = pigdm_guidance(y, x0.detach(), kernel_p, sigma, math.sqrt(r2), residual_weight=problem.observed)
                 grad = torch.autograd.grad((vector * x0).sum(), x_t)[0]
                 return prev_sample + factor * grad
-            (grad,) = dps_joint_gradient(y, x0, (kernel_p,), (x_t,), scale=2.0).gradients
+            (grad,) = dps_joint_gradient(y, x0, (kernel_p,), (x_t,), scale=2.0, residual_weight=problem.observed).gradients
             return prev_sample - zeta * grad
 
     def denoising_step(self, denoiser: UNetDenoiser, problem: FastEMProblem, state: FastEMState, step_index: int, t,
@@ -352,16 +383,113 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         outputs = callback(self, step, t, {name: available[name] for name in tensor_inputs})
         return replace(state, latents=outputs.pop("latents", state.latents), kernel=outputs.pop("kernel", state.kernel))
 
-    def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0,
+    def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0, start_index=0,
                           callback_on_step_end=None, callback_on_step_end_tensor_inputs=()) -> FastEMState:
-        """One full guided reverse diffusion from ``state.latents = x_T``."""
+        """One guided reverse diffusion from ``state.latents = x_t`` at ``t = timesteps[start_index]`` (``x_T``: 0)."""
         for i, t in enumerate(self.scheduler.timesteps):
-            if self.interrupt:
+            if self.interrupt or i < start_index:
                 continue
             state = self.denoising_step(denoiser, problem, state, i, t, step_kwargs)
             state = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, state, step_offset + i, t)
             progress_bar.update()
         return state
+
+    # ------------------------------------------------------------------ coarse to fine
+    @staticmethod
+    def coarse_kernel_size(kernel_size: int) -> int:
+        """Kernel size one scale down: half, odd, at least 3 (33 → 17, 17 → 9)."""
+        return max(3, (kernel_size // 2) | 1)
+
+    def can_go_coarser(self, measurement: torch.Tensor, kernel_size: int) -> bool:
+        """A coarser scale helps only while the kernel spans several pixels and the image stays usable."""
+        return kernel_size >= MIN_COARSE_KERNEL and min(measurement.shape[-2:]) // 2 >= MIN_COARSE_IMAGE
+
+    def coarse_estimate(self, measurement: torch.Tensor, sigma: torch.Tensor, kernel_size: int, num_scales: int,
+                        call_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blind run on the 2×-downscaled image (recursively coarse to fine), carried up one scale.
+
+        Downscaling by 2×2 averaging halves the kernel's extent and the noise std, so the coarse
+        problem is better conditioned; its result seeds the finer run: the kernel by
+        ``ops.rescale_kernel`` and the image by bicubic upsampling (noised to ``t_start`` by the caller).
+        Returns ``(image (B, C, H, W) in [0, 1], kernel (B, 1, k, k))``.
+        """
+        height, width = measurement.shape[-2:]
+        coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
+        factor = height / coarse.shape[-2]
+        state = (self._guidance_scale, self._num_timesteps, self._interrupt)
+        out = self(coarse, sigma=(sigma * 255 / factor).tolist(), kernel_size=self.coarse_kernel_size(kernel_size),
+                   num_scales=num_scales - 1, output_type="pt", return_dict=True, **call_kwargs)
+        self._guidance_scale, self._num_timesteps, self._interrupt = state
+        image = F.interpolate(out.images.to(measurement), size=(height, width), mode="bicubic", align_corners=False)
+        kernel = rescale_kernel(out.kernels.to(measurement), factor, kernel_size)
+        return image.clamp(0, 1), kernel
+
+    def select_kernel_size(self, measurement: torch.Tensor, sigma: torch.Tensor, call_kwargs: dict,
+                           candidates=KERNEL_SIZE_CANDIDATES, num_inference_steps: int = KERNEL_SIZE_STEPS):
+        """``kernel_size="auto"``: the smallest candidate whose data fit is within 10 % of the best.
+
+        Each candidate ``k`` runs a short blind estimate on the 2×-downscaled image (kernel ``≈ k/2``,
+        ``num_inference_steps`` steps) and is scored by ``ops.reblur_fit`` (the re-blur residual over
+        σ², Fast EM Eq. 34). A support smaller than the blur cannot explain it (the fit stays high);
+        larger supports fit about equally, so the smallest good one is kept. One size for the batch
+        (the fits are summed). Candidates larger than half the image are skipped.
+        Returns ``(kernel_size, {candidate: fit})``.
+        """
+        height, width = measurement.shape[-2:]
+        coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
+        factor = height / coarse.shape[-2]
+        coarse_sigma = sigma / factor
+        state = (self._guidance_scale, self._num_timesteps, self._interrupt)
+        fits = {}
+        for size in candidates:
+            small = self.coarse_kernel_size(size)
+            if size > min(height, width) // 2 or 2 * (small // 2) >= min(coarse.shape[-2:]):
+                continue
+            out = self(coarse, sigma=(coarse_sigma * 255).tolist(), kernel_size=small, num_scales=1, output_type="pt",
+                       num_inference_steps=num_inference_steps, return_dict=True, **call_kwargs)
+            fits[size] = float(reblur_fit(coarse, out.images.to(coarse), out.kernels.to(coarse), coarse_sigma).sum())
+        self._guidance_scale, self._num_timesteps, self._interrupt = state
+        if not fits:
+            raise ValueError(f"the image ({height}x{width}) is too small for kernel_size='auto'; pass a kernel_size")
+        best = min(fits.values())
+        chosen = min(size for size, fit in fits.items() if fit <= best * (1 + KERNEL_SIZE_TOLERANCE))
+        return chosen, fits
+
+    def refine_latents(self, init_image: torch.Tensor, noise: torch.Tensor, start_index: int) -> torch.Tensor:
+        """``x_t = √ᾱ_t·x_init + √(1−ᾱ_t)·ε`` at ``t = timesteps[start_index]`` (the img2img start)."""
+        timestep = self.scheduler.timesteps[start_index : start_index + 1]
+        return self.scheduler.add_noise(init_image * 2 - 1, noise, timestep.repeat(noise.shape[0]))
+
+    # ------------------------------------------------------------------ guard
+    def guard(self, measurement, latents, kernel, sigma, window, num_particles: int, padded):
+        """Drop blind estimates that explain the measurement worse than the measurement itself.
+
+        ``fit = reblur_fit(y, x̂, k̂, σ)`` (re-blur residual over σ², about 1 for a consistent pair) is
+        compared with ``reblur_fit(y, y, k̂, σ)``, the same kernel applied to the blurry input: an image
+        that k̂ re-blurs further from y than y itself, and beyond ``GUARD_FIT_LIMIT``, did not fit the
+        photo (a diverged run or a collapsed kernel), so that image's output falls back to the input with a
+        Dirac kernel, with a warning. Returns ``(latents, kernel, fit list, fallback list)``.
+        """
+        size = kernel.shape[-1]
+        if 2 * (size // 2) >= min(measurement.shape[-2:]):
+            return latents, kernel, None, None  # no interior to compare on
+        samples = self.image_processor.unpad(to_unit_range(latents).float().clamp(0, 1), window)
+        estimate = samples.reshape(-1, num_particles, *samples.shape[1:]).mean(1)
+        fit = reblur_fit(measurement.float(), estimate, kernel.float(), sigma)
+        input_fit = reblur_fit(measurement.float(), measurement.float(), kernel.float(), sigma)
+        failed = fit > input_fit.clamp_min(GUARD_FIT_LIMIT)
+        if failed.any():
+            warnings.warn(
+                f"the blind estimate of image(s) {failed.nonzero().flatten().tolist()} does not explain the photo "
+                f"(re-blur fit {[round(v, 2) for v in fit[failed].tolist()]} vs {GUARD_FIT_LIMIT:g} or the input's "
+                f"{[round(v, 2) for v in input_fit[failed].tolist()]}): returning the input unchanged with a Dirac "
+                "kernel. Check sigma, try num_scales=2, another seed or kernel_size.",
+                stacklevel=3,
+            )
+            per_particle = failed.repeat_interleave(num_particles).view(-1, 1, 1, 1)
+            latents = torch.where(per_particle, padded.repeat_interleave(num_particles, 0).to(latents) * 2 - 1, latents)
+            kernel = torch.where(failed.view(-1, 1, 1, 1), dirac_kernel(size, kernel.shape[0], kernel.device, kernel.dtype), kernel)
+        return latents, kernel, fit.cpu().tolist(), failed.cpu().tolist()
 
     # ------------------------------------------------------------------ outputs
     def postprocess(self, latents, kernel, window, batch: int, num_particles: int, grayscale: bool, output_type: str):
@@ -388,8 +516,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         kernel_size: int | None = None,
         num_particles: int = 1,
         em_iterations: int | None = None,
+        num_scales: int = 1,
+        refine_strength: float = 0.6,
         r_schedule: str = "fastem",
         boundary_margin: int | None = None,
+        observe_margin: bool = False,
+        guard: bool = True,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -410,13 +542,27 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             guidance_scale: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (default: the pipeline's
                 ``config.guidance_scale``; 1 is the paper's step). Readable during the call as
                 ``pipe.guidance_scale``; a step-end callback may set ``pipe._guidance_scale``.
-            kernel_size: size of the estimated kernel (default: the estimator's ``kernel_size``).
+            kernel_size: size of the estimated kernel (default: the estimator's ``kernel_size``), or ``"auto"``
+                to pick it from the data fit of short trial runs on a downscaled copy (see
+                :meth:`select_kernel_size`; costs about 25 full-size steps more).
             num_particles: ``n`` posterior samples per image, run as a batch sharing one kernel.
             em_iterations: if set, Diffusion EM (Alg. A.1): this many full runs, one M-step after each.
+            num_scales: coarse-to-fine levels of the blind estimate (factor 2 each; 1 = single scale). Each
+                coarser level runs the whole method on the 2×-downscaled image with a half-size kernel;
+                its kernel and image seed the next finer level. Levels stop early when the kernel would
+                fall below 9 px or the image below 32 px. Ignored with a known ``kernel`` or ``em_iterations``.
+            refine_strength: with ``num_scales > 1``, the fraction of the schedule each finer level runs,
+                starting from the upsampled coarser image noised to that level (img2img's ``strength``);
+                1 starts from pure noise and keeps only the kernel.
             r_schedule: ``"fastem"`` (``r_t² = β̃_t/(1+β̃_t)``, the reference code) or ``"pigdm"`` (``1 − ᾱ_t``).
             boundary_margin: pixels of reflection padding added around the image before the circular FFT
                 model, removed at the end (default ``kernel_size``; use 0 for data blurred circularly).
                 With a margin, the M-step also sees both images through a ``kernel_size``-wide edge taper.
+            observe_margin: let the E-step fit the reflected margin as if it were data (the earlier
+                behaviour). By default only the photograph's pixels are data: the margin is unknown scene
+                the blur reaches into, so the model is a valid (not circular) convolution.
+            guard: in blind runs, replace an image whose estimate explains the photo worse than the photo
+                itself (see :meth:`guard`) by the input, with a warning; ``out.fit`` and ``out.fallback`` report it.
             eta: DDIM's ``η`` (ignored by DDPM).
             generator: a ``torch.Generator``, or a list with one per image (or per particle) for reproducibility.
             latents: the initial noise ``x_T``, ``(B·n, C, H', W')`` on the padded grid.
@@ -436,6 +582,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
 
         # 1. Check inputs
         measurement = self.image_processor.preprocess(image)
+        auto_kernel_size = isinstance(kernel_size, str)
+        if auto_kernel_size:
+            if kernel_size != "auto":
+                raise ValueError(f"kernel_size must be a positive int, None or 'auto', got {kernel_size!r}")
+            if kernel is not None or em_iterations is not None:
+                raise ValueError("kernel_size='auto' is for blind Fast EM: not with a known `kernel` or em_iterations")
+            kernel_size = None
         if kernel_size is None:
             if kernel is not None:
                 kernel_size = int(np.shape(kernel)[-1])
@@ -445,6 +598,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             measurement, kernel, kernel_size, guidance, num_inference_steps, num_particles, em_iterations,
             output_type, r_schedule, callback_on_step_end_tensor_inputs, guidance_scale,
         )
+        check_coarse_to_fine(num_scales, refine_strength)
         self._guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
         self._interrupt = False
 
@@ -456,6 +610,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if grayscale:
             measurement = measurement.expand(-1, 3, -1, -1)
         sigma = self.prepare_sigma(sigma, measurement).to(device)
+        if auto_kernel_size:
+            kernel_size, fits = self.select_kernel_size(measurement, sigma, dict(
+                guidance=guidance, guidance_scale=self._guidance_scale, r_schedule=r_schedule, eta=eta,
+                observe_margin=observe_margin, generator=generator))
+            self._guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+            logger.info("kernel_size='auto': fits %s -> %d", {k: round(v, 3) for k, v in fits.items()}, kernel_size)
 
         # 3. Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet
         #    multiple. The M-step weighs its data term by a window that is zero on the invented margin
@@ -465,23 +625,41 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         padded, window = self.image_processor.pad(measurement, margin, multiple)
         taper_window = self.measurement_window(padded.shape[-2:], window, margin, kernel_size, device)
 
-        # 4. Prepare the kernel: a Dirac to start the blind estimate, or the given one
+        # 4. Prepare the kernel: a Dirac to start the blind estimate (or the coarser scales' estimate,
+        #    with their image as the starting point), or the given one
         blind = kernel is None
-        if blind:
+        init_image = None
+        if blind and em_iterations is None and num_scales > 1 and self.can_go_coarser(measurement, kernel_size):
+            coarse_kwargs = dict(
+                num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=self._guidance_scale,
+                num_particles=num_particles, refine_strength=refine_strength, r_schedule=r_schedule, eta=eta,
+                observe_margin=observe_margin,
+                boundary_margin=None if boundary_margin is None else int(boundary_margin) // 2, generator=generator,
+            )
+            init_image, kernel = self.coarse_estimate(measurement, sigma, kernel_size, num_scales, coarse_kwargs)
+            init_image = self.image_processor.pad(init_image, margin, multiple)[0].repeat_interleave(num_particles, 0)
+        elif blind:
             kernel = dirac_kernel(kernel_size, batch, device)
         else:
             kernel = self.prepare_kernel(kernel, batch, device)
             if kernel.shape[-1] > padded.shape[-1] or kernel.shape[-2] > padded.shape[-2]:
                 raise ValueError(f"kernel {tuple(kernel.shape[-2:])} is larger than the image")
+        observed = None
+        if margin > 0 and not observe_margin:
+            observed = edge_taper_window(padded.shape[-2:], 0, device=device, region=window)
         problem = FastEMProblem(
             measurement=padded, sigma=sigma, taper_window=taper_window, num_particles=num_particles,
             guidance=guidance, r_schedule=r_schedule, estimate_kernel=blind and em_iterations is None,
+            observed=observed,
         )
 
         # 5. Prepare timesteps, the denoiser and the scheduler's extra step arguments
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         runs = em_iterations or 1
-        self._num_timesteps = len(self.scheduler.timesteps) * runs
+        start_index = 0
+        if init_image is not None:  # a finer level replays the last `refine_strength` of the schedule
+            start_index = min(len(self.scheduler.timesteps) - 1, round((1 - refine_strength) * len(self.scheduler.timesteps)))
+        self._num_timesteps = (len(self.scheduler.timesteps) - start_index) * runs
         denoiser = UNetDenoiser(self.unet, self.scheduler)
         generator = self._expand_generator(generator, batch, num_particles)
         step_kwargs = denoiser.step_kwargs(generator, eta)
@@ -490,12 +668,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         # 6. Denoising loop: one run (Fast EM), or em_iterations runs each followed by an M-step (Diffusion EM)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for run in range(runs):
-                state = FastEMState(
-                    latents=self.prepare_latents(shape, generator, device, self.unet.dtype, latents if run == 0 else None),
-                    kernel=kernel,
-                )
+                noise = self.prepare_latents(shape, generator, device, self.unet.dtype, latents if run == 0 else None)
+                if init_image is not None:
+                    noise = self.refine_latents(init_image.to(noise.dtype), noise, start_index)
+                state = FastEMState(latents=noise, kernel=kernel)
                 state = self.reverse_diffusion(
-                    denoiser, problem, state, step_kwargs=step_kwargs, progress_bar=progress_bar,
+                    denoiser, problem, state, step_kwargs=step_kwargs, progress_bar=progress_bar, start_index=start_index,
                     step_offset=run * len(self.scheduler.timesteps), callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 )
@@ -506,13 +684,18 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                     kernel = self.m_step(problem, to_unit_range(state.latents), kernel)
         self.maybe_free_model_hooks()
 
-        # 7. Post-process: crop the margin, average the particles, convert
+        # 7. Guard (blind): an estimate that explains y worse than y itself does is replaced by y
+        latents, kernel, fit, fallback = state.latents, kernel, None, None
+        if blind and guard and not self.interrupt:
+            latents, kernel, fit, fallback = self.guard(measurement, latents, kernel, sigma, window, num_particles, padded)
+
+        # 8. Post-process: crop the margin, average the particles, convert
         images, kernels, uncertainty, particles = self.postprocess(
-            state.latents, kernel, window, batch, num_particles, grayscale, output_type
+            latents, kernel, window, batch, num_particles, grayscale, output_type
         )
         if not return_dict:
             return images, kernels, uncertainty
         return FastEMDeblurPipelineOutput(
             images=images, kernels=kernels, uncertainty=uncertainty, particles=particles,
-            sigma=(sigma * 255).cpu().tolist(),
+            sigma=(sigma * 255).cpu().tolist(), fit=fit, fallback=fallback,
         )
