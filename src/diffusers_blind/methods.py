@@ -51,6 +51,16 @@ def kernel_size_or_auto(value) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
 
 
+def on_off(value) -> bool:
+    """``on``/``off`` (also ``true``/``false``, ``1``/``0``; argparse type)."""
+    text = str(value).strip().lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+
+
 def non_negative_float(value) -> float:
     """A finite number ≥ 0 (argparse type)."""
     try:
@@ -199,7 +209,7 @@ def _margin(blur: str | None):
 
 def _fastem_run(guidance: str, diffusion_em: bool = False):
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size,
-            em_iterations=None):
+            em_iterations=None, guard=True):
         out = pipeline(
             y,
             sigma=sigma,
@@ -211,6 +221,7 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             num_particles=particles,
             em_iterations=em_iterations if diffusion_em else None,
             boundary_margin=_margin(blur),
+            guard=True if guard is None else guard,
             generator=generator,
             output_type="pt",
         )
@@ -279,7 +290,10 @@ def _register_builtins() -> None:
                          "runs (default: the model's, 33 for the shipped one)")
     em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3)",
                            eval_default=10)
-    pipeline_options = (steps, particles, guidance_scale, kernel_size)
+    guard = Option("guard", on_off, True,
+                   "on (default): a blind estimate that explains the photo worse than the photo itself is "
+                   "replaced by the input, with a warning; off: keep it")
+    pipeline_options = (steps, particles, guidance_scale, kernel_size, guard)
     common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)
     for name, guidance, description in (
         ("fastem-pigdm", "pigdm", "Fast Diffusion EM with Pi-GDM guidance (blind; with --kernel: non-blind)"),

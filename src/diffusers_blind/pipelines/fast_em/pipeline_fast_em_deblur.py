@@ -418,7 +418,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         factor = height / coarse.shape[-2]
         state = (self._guidance_scale, self._num_timesteps, self._interrupt)
         out = self(coarse, sigma=(sigma * 255 / factor).tolist(), kernel_size=self.coarse_kernel_size(kernel_size),
-                   num_scales=num_scales - 1, output_type="pt", return_dict=True, **call_kwargs)
+                   num_scales=num_scales - 1, output_type="pt", return_dict=True, guard=False, **call_kwargs)
         self._guidance_scale, self._num_timesteps, self._interrupt = state
         image = F.interpolate(out.images.to(measurement), size=(height, width), mode="bicubic", align_corners=False)
         kernel = rescale_kernel(out.kernels.to(measurement), factor, kernel_size)
@@ -445,7 +445,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             small = self.coarse_kernel_size(size)
             if size > min(height, width) // 2 or 2 * (small // 2) >= min(coarse.shape[-2:]):
                 continue
-            out = self(coarse, sigma=(coarse_sigma * 255).tolist(), kernel_size=small, num_scales=1, output_type="pt",
+            out = self(coarse, sigma=(coarse_sigma * 255).tolist(), kernel_size=small, num_scales=1, output_type="pt", guard=False,
                        num_inference_steps=num_inference_steps, return_dict=True, **call_kwargs)
             fits[size] = float(reblur_fit(coarse, out.images.to(coarse), out.kernels.to(coarse), coarse_sigma).sum())
         self._guidance_scale, self._num_timesteps, self._interrupt = state
