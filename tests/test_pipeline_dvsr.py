@@ -250,7 +250,8 @@ def test_save_load_round_trip(tmp_path):
         loaded.set_progress_bar_config(disable=True)
         assert (loaded.kernel_estimator is None) == (not estimator) and loaded.config.residual_scale == 0.25
         a, b = run(pipe, images(1), num_samples=2), run(loaded, images(1), num_samples=2)
-        assert torch.equal(a.images, b.images)
+        # equal up to float rounding: channels-last convolutions may pick another kernel for the loaded weights' buffers
+        assert torch.allclose(a.images, b.images, atol=1e-6, rtol=0)
         if estimator:
             assert torch.equal(a.kernels, b.kernels)
 

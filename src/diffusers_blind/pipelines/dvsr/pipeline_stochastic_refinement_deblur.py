@@ -305,7 +305,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         padded, window = pad_to_multiple(rgb, self.pad_multiple, int(boundary_margin))
         y = (padded * 2 - 1).to(dtype)
 
-        # 3. Initial prediction x_init = g(y)
+        # 3. Initial prediction x_init = g(y); both networks get channels-last inputs (faster convolutions)
+        y = y.contiguous(memory_format=torch.channels_last)
         x_init = self.predictor(y.to(self.predictor.dtype)).to(dtype)
 
         # 4. Noise-level chain and z_T
@@ -321,6 +322,9 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         x_init_rep = x_init.repeat_interleave(n, dim=0)
         z = self.prepare_latents(y_rep.shape, generator, device, dtype, latents)
         pred_original = torch.zeros_like(z)
+        # the denoiser's input [z_t, y]: y is written once, z_t at each step
+        model_input = torch.cat([z, y_rep], dim=1).contiguous(memory_format=torch.channels_last)
+        channels = z.shape[1]
 
         # 5. Reverse diffusion on the residual (Alg. 1)
         step_kwargs = {} if eta is None else {"eta": float(eta)}
@@ -328,8 +332,9 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                eps = self.denoiser(torch.cat([z, y_rep], dim=1), t.to(dtype).expand(z.shape[0])).sample
-                z, pred_original = self.scheduler.step(eps, t, z, generator=generator, return_dict=False, **step_kwargs)
+                model_input[:, :channels] = z
+                output = self.denoiser(model_input, t.to(dtype).expand(z.shape[0])).sample
+                z, pred_original = self.scheduler.step(output, t, z, generator=generator, return_dict=False, **step_kwargs)
                 if callback_on_step_end is not None:
                     available = {"latents": z, "x_init": x_init_rep, "pred_original_sample": pred_original}
                     callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
