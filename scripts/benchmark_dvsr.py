@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_images", type=int, default=3, help="write outputs of the first N inputs")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="DvSR networks under autocast (the pipeline's mixed_precision)")
     p.add_argument("--fastem", type=int, default=0, help="also run fastem-pigdm on the first N inputs")
     p.add_argument("--rows", nargs="*", default=None,
                    help="compute only these rows (blurry, predictor, 'dvsr STEPSxSAMPLES', fastem-pigdm)")
@@ -143,30 +146,36 @@ def main(argv=None) -> int:
         blurry, sharp, kernel = degrade(load(f), args.resolution, args.kernel_sizes, sigma, seed)
         wanted = (lambda row: args.rows is None or row in args.rows)
         outputs = {"blurry": (blurry, 0.0)} if wanted("blurry") else {}
+        cpu_seconds = {}
         if wanted("predictor"):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 x_init = pipe.predictor((blurry * 2 - 1).contiguous(memory_format=torch.channels_last))
             outputs["predictor"] = (((x_init + 1) / 2).clamp(0, 1), time.perf_counter() - start)
+            cpu_seconds["predictor"] = time.process_time() - cpu
         for steps, samples in settings:
             if not wanted(f"dvsr {steps}x{samples}"):
                 continue
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = pipe(blurry, num_inference_steps=steps, num_samples=samples, output_type="pt",
-                       generator=torch.Generator().manual_seed(seed))
+                       generator=torch.Generator().manual_seed(seed),
+                       mixed_precision=None if args.mixed_precision == "no" else args.mixed_precision)
             outputs[f"dvsr {steps}x{samples}"] = (out.images, time.perf_counter() - start)
+            cpu_seconds[f"dvsr {steps}x{samples}"] = time.process_time() - cpu
         if index < args.fastem and wanted("fastem-pigdm"):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = fastem.run(blurry, sigma=sigma, kernel=None, generator=torch.Generator().manual_seed(seed),
                                 pipeline=fastem_pipe, blur="valid", steps=100, particles=1, guidance_scale=None,
                                 kernel_size=None)
             outputs["fastem-pigdm"] = (result.image, time.perf_counter() - start)
+            cpu_seconds["fastem-pigdm"] = time.process_time() - cpu
         if not outputs:
             continue
         for name, (image, seconds) in outputs.items():
             rec = {"image": f.stem, "sigma": sigma, "kernel_size": int(kernel.shape[-1]), "row": name,
                    "psnr": float(metrics.psnr(image, sharp)), "ssim": float(metrics.ssim(image, sharp)),
-                   "niqe": float(metrics.niqe(image)), "lpips": lpips(image, sharp), "seconds": seconds}
+                   "niqe": float(metrics.niqe(image)), "lpips": lpips(image, sharp), "seconds": seconds,
+                   "cpu_seconds": cpu_seconds.get(name, 0.0), "load": os.getloadavg()[0]}
             records.append(rec)
             if index < args.save_images:
                 save_png(image, args.output / f"{f.stem}_s{int(sigma)}_{name.replace(' ', '_')}.png")
@@ -191,18 +200,20 @@ def summarize(records: list[dict], args) -> None:
         values = [r.get(k) for r in rs]
         return None if any(v is None for v in values) else float(np.mean(values))
 
-    summary = {row: {s: {k: mean(rs, k) for k in ("psnr", "ssim", "niqe", "lpips", "seconds")} | {"n": len(rs)}
+    summary = {row: {s: {k: mean(rs, k) for k in ("psnr", "ssim", "niqe", "lpips", "seconds", "cpu_seconds", "load")} | {"n": len(rs)}
                      for s, rs in per.items()} for row, per in summary.items()}
     (args.output / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                           "records": records, "summary": summary}, indent=1))
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
-    lines = ["| row | σ | n | PSNR ↑ | SSIM ↑ | NIQE ↓ | LPIPS ↓ | s / image |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | σ | n | PSNR ↑ | SSIM ↑ | NIQE ↓ | LPIPS ↓ | wall s / image | CPU s / image | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row, per in summary.items():
         for s, v in sorted(per.items(), key=lambda item: float(item[0])):
             lines.append(f"| {row} | {s} | {v['n']} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} | "
-                         f"{fmt(v['lpips'], '.4f')} | {v['seconds']:.2f} |")
+                         f"{fmt(v['lpips'], '.4f')} | {v['seconds']:.1f} | {fmt(v['cpu_seconds'], '.1f')} | "
+                         f"{fmt(v['load'], '.1f')} |")
     # rows that ran on a subset (fastem-pigdm): every row again on exactly those inputs
     subset_rows = [row for row, per in summary.items() if sum(v["n"] for v in per.values()) < max(
         sum(v["n"] for v in p.values()) for p in summary.values())]
