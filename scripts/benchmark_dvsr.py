@@ -141,10 +141,17 @@ def main(argv=None) -> int:
     files = [f for f in all_files if f.stem in args.names] if args.names else all_files
     args.output.mkdir(parents=True, exist_ok=True)
     records = []
+    done = set()  # (image, sigma, row) already in records.jsonl (an earlier or a parallel run): not redone
+    if (args.output / "records.jsonl").is_file():
+        for line in (args.output / "records.jsonl").read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done.add((rec["image"], float(rec["sigma"]), rec["row"]))
     for index, (f, sigma) in enumerate((f, s) for f in files for s in args.sigmas):
         seed = args.seed * 1000 + all_files.index(f) * 10 + int(sigma)  # the same input whatever --names selects
         blurry, sharp, kernel = degrade(load(f), args.resolution, args.kernel_sizes, sigma, seed)
-        wanted = (lambda row: args.rows is None or row in args.rows)
+        def wanted(row):
+            return (args.rows is None or row in args.rows) and (f.stem, float(sigma), row) not in done
         outputs = {"blurry": (blurry, 0.0)} if wanted("blurry") else {}
         cpu_seconds = {}
         if wanted("predictor"):
@@ -194,6 +201,10 @@ def main(argv=None) -> int:
 def summarize(records: list[dict], args) -> None:
     """Mean per row and σ → ``results.json``, ``table.md``, ``pd_plot.png``."""
     summary: dict = {}
+    unique = {}
+    for rec in records:  # the first record of each (image, σ, row)
+        unique.setdefault((rec["image"], float(rec["sigma"]), rec["row"]), rec)
+    records = list(unique.values())
     for rec in records:
         summary.setdefault(rec["row"], {}).setdefault(f"{rec['sigma']:g}", []).append(rec)
     def mean(rs, k):
