@@ -8,9 +8,14 @@ and each noise level, a camera-shake kernel of odd size drawn in ``[15, 33]`` bl
 padding), Gaussian noise of ``σ`` 8-bit levels is added and the result quantised to 8 bits.
 
 Rows: the blurry input, the predictor alone (``x_init``), and DvSR at each ``--settings`` entry
-``STEPSxSAMPLES`` (default: the knob's points 0, 0.5 and 1: 100×1 "Ours", 32×2, 10×4 "Ours-SA").
-Metrics: PSNR and SSIM (RGB, ``[0, 1]``), NIQE (offline model). Wall time per image for each row.
-Writes ``results.json``, ``table.md``, ``pd_plot.png`` (PSNR vs NIQE) and a few output PNGs.
+``STEPSxSAMPLES`` (default: the knob's points 0, 0.5 and 1: 100×1 "Ours", 32×2, 10×4 "Ours-SA");
+with ``--fastem N`` also the registry's ``fastem-pigdm`` (shipped default model, its default steps, the
+true σ) on the first ``N`` inputs (same degraded inputs: a paired comparison). ``--rows`` restricts the
+run to some rows (e.g. run ``fastem-pigdm`` in a second process into the same ``--output``; records are
+appended to ``records.jsonl`` and ``--summarize_only`` rebuilds the table from all of them).
+Metrics: PSNR and SSIM (RGB, ``[0, 1]``), NIQE (offline model), LPIPS only when its weights are present
+(otherwise the column reads "n/a"). Wall time per image for each row.
+Writes ``results.json``, ``table.md``, ``pd_plot.png`` (PSNR vs NIQE, rows measured on every input) and output PNGs.
 
 Example::
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_images", type=int, default=3, help="write outputs of the first N inputs")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="DvSR networks under autocast (the pipeline's mixed_precision)")
+    p.add_argument("--fastem", type=int, default=0, help="also run fastem-pigdm on the first N inputs")
+    p.add_argument("--rows", nargs="*", default=None,
+                   help="compute only these rows (blurry, predictor, 'dvsr STEPSxSAMPLES', fastem-pigdm)")
     p.add_argument("--summarize_only", action="store_true", help="rebuild the table and plot from <output>/records.jsonl")
     return p.parse_args(argv)
 
@@ -112,29 +123,66 @@ def main(argv=None) -> int:
         return 0
     pipe = StochasticRefinementDeblurPipeline.from_pretrained(args.model or diffusers_blind.DVSR_DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
+    fastem = fastem_pipe = None
+    if args.fastem and (args.rows is None or "fastem-pigdm" in args.rows):
+        from diffusers_blind.methods import get_method, load_pipeline
+
+        fastem = get_method("fastem-pigdm")
+        fastem_pipe = load_pipeline(fastem, None, "cpu")
+        fastem_pipe.set_progress_bar_config(disable=True)
+
+    def lpips(image, sharp):
+        try:
+            return float(metrics.lpips(image, sharp)[0])
+        except metrics.MetricUnavailableError:
+            return None
     settings = [tuple(int(v) for v in s.lower().split("x")) for s in args.settings]
-    files = sorted(f for f in args.photos.iterdir() if f.suffix.lower() == ".png")
-    if args.names:
-        files = [f for f in files if f.stem in args.names]
+    all_files = sorted(f for f in args.photos.iterdir() if f.suffix.lower() == ".png")
+    files = [f for f in all_files if f.stem in args.names] if args.names else all_files
     args.output.mkdir(parents=True, exist_ok=True)
     records = []
+    done = set()  # (image, sigma, row) already in records.jsonl (an earlier or a parallel run): not redone
+    if (args.output / "records.jsonl").is_file():
+        for line in (args.output / "records.jsonl").read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done.add((rec["image"], float(rec["sigma"]), rec["row"]))
     for index, (f, sigma) in enumerate((f, s) for f in files for s in args.sigmas):
-        seed = args.seed * 1000 + files.index(f) * 10 + int(sigma)
+        seed = args.seed * 1000 + all_files.index(f) * 10 + int(sigma)  # the same input whatever --names selects
         blurry, sharp, kernel = degrade(load(f), args.resolution, args.kernel_sizes, sigma, seed)
-        outputs = {"blurry": (blurry, 0.0)}
-        start = time.perf_counter()
-        with torch.no_grad():
-            x_init = pipe.predictor(blurry * 2 - 1)
-        outputs["predictor"] = (((x_init + 1) / 2).clamp(0, 1), time.perf_counter() - start)
+        def wanted(row):
+            return (args.rows is None or row in args.rows) and (f.stem, float(sigma), row) not in done
+        outputs = {"blurry": (blurry, 0.0)} if wanted("blurry") else {}
+        cpu_seconds = {}
+        if wanted("predictor"):
+            start, cpu = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                x_init = pipe.predictor((blurry * 2 - 1).contiguous(memory_format=torch.channels_last))
+            outputs["predictor"] = (((x_init + 1) / 2).clamp(0, 1), time.perf_counter() - start)
+            cpu_seconds["predictor"] = time.process_time() - cpu
         for steps, samples in settings:
-            start = time.perf_counter()
+            if not wanted(f"dvsr {steps}x{samples}"):
+                continue
+            start, cpu = time.perf_counter(), time.process_time()
             out = pipe(blurry, num_inference_steps=steps, num_samples=samples, output_type="pt",
-                       generator=torch.Generator().manual_seed(seed))
+                       generator=torch.Generator().manual_seed(seed),
+                       mixed_precision=None if args.mixed_precision == "no" else args.mixed_precision)
             outputs[f"dvsr {steps}x{samples}"] = (out.images, time.perf_counter() - start)
+            cpu_seconds[f"dvsr {steps}x{samples}"] = time.process_time() - cpu
+        if index < args.fastem and wanted("fastem-pigdm"):
+            start, cpu = time.perf_counter(), time.process_time()
+            result = fastem.run(blurry, sigma=sigma, kernel=None, generator=torch.Generator().manual_seed(seed),
+                                pipeline=fastem_pipe, blur="valid", steps=100, particles=1, guidance_scale=None,
+                                kernel_size=None)
+            outputs["fastem-pigdm"] = (result.image, time.perf_counter() - start)
+            cpu_seconds["fastem-pigdm"] = time.process_time() - cpu
+        if not outputs:
+            continue
         for name, (image, seconds) in outputs.items():
             rec = {"image": f.stem, "sigma": sigma, "kernel_size": int(kernel.shape[-1]), "row": name,
                    "psnr": float(metrics.psnr(image, sharp)), "ssim": float(metrics.ssim(image, sharp)),
-                   "niqe": float(metrics.niqe(image)), "seconds": seconds}
+                   "niqe": float(metrics.niqe(image)), "lpips": lpips(image, sharp), "seconds": seconds,
+                   "cpu_seconds": cpu_seconds.get(name, 0.0), "load": os.getloadavg()[0]}
             records.append(rec)
             if index < args.save_images:
                 save_png(image, args.output / f"{f.stem}_s{int(sigma)}_{name.replace(' ', '_')}.png")
@@ -145,25 +193,52 @@ def main(argv=None) -> int:
                 fh.write(json.dumps(rec) + "\n")
         line = " | ".join(f"{r['row']} {r['psnr']:.2f}/{r['niqe']:.2f}" for r in records[-len(outputs):])
         print(f"[bench] {f.stem} σ={sigma:g} k={kernel.shape[-1]}: {line}", flush=True)
-    summarize(records, args)
+    lines = (args.output / "records.jsonl").read_text().splitlines()  # with other processes' rows
+    summarize([json.loads(line) for line in lines if line.strip()], args)
     return 0
 
 
 def summarize(records: list[dict], args) -> None:
     """Mean per row and σ → ``results.json``, ``table.md``, ``pd_plot.png``."""
     summary: dict = {}
+    unique = {}
+    for rec in records:  # the first record of each (image, σ, row)
+        unique.setdefault((rec["image"], float(rec["sigma"]), rec["row"]), rec)
+    records = list(unique.values())
     for rec in records:
         summary.setdefault(rec["row"], {}).setdefault(f"{rec['sigma']:g}", []).append(rec)
-    summary = {row: {s: {k: float(np.mean([r[k] for r in rs])) for k in ("psnr", "ssim", "niqe", "seconds")} | {"n": len(rs)}
+    def mean(rs, k):
+        values = [r.get(k) for r in rs]
+        return None if any(v is None for v in values) else float(np.mean(values))
+
+    summary = {row: {s: {k: mean(rs, k) for k in ("psnr", "ssim", "niqe", "lpips", "seconds", "cpu_seconds", "load")} | {"n": len(rs)}
                      for s, rs in per.items()} for row, per in summary.items()}
     (args.output / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                           "records": records, "summary": summary}, indent=1))
-    lines = ["| row | σ | PSNR ↑ | SSIM ↑ | NIQE ↓ | s / image |", "|---|---|---|---|---|---|"]
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    lines = ["| row | σ | n | PSNR ↑ | SSIM ↑ | NIQE ↓ | LPIPS ↓ | wall s / image | CPU s / image | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row, per in summary.items():
-        for s, v in per.items():
-            lines.append(f"| {row} | {s} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} | {v['seconds']:.2f} |")
+        for s, v in sorted(per.items(), key=lambda item: float(item[0])):
+            lines.append(f"| {row} | {s} | {v['n']} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['niqe']:.2f} | "
+                         f"{fmt(v['lpips'], '.4f')} | {v['seconds']:.1f} | {fmt(v['cpu_seconds'], '.1f')} | "
+                         f"{fmt(v['load'], '.1f')} |")
+    # rows that ran on a subset (fastem-pigdm): every row again on exactly those inputs
+    subset_rows = [row for row, per in summary.items() if sum(v["n"] for v in per.values()) < max(
+        sum(v["n"] for v in p.values()) for p in summary.values())]
+    if subset_rows:
+        keys = {(r["image"], r["sigma"]) for r in records if r["row"] in subset_rows}
+        lines += ["", f"Same table on the {len(keys)} inputs where {', '.join(subset_rows)} ran:", "",
+                  "| row | n | PSNR ↑ | SSIM ↑ | NIQE ↓ | s / image |", "|---|---|---|---|---|---|"]
+        for row in summary:
+            rs = [r for r in records if r["row"] == row and (r["image"], r["sigma"]) in keys]
+            if rs:
+                lines.append(f"| {row} | {len(rs)} | {mean(rs, 'psnr'):.2f} | {mean(rs, 'ssim'):.4f} | "
+                             f"{mean(rs, 'niqe'):.2f} | {mean(rs, 'seconds'):.2f} |")
     (args.output / "table.md").write_text("\n".join(lines) + "\n")
-    pd_plot(summary, args.output / "pd_plot.png")
+    pd_plot({row: per for row, per in summary.items() if row not in subset_rows}, args.output / "pd_plot.png")  # full-set rows only
     print("\n".join(lines))
 
 

@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start g from the predictor/ of a pipeline folder (a fresh run only)")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction", "sample"], default="v_prediction",
                    help="what f outputs; the loss is L1 on the ε it implies in every case")
+    p.add_argument("--loss_target", choices=["epsilon", "v"], default="epsilon",
+                   help="L1 on ε (paper Eq. 6) or on v = √ᾱ ε − √(1−ᾱ) r (weights the residual estimate at high noise)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=2e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         with accelerator.accumulate(models):
             losses = dvsr_loss(models["predictor"], models["denoiser"], scheduler, sharp, blurry, generator=g,
                                mode=args.mode, predictor_loss_weight=args.predictor_loss_weight,
-                               residual_scale=args.residual_scale)
+                               residual_scale=args.residual_scale, loss_target=args.loss_target)
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(models.parameters(), args.max_grad_norm)

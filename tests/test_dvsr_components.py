@@ -90,6 +90,7 @@ def test_prediction_types_are_read_consistently(prediction_type):
     output = {"epsilon": eps, "v_prediction": s * eps - c * z0, "sample": z0}[prediction_type]
     assert torch.allclose(scheduler.predict_epsilon(output, z, level), eps, atol=1e-4)
     assert torch.allclose(scheduler.predict_original(output, z, level), z0, atol=1e-3)
+    assert torch.allclose(scheduler.predict_velocity(output, z, level), s * eps - c * z0, atol=1e-3)
     scheduler.set_timesteps(sqrt_alphas_cumprod=[0.5, 0.8])
     out = scheduler.step(output[1:2], scheduler.timesteps[0], z[1:2], eta=0.0)
     assert torch.allclose(out.prev_sample, 0.8 * z0[1:2] + 0.6 * eps[1:2], atol=1e-4)
@@ -237,3 +238,19 @@ def test_residual_scale_divides_the_diffused_residual():
     losses = [float(dvsr_loss(predictor, Zero(), scheduler, sharp, blurry, generator=torch.Generator().manual_seed(0),
                               residual_scale=s)["eps_l1"].detach()) for s in (1.0, 0.1)]
     assert losses[1] > losses[0]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_v_loss_target_is_the_eps_loss_divided_by_the_level(prediction_type):
+    """With one level per batch, L1 on v = (L1 on ε) / √ᾱ for every prediction type."""
+    predictor, denoiser = tiny_models()
+    scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    blurry, sharp = _batch()
+    blurry, sharp = blurry[:1], sharp[:1]
+    losses = {target: dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, generator=torch.Generator().manual_seed(5),
+                                loss_target=target, residual_scale=0.5) for target in ("epsilon", "v")}
+    level, _ = scheduler.sample_training_levels(1, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(losses["v"]["eps_l1"], losses["epsilon"]["eps_l1"])
+    assert torch.allclose(losses["v"]["loss"] * level[0], losses["epsilon"]["loss"], rtol=1e-3)
+    with pytest.raises(ValueError, match="loss_target"):
+        dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, loss_target="x0")

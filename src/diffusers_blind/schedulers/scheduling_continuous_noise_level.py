@@ -157,6 +157,15 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
             return s * sample - c * model_output
         return model_output
 
+    def predict_velocity(self, model_output: torch.Tensor, sample: torch.Tensor, sqrt_alpha_bar) -> torch.Tensor:
+        """``v̂ = √ᾱ ε̂ − √(1−ᾱ) ẑ_0`` from the model output at level ``√ᾱ``, by ``prediction_type``."""
+        if self.config.prediction_type == "v_prediction":
+            return model_output
+        s, c = self._level(sqrt_alpha_bar, sample)
+        return s * self.predict_epsilon(model_output, sample, sqrt_alpha_bar) - c * self.predict_original(
+            model_output, sample, sqrt_alpha_bar
+        )
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,6 +40,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MIXED_PRECISION = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the two ends of the perception-distortion knob: (denoising steps, averaged samples)
 PERCEPTION_END = (100, 1)
 DISTORTION_END = (10, 4)
@@ -156,7 +158,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ inputs
     def check_inputs(
         self, measurement, num_inference_steps, num_samples, output_type, eta, boundary_margin,
-        kernel_iterations, callback_on_step_end_tensor_inputs,
+        kernel_iterations, callback_on_step_end_tensor_inputs, mixed_precision=None,
     ) -> None:
         channels = self.predictor.config.in_channels
         if measurement.shape[1] not in (1, channels):
@@ -175,6 +177,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             raise ValueError(f"kernel_iterations must be a positive integer, got {kernel_iterations}")
         if min(measurement.shape[-2:]) < 2:
             raise ValueError(f"image must be at least 2x2, got {tuple(measurement.shape[-2:])}")
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
@@ -236,6 +240,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         boundary_margin: int = 0,
         sigma: float | str = "auto",
         kernel_iterations: int = 3,
+        mixed_precision: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -263,6 +268,9 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             sigma: noise level in 8-bit levels for the kernel M-step, or ``"auto"`` (estimated); only
                 used with a ``kernel_estimator``.
             kernel_iterations: M-step rounds for the returned kernel.
+            mixed_precision: ``"bf16"`` or ``"fp16"`` runs the two networks under ``torch.autocast`` (on a CPU
+                with bf16 matrix units about 2.5× faster); the chain itself (``z_t``, ``x_init``, the sum) stays in
+                the pipeline's dtype. ``None`` (default): full precision.
             generator: ``torch.Generator`` or a list of one per image (every sample of image ``b`` draws from it).
             latents: optional ``z_T`` of shape ``(B·n, C, H', W')`` (padded size).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
@@ -295,7 +303,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         # 2. Inputs
         measurement = to_tensor(image)
         self.check_inputs(measurement, num_inference_steps, num_samples, output_type, eta, boundary_margin,
-                          kernel_iterations, callback_on_step_end_tensor_inputs)
+                          kernel_iterations, callback_on_step_end_tensor_inputs, mixed_precision)
         device = self._device()
         dtype = self.denoiser.dtype
         batch, n = measurement.shape[0], int(num_samples)
@@ -305,8 +313,18 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         padded, window = pad_to_multiple(rgb, self.pad_multiple, int(boundary_margin))
         y = (padded * 2 - 1).to(dtype)
 
-        # 3. Initial prediction x_init = g(y)
-        x_init = self.predictor(y.to(self.predictor.dtype)).to(dtype)
+        # 3. Initial prediction x_init = g(y); both networks get channels-last inputs (faster convolutions)
+        y = y.contiguous(memory_format=torch.channels_last)
+        autocast_dtype = MIXED_PRECISION[mixed_precision]
+
+        def networks():
+            if autocast_dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
+
+        with networks():
+            x_init = self.predictor(y.to(self.predictor.dtype))
+        x_init = x_init.to(dtype)
 
         # 4. Noise-level chain and z_T
         if noise_levels is not None:
@@ -321,6 +339,9 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         x_init_rep = x_init.repeat_interleave(n, dim=0)
         z = self.prepare_latents(y_rep.shape, generator, device, dtype, latents)
         pred_original = torch.zeros_like(z)
+        # the denoiser's input [z_t, y]: y is written once, z_t at each step
+        model_input = torch.cat([z, y_rep], dim=1).contiguous(memory_format=torch.channels_last)
+        channels = z.shape[1]
 
         # 5. Reverse diffusion on the residual (Alg. 1)
         step_kwargs = {} if eta is None else {"eta": float(eta)}
@@ -328,8 +349,11 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                eps = self.denoiser(torch.cat([z, y_rep], dim=1), t.to(dtype).expand(z.shape[0])).sample
-                z, pred_original = self.scheduler.step(eps, t, z, generator=generator, return_dict=False, **step_kwargs)
+                model_input[:, :channels] = z
+                with networks():
+                    output = self.denoiser(model_input, t.to(dtype).expand(z.shape[0])).sample
+                output = output.to(dtype)
+                z, pred_original = self.scheduler.step(output, t, z, generator=generator, return_dict=False, **step_kwargs)
                 if callback_on_step_end is not None:
                     available = {"latents": z, "x_init": x_init_rep, "pred_original_sample": pred_original}
                     callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}

@@ -99,6 +99,7 @@ def dvsr_loss(
     mode: str = "joint",
     predictor_loss_weight: float = 0.0,
     residual_scale: float = 1.0,
+    loss_target: str = "epsilon",
 ) -> dict[str, torch.Tensor]:
     r"""The DvSR training loss on images in ``[-1, 1]``; returns ``{"loss", "eps_l1", "predictor_l2"}``.
 
@@ -108,6 +109,10 @@ def dvsr_loss(
     predicts (its output read by the scheduler's ``prediction_type``: ``ε̂ = f`` for ``"epsilon"``,
     ``ε̂ = √ᾱ f + √(1−ᾱ) z`` for ``"v_prediction"``), with gradients into both ``f`` and ``g``; ``predictor_loss_weight`` adds ``w·‖g(y) − x_0‖²`` (0 in the paper).
     ``residual_scale = s`` diffuses ``r / s`` instead of ``r`` (the pipeline outputs ``x_init + s·z_0``).
+    ``loss_target="v"`` replaces the L1 on ε by the L1 on ``v = √ᾱ ε − √(1−ᾱ) r``: since
+    ``ε̂ − ε = √ᾱ (v̂ − v)`` and ``ẑ_0 − r = −√(1−ᾱ)(v̂ − v)``, this is the ε loss divided by ``√ᾱ``, i.e. an L1 on
+    the residual estimate at high noise, where the ε loss gives it almost no weight (the returned
+    ``eps_l1`` is still the L1 on ε, for comparison).
     ``mode="predictor"`` trains ``g`` alone with ``‖g(y) − x_0‖²`` (the paper's ablation, Table 4).
     """
     if mode not in ("joint", "predictor"):
@@ -118,6 +123,8 @@ def dvsr_loss(
         return {"loss": predictor_l2, "eps_l1": torch.zeros((), device=sharp.device), "predictor_l2": predictor_l2}
     if residual_scale <= 0:
         raise ValueError(f"residual_scale must be > 0, got {residual_scale}")
+    if loss_target not in ("epsilon", "v"):
+        raise ValueError(f"loss_target must be 'epsilon' or 'v', got {loss_target!r}")
     residual = (sharp - x_init) / residual_scale
     level, _ = scheduler.sample_training_levels(sharp.shape[0], generator=generator)
     level = level.to(sharp.device)
@@ -127,5 +134,11 @@ def dvsr_loss(
     output = denoiser(torch.cat([noisy, blurry], dim=1), timestep).sample
     eps = scheduler.predict_epsilon(output, noisy, level)
     eps_l1 = F.l1_loss(eps.float(), noise.float())
-    loss = eps_l1 + predictor_loss_weight * predictor_l2 if predictor_loss_weight else eps_l1
+    if loss_target == "v":
+        s, c = scheduler._level(level, residual)
+        target = (s * noise - c * residual).float()
+        main = F.l1_loss(scheduler.predict_velocity(output, noisy, level).float(), target)
+    else:
+        main = eps_l1
+    loss = main + predictor_loss_weight * predictor_l2 if predictor_loss_weight else main
     return {"loss": loss, "eps_l1": eps_l1, "predictor_l2": predictor_l2}
