@@ -97,3 +97,23 @@ def test_tilt_sampler_tiles_fields_drawn_at_the_source_size(tilt_script):
     assert args.source_size == 64
     with pytest.raises(SystemExit):
         tilt_script.parse_args(["--output_dir", "x", "--resolution", "32", "--source_size", "16"])
+
+
+def test_tilt_prior_card_samples_at_several_sizes(tilt_script, tmp_path):
+    """scripts/tilt_prior_card.py on a 2-step tilt prior: statistics and grids at the training size and larger."""
+    out, pipe = tmp_path / "run", tmp_path / "pipe"
+    tilt_script.main(["--output_dir", str(out), "--resolution", "8", "--export_dir", str(pipe),
+                      "--max_train_steps", "2", *TINY])
+    card = _load("tilt_prior_card")
+    fields = torch.zeros(2, 2, 8, 8)
+    fields[0, 0] = torch.arange(8.0).view(8, 1)  # a vertical ramp: equal horizontal neighbours, max 7 px
+    stats = card.field_statistics(fields[:1])
+    assert stats["max"][0] == 7 and stats["corr1"][0] == pytest.approx(1.0) and stats["over1px"][0] == pytest.approx(0.375)
+    report = card.main(["--tilt_unet", str(out / "export" / "unet"), "--scheduler", str(out / "export" / "scheduler"),
+                        "--output_dir", str(tmp_path / "card"), "--num_samples", "2", "--sizes", "8", "16",
+                        "--steps", "2"])
+    assert set(report["sizes"]) == {8, 16} and report["tilt_scale"] == 2.5
+    for size in (8, 16):
+        assert report["sizes"][size]["generator"]["std"][0] > 0.2  # tiles of 64-px fields
+        assert (tmp_path / "card" / f"tilt_samples_{size}.png").is_file()
+    assert json.loads((tmp_path / "card" / "tilt_stats.json").read_text())["tilt_scale"] == 2.5
