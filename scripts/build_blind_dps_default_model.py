@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """Assemble the shipped BlindDPS pipeline folder from a trained kernel prior.
 
-    python scripts/build_blind_dps_default_model.py --kernel_unet /work/runs/kernel_prior/export/unet
+    python scripts/build_blind_dps_default_model.py --kernel_unet /work/runs/kernel_prior/export/unet \
+        --tilt_unet /work/runs/tilt_prior/export/unet
 
 Writes ``src/diffusers_blind/blind_dps_default_model/`` with ``model_index.json``, ``kernel_unet/``
 (config, weights stored in float16, training_info.json), ``scheduler/`` (the image prior's DDPM schedule, which the
 kernel prior was trained on too) and ``unet`` as a **relative symbolic link** to the Fast EM default
 model's ``unet/`` (the same image prior; the link keeps 17 MB of weights out of the repository twice).
-Pipeline defaults (``guidance_scale``, ``sparsity_weight``) go to ``model_index.json``.
+Pipeline defaults (``guidance_scale``, ``sparsity_weight``) go to ``model_index.json``. With ``--tilt_unet`` the
+tilt prior is stored as ``tilt_unet/`` (float16 on disk, with its training_info.json); it is not listed in
+``model_index.json``, so the folder loads as a ``BlindDPSPipeline``, and
+``BlindDPSTurbulencePipeline.from_pretrained`` picks ``tilt_unet/`` up. Without ``--tilt_unet`` an existing
+``tilt_unet/`` is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ PACKAGE = REPO / "src" / "diffusers_blind"
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kernel_unet", type=Path, required=True, help="exported kernel UNet folder")
+    p.add_argument("--tilt_unet", type=Path, default=None, help="exported tilt UNet folder (turbulence prior)")
     p.add_argument("--output", type=Path, default=PACKAGE / "blind_dps_default_model")
     p.add_argument("--image_model", type=Path, default=PACKAGE / "default_model", help="folder with unet/ and scheduler/")
     p.add_argument("--guidance_scale", type=float, default=10.0,
@@ -33,7 +39,7 @@ def main(argv=None) -> Path:
     p.add_argument("--sparsity_weight", type=float, default=0.0)
     p.add_argument("--copy_unet", action="store_true", help="copy the image UNet instead of linking it")
     p.add_argument("--float32", action="store_true",
-                   help="store the kernel UNet in float32 (default: float16 on disk, 2x smaller; loads as float32)")
+                   help="store the kernel and tilt UNets in float32 (default: float16 on disk, 2x smaller; loads as float32)")
     args = p.parse_args(argv)
 
     import diffusers_blind  # noqa: F401  (registers the pipeline classes)
@@ -60,6 +66,14 @@ def main(argv=None) -> Path:
     info = args.kernel_unet / "training_info.json"
     if info.is_file():
         shutil.copy2(info, out / "kernel_unet" / "training_info.json")
+    if args.tilt_unet is not None:
+        tilt_unet = UNet2DModel.from_pretrained(args.tilt_unet)
+        if tilt_unet.config.in_channels != 2:
+            raise SystemExit(f"{args.tilt_unet} is not a tilt prior (it takes {tilt_unet.config.in_channels} channels)")
+        shutil.rmtree(out / "tilt_unet", ignore_errors=True)
+        (tilt_unet if args.float32 else tilt_unet.half()).save_pretrained(out / "tilt_unet", safe_serialization=True)
+        if (args.tilt_unet / "training_info.json").is_file():
+            shutil.copy2(args.tilt_unet / "training_info.json", out / "tilt_unet" / "training_info.json")
     shutil.rmtree(staging, ignore_errors=True)
     for f in out.rglob("*"):
         if f.is_file() and not f.is_symlink():

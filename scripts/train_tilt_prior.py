@@ -6,8 +6,10 @@ prediction, linear schedule of 1000 steps, on fields from ``diffusers_blind.ops.
 (seeded, fresh each batch) divided by ``--tilt_scale`` so that the generator's whole ±2.5 px range
 fits the model range ``[-1, 1]`` (the pipeline multiplies its estimate by the same ``tilt_scale``).
 The UNet is fully convolutional: trained at ``--resolution``, it runs on canvases of other sizes
-(multiples of its down-sampling factor); the field statistics per pixel do not depend on the size
-because the generator keeps the patch density.
+(multiples of its down-sampling factor). The generator's per-pixel statistics only hold on fields of at
+least its patch side (64 px: a 32 × 32 map has half the std of a 256 × 256 one, because the patches are
+capped at the map size), so training fields are drawn at ``--source_size`` (default 64, whose std and
+neighbour correlation match a 256 × 256 map's) and cut into ``--resolution`` tiles.
 
 Training loop, EMA, checkpoints, ``--resume latest`` and export are those of
 ``scripts/train_kernel_prior.py``; the export goes to ``<export_dir>/tilt_unet``.
@@ -42,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=64, help="training field size (square)")
     p.add_argument("--tilt_scale", type=float, default=2.5, help="pixels per model unit (fields are divided by it)")
     p.add_argument("--max_tilt", type=float, default=2.5, help="the generator's clip, pixels")
+    p.add_argument("--source_size", type=int, default=None,
+                   help="draw fields of this size and cut them into --resolution tiles (default: max(64, resolution))")
     for name, value in vars(kernel_args).items():
         if name in ("output_dir", "export_dir", "kernel_size", "intensity_range", "gaussian_fraction",
                     "gaussian_std_range"):
@@ -59,22 +63,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     multiple = 2 ** (len(args.block_out_channels) - 1)
     if args.resolution % multiple:
         p.error(f"--resolution must be a multiple of {multiple}")
+    if args.source_size is None:
+        args.source_size = max(64, args.resolution)
+    if args.source_size < args.resolution:
+        p.error("--source_size must be >= --resolution")
     if args.tilt_scale < args.max_tilt:
         p.error("--tilt_scale must be >= --max_tilt so that every simulated field fits [-1, 1]")
     return args
 
 
 class TiltSampler:
-    """Fresh seeded tilt fields divided by ``tilt_scale`` (model range)."""
+    """Fresh seeded tilt fields divided by ``tilt_scale`` (model range): ``resolution``² tiles of fields drawn
+    at ``source_size``² (non-overlapping tiles, ``(source_size // resolution)²`` per field)."""
 
-    def __init__(self, resolution: int, tilt_scale: float, max_tilt: float):
+    def __init__(self, resolution: int, tilt_scale: float, max_tilt: float, source_size: int | None = None):
         from diffusers_blind.ops import TiltMapGenerator
 
-        self.generator = TiltMapGenerator(resolution, max_tilt=max_tilt)
+        self.resolution = resolution
+        self.source_size = resolution if source_size is None else source_size
+        self.generator = TiltMapGenerator(self.source_size, max_tilt=max_tilt)
         self.tilt_scale = tilt_scale
 
     def batch(self, n: int, rng: np.random.Generator) -> torch.Tensor:
-        return self.generator(n, rng) / self.tilt_scale
+        per_side = self.source_size // self.resolution
+        fields = self.generator(math.ceil(n / per_side**2), rng)
+        r = self.resolution
+        tiles = [fields[:, :, i * r: (i + 1) * r, j * r: (j + 1) * r] for i in range(per_side) for j in range(per_side)]
+        return torch.stack(tiles, 1).flatten(0, 1)[:n] / self.tilt_scale
 
 
 def save_tilt_grid(fields: torch.Tensor, path: Path, scale: int = 2) -> None:
@@ -95,8 +110,9 @@ def save_tilt_grid(fields: torch.Tensor, path: Path, scale: int = 2) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sampler = TiltSampler(args.resolution, args.tilt_scale, args.max_tilt)
-    info = {"resolution": args.resolution, "tilt_scale": args.tilt_scale, "max_tilt": args.max_tilt}
+    sampler = TiltSampler(args.resolution, args.tilt_scale, args.max_tilt, args.source_size)
+    info = {"resolution": args.resolution, "source_size": args.source_size, "tilt_scale": args.tilt_scale,
+            "max_tilt": args.max_tilt}
     return base.train(args, sampler, channels=2, sample_size=args.resolution, component="tilt_unet",
                       save_grid=save_tilt_grid, info_extra=info)
 

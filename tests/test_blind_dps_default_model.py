@@ -35,3 +35,19 @@ def test_loads_and_runs_a_few_steps():
     k = pipe.kernel_unet.config.sample_size
     assert out.images.shape == (1, 40, 40, 3) and out.kernels.shape == (1, k, k)
     assert abs(out.kernels.sum() - 1) < 1e-4 and (out.kernels >= 0).all()
+
+
+def test_turbulence_pipeline_loads_from_the_same_folder_and_runs():
+    from diffusers_blind import BlindDPSTurbulencePipeline
+
+    pipe = BlindDPSTurbulencePipeline.from_pretrained(FOLDER)
+    pipe.set_progress_bar_config(disable=True)
+    info = json.loads((FOLDER / "tilt_unet" / "training_info.json").read_text())
+    assert pipe.tilt_unet.dtype == torch.float32 and pipe.tilt_unet.config.in_channels == 2
+    assert pipe.config.tilt_scale == info["tilt_scale"] == info["max_tilt"] == 2.5  # the generator's whole range
+    image = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    out = pipe(image, num_inference_steps=2, blur_model="reflect", output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 3, 40, 40) and out.tilts.shape == (1, 2, 40, 40)
+    assert out.tilts.abs().max() <= 2.5 and torch.isfinite(out.tilts).all()
+    assert "tilt_samples_32.png" in (FOLDER / "README.md").read_text()

@@ -122,6 +122,68 @@ def test_blur_is_a_true_convolution(inputs, tmp_path):
     np.testing.assert_allclose(got[2:-2, 2:-2], expected[2:-2, 2:-2], atol=1)  # interior: boundaries differ
 
 
+def test_blur_turbulence_tilts_then_blurs_and_saves_the_field(inputs, tmp_path, capsys):
+    """--turbulence: y = k * T_d(x) + n with the seeded field saved beside the output; with a 1×1 kernel and
+    sigma 0 the output is exactly the bilinear warp of the sharp image by the saved field."""
+    from diffusers_blind.ops import warp
+
+    np.save(tmp_path / "dirac.npy", np.ones((1, 1), np.float32))
+    out = tmp_path / "tilted.png"
+    args = ["blur", str(inputs / "rgb.png"), "--kernel", str(tmp_path / "dirac.npy"), "--sigma", "0", "--turbulence",
+            "--max-tilt", "2"]
+    assert main([*args, "-o", str(out), "--seed", "3"]) == 0
+    field = np.load(tmp_path / "tilted_tilt.npy")
+    assert field.shape == (2, 22, 30) and field.dtype == np.float32
+    assert 0 < np.abs(field).max() <= 2 + 1e-6 and np.abs(field).std() > 0.05
+    sharp = np.asarray(PIL.Image.open(inputs / "rgb.png")).astype(np.float32) / 255
+    x = torch.from_numpy(sharp).permute(2, 0, 1)[None]
+    expected = (warp(x, torch.from_numpy(field)[None])[0].permute(1, 2, 0).numpy() * 255).round()
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)).astype(np.float32), expected)
+    assert not np.array_equal(expected, (sharp * 255).round())  # the tilt moved pixels
+    record = json.loads((tmp_path / "tilted.json").read_text())
+    assert record["settings"]["turbulence"] is True and record["settings"]["max_tilt"] == 2.0
+    assert record["tilt_npy"] == str(tmp_path / "tilted_tilt.npy") and "T_d(x)" in record["degradation"]
+    assert "tilt field in" in capsys.readouterr().out
+
+    # seeded: the same seed gives the same field and image, another seed another field
+    assert main([*args, "-o", str(tmp_path / "again.png"), "--seed", "3"]) == 0
+    assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
+    np.testing.assert_array_equal(np.load(tmp_path / "again_tilt.npy"), field)
+    assert main([*args, "-o", str(tmp_path / "other.png"), "--seed", "4"]) == 0
+    assert not np.array_equal(np.load(tmp_path / "other_tilt.npy"), field)
+
+    # the kernel and the noise of a seed are those of the plain blur (the field has its own stream)
+    plain = ["blur", str(inputs / "rgb.png"), "--kernel-size", "5", "--sigma", "5", "--seed", "1"]
+    assert main([*plain, "-o", str(tmp_path / "turb.png"), "--turbulence"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "turb_kernel.npy"), np.load(inputs / "blurry" / "rgb_kernel.npy"))
+
+
+def test_blur_turbulence_never_overwrites_unasked(inputs, tmp_path, capsys):
+    args = ["blur", str(inputs / "rgb.png"), "--kernel-size", "5", "--turbulence", "-o", str(tmp_path / "t.png")]
+    assert main([*args, "--seed", "0"]) == 0
+    field = np.load(tmp_path / "t_tilt.npy")
+    for name in ("t.png", "t.json", "t_kernel.npy", "t_kernel.png"):
+        (tmp_path / name).unlink()  # only the tilt field is left: it alone blocks the run
+    assert main([*args, "--seed", "1"]) == 2
+    assert "t_tilt.npy" in capsys.readouterr().err and not (tmp_path / "t.png").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "t_tilt.npy"), field)
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert not np.array_equal(np.load(tmp_path / "t_tilt.npy"), field)
+    # a plain blur does not touch (or need to replace) a tilt field it does not write
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "p_tilt.npy").write_bytes(b"keep")
+    assert main(["blur", str(inputs / "rgb.png"), "--kernel-size", "5", "-o", str(tmp_path / "plain" / "p.png")]) == 0
+    assert (tmp_path / "plain" / "p_tilt.npy").read_bytes() == b"keep"
+
+
+def test_blur_max_tilt_needs_turbulence_and_a_positive_value(inputs, tmp_path, capsys):
+    assert main(["blur", str(inputs / "rgb.png"), "-o", str(tmp_path / "a.png"), "--max-tilt", "1"]) == 2
+    assert "--max-tilt applies to --turbulence only" in capsys.readouterr().err
+    assert main(["blur", str(inputs / "rgb.png"), "-o", str(tmp_path / "a.png"), "--turbulence", "--max-tilt", "0"]) == 2
+    assert "--max-tilt must be a positive" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
 # ---------------------------------------------------------------------------- deblur
 def test_deblur_single_rgb(inputs, model_dir, tmp_path, capsys):
     assert deblur([str(inputs / "blurry" / "rgb.png")], model_dir, tmp_path / "out") == 0

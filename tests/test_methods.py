@@ -188,3 +188,38 @@ def test_blind_dps_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, mon
                             "--num_grid", "1"]) == 0
         records = [json.loads(line) for line in (tmp_path / f"ev_{blur}" / "results.jsonl").read_text().splitlines()]
         assert len(records) == 4 and all(r["kernel_mse"] is not None for r in records)
+
+
+def test_blind_dps_turbulence_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, monkeypatch):
+    """blind-dps-turbulence: a test input made by ``blur --turbulence``, restored from the command line (the
+    estimated tilt field is written beside the image) and run in the evaluation."""
+    from test_pipeline_blind_dps_turbulence import make_pipe
+
+    for key, value in {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    assert "blind-dps-turbulence" in METHODS and METHODS["blind-dps-turbulence"].returns_kernel
+    make_pipe().save_pretrained(tmp_path / "turb")
+    sharp = tmp_path / "sharp.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 26, 3), dtype=np.uint8)).save(sharp)
+    images = tmp_path / "in"
+    assert main(["blur", str(sharp), "-o", str(images / "t.png"), "--turbulence", "--kernel", "gaussian",
+                 "--kernel-size", "5", "--seed", "0"]) == 0
+    out = tmp_path / "out"
+    assert main(["deblur", str(images), "-o", str(out), "--method", "blind-dps-turbulence", "--model",
+                 str(tmp_path / "turb"), "--steps", "3", "--quiet", "--seed", "0"]) == 0, capsys.readouterr().err
+    assert (out / "t_deblurred.png").is_file() and (out / "t_kernel.npy").is_file()
+    tilt = np.load(out / "t_tilt.npy")
+    assert tilt.shape == (2, 20, 26) and np.isfinite(tilt).all() and np.abs(tilt).max() <= 2.5 + 1e-6
+    record = json.loads((out / "t.json").read_text())
+    assert record["settings"]["method"] == "blind-dps-turbulence" and "tilt_npy" in record["outputs"]
+    # a rerun refuses to replace the files, the tilt field included
+    assert main(["deblur", str(images), "-o", str(out), "--method", "blind-dps-turbulence", "--model",
+                 str(tmp_path / "turb"), "--steps", "3", "--quiet", "--seed", "1"]) == 2
+    np.testing.assert_array_equal(np.load(out / "t_tilt.npy"), tilt)
+    assert runner.main(["--data_dir", str(images), "--resolution", "16", "--kernel_size", "5", "--blur", "valid",
+                        "--methods", "blind-dps-turbulence", "--model", f"blind-dps-turbulence={tmp_path / 'turb'}",
+                        "--steps", "3", "--output_dir", str(tmp_path / "ev"), "--extra_metrics", "none",
+                        "--num_grid", "1"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert records and all(r["method"] == "blind-dps-turbulence" and r["kernel_mse"] is not None for r in records)

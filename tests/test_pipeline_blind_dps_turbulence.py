@@ -1,6 +1,7 @@
 """BlindDPSTurbulencePipeline (image, kernel and tilt chains) end to end on tiny components."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import smooth_images, tiny_ddpm, tiny_unet
 from pipeline_mixin import PipelineTesterMixin
@@ -99,3 +100,25 @@ def test_save_load_with_three_unets(tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = BlindDPSTurbulencePipeline.from_pretrained(tmp_path)
     assert loaded.config.tilt_scale == 2.0 and loaded.tilt_unet.config.in_channels == 2
+
+
+def test_loads_from_a_blind_dps_folder_with_a_tilt_unet_subfolder(tmp_path):
+    """The package's default layout: a BlindDPSPipeline folder plus tilt_unet/ loads as either pipeline."""
+    import json
+
+    from diffusers_blind import BlindDPSPipeline
+
+    parts = components()
+    tilt_unet = parts.pop("tilt_unet")
+    BlindDPSPipeline(**parts, guidance_scale=3.0).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no tilt prior"):
+        BlindDPSTurbulencePipeline.from_pretrained(tmp_path)
+    tilt_unet.save_pretrained(tmp_path / "tilt_unet")
+    (tmp_path / "tilt_unet" / "training_info.json").write_text(json.dumps({"tilt_scale": 2.0}))
+    pipe = BlindDPSTurbulencePipeline.from_pretrained(tmp_path)
+    assert type(pipe) is BlindDPSTurbulencePipeline
+    assert pipe.config.tilt_scale == 2.0 and pipe.config.guidance_scale == 3.0
+    for name, param in tilt_unet.state_dict().items():
+        torch.testing.assert_close(pipe.tilt_unet.state_dict()[name], param)
+    assert BlindDPSTurbulencePipeline.from_pretrained(tmp_path, tilt_scale=1.0).config.tilt_scale == 1.0
+    assert type(BlindDPSPipeline.from_pretrained(tmp_path)) is BlindDPSPipeline

@@ -80,3 +80,40 @@ def test_tilt_prior_trains_and_exports_a_two_channel_unet(tilt_script, tmp_path)
     assert json.loads((pipe / "tilt_unet" / "training_info.json").read_text())["tilt_scale"] == 2.5
     fields = tilt_script.TiltSampler(16, 2.5, 2.5).batch(3, np.random.default_rng(0))
     assert fields.shape == (3, 2, 16, 16) and fields.abs().max() <= 1
+
+
+def test_tilt_sampler_tiles_fields_drawn_at_the_source_size(tilt_script):
+    """Tiles of 64-px fields keep the per-pixel spread of large maps; 32-px maps drawn directly have half of it."""
+    tiles = tilt_script.TiltSampler(32, 2.5, 2.5, source_size=64).batch(24, np.random.default_rng(0))
+    direct = tilt_script.TiltSampler(32, 2.5, 2.5).batch(24, np.random.default_rng(0))
+    assert tiles.shape == direct.shape == (24, 2, 32, 32)
+    torch.testing.assert_close(tiles, tilt_script.TiltSampler(32, 2.5, 2.5, 64).batch(24, np.random.default_rng(0)))
+    from diffusers_blind.ops import tilt_map
+
+    large = torch.cat([tilt_map(256, 256, generator=i) for i in range(2)]) / 2.5
+    assert abs(float(tiles.std()) / float(large.std()) - 1) < 0.15
+    assert float(direct.std()) < 0.7 * float(large.std())
+    args = tilt_script.parse_args(["--output_dir", "x", "--resolution", "32"])
+    assert args.source_size == 64
+    with pytest.raises(SystemExit):
+        tilt_script.parse_args(["--output_dir", "x", "--resolution", "32", "--source_size", "16"])
+
+
+def test_tilt_prior_card_samples_at_several_sizes(tilt_script, tmp_path):
+    """scripts/tilt_prior_card.py on a 2-step tilt prior: statistics and grids at the training size and larger."""
+    out, pipe = tmp_path / "run", tmp_path / "pipe"
+    tilt_script.main(["--output_dir", str(out), "--resolution", "8", "--export_dir", str(pipe),
+                      "--max_train_steps", "2", *TINY])
+    card = _load("tilt_prior_card")
+    fields = torch.zeros(2, 2, 8, 8)
+    fields[0, 0] = torch.arange(8.0).view(8, 1)  # a vertical ramp: equal horizontal neighbours, max 7 px
+    stats = card.field_statistics(fields[:1])
+    assert stats["max"][0] == 7 and stats["corr1"][0] == pytest.approx(1.0) and stats["over1px"][0] == pytest.approx(0.375)
+    report = card.main(["--tilt_unet", str(out / "export" / "unet"), "--scheduler", str(out / "export" / "scheduler"),
+                        "--output_dir", str(tmp_path / "card"), "--num_samples", "2", "--sizes", "8", "16",
+                        "--steps", "2"])
+    assert set(report["sizes"]) == {8, 16} and report["tilt_scale"] == 2.5
+    for size in (8, 16):
+        assert report["sizes"][size]["generator"]["std"][0] > 0.2  # tiles of 64-px fields
+        assert (tmp_path / "card" / f"tilt_samples_{size}.png").is_file()
+    assert json.loads((tmp_path / "card" / "tilt_stats.json").read_text())["tilt_scale"] == 2.5

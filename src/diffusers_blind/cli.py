@@ -4,6 +4,7 @@ Subcommands::
 
     diffusers-blind deblur INPUT... -o OUT_DIR [--sigma 10|auto] [--steps 100] [--particles 1] ...
     diffusers-blind blur SHARP -o OUT.png [--kernel motion|gaussian|FILE] [--sigma 10] [--seed 0] ...
+    diffusers-blind blur SHARP -o OUT.png --turbulence [--max-tilt 2.5] ...   (tilt, then blur)
     diffusers-blind info
 
 ``main(argv)`` returns the exit code: 0 on success, 2 for a usage or input problem (missing
@@ -507,7 +508,7 @@ def cmd_blur(args) -> int:
 
     from .image_processor import kernel_to_image
     from .io import check_writable_folder, save_image, save_npy
-    from .ops import fft_blur, gaussian_kernel, motion_kernel, spatial_blur
+    from .ops import fft_blur, gaussian_kernel, motion_kernel, spatial_blur, tilt_map, warp
 
     sharp_path = Path(args.sharp)
     if not sharp_path.is_file():
@@ -519,7 +520,8 @@ def cmd_blur(args) -> int:
         raise CLIError(f"the blurry output is written as a lossless PNG: use a .png name, not {out_path.name}")
     kernel_npy = out_path.with_name(f"{out_path.stem}_kernel.npy")
     kernel_png = out_path.with_name(f"{out_path.stem}_kernel.png")
-    outputs = (out_path, kernel_npy, kernel_png, out_path.with_suffix(".json"))
+    tilt_npy = out_path.with_name(f"{out_path.stem}_tilt.npy")
+    outputs = (out_path, kernel_npy, kernel_png, out_path.with_suffix(".json")) + ((tilt_npy,) if args.turbulence else ())
     protected = [sharp_path] + ([Path(args.kernel)] if args.kernel not in ("motion", "gaussian") else [])
     for file in outputs:
         if any(file.resolve() == p.resolve() for p in protected):
@@ -527,6 +529,11 @@ def cmd_blur(args) -> int:
     existing = [file.name for file in outputs if file.exists()]
     if existing and not args.overwrite:
         raise CLIError(f"{', '.join(existing)} already exist(s) in {out_path.parent}; pass --overwrite to replace")
+    if args.max_tilt is not None and not args.turbulence:
+        raise CLIError("--max-tilt applies to --turbulence only")
+    max_tilt = 2.5 if args.max_tilt is None else args.max_tilt
+    if not (math.isfinite(max_tilt) and max_tilt > 0):
+        raise CLIError(f"--max-tilt must be a positive number of pixels, got {max_tilt}")
     array, mode = load_image(sharp_path)
     height, width = array.shape[:2]
 
@@ -558,6 +565,10 @@ def cmd_blur(args) -> int:
         raise CLIError(str(error)) from None
     x = torch.from_numpy(array)
     x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+    field = None
+    if args.turbulence:  # tilt first: y = k * T_d(x) + n (bilinear warp, edge pixels repeated past the border)
+        field = tilt_map(height, width, max_tilt=max_tilt, generator=np.random.default_rng([args.seed % 2**64, 1]))
+        x = warp(x, field.to(x.dtype), padding="border")
     if args.mode == "circular":  # the paper's model: y = k ⊛ x with periodic boundaries (FFT)
         blurred = fft_blur(x, kernel)
     else:  # true convolution = correlation with the flipped kernel, mirrored boundaries
@@ -573,6 +584,15 @@ def cmd_blur(args) -> int:
     save_npy(kernel_2d.numpy(), kernel_npy)
     save_image(kernel_to_image(kernel_2d, scale=KERNEL_PREVIEW_SCALE), kernel_png)
     settings.update(sigma=args.sigma, seed=args.seed, mode=args.mode)
+    degradation = ("y = k * x + n: true convolution with the kernel in kernel_npy "
+                   f"({'periodic' if args.mode == 'circular' else 'mirrored'} boundaries), Gaussian noise of std "
+                   "sigma/255, clipped to [0, 1], 8-bit")
+    if field is not None:
+        save_npy(field[0].float().numpy(), tilt_npy)
+        settings.update(turbulence=True, max_tilt=max_tilt)
+        degradation = ("y = k * T_d(x) + n: x first tilted by the field d in tilt_npy ((2, H, W) float32, pixels; "
+                       "channel 0 horizontal, 1 vertical; T_d(x)(i, j) = x(i + d[1, i, j], j + d[0, i, j]), bilinear, "
+                       "edge pixels repeated), then " + degradation[len("y = k * x + n: "):])
     record = {
         "sharp": str(sharp_path),
         "output": str(out_path),
@@ -581,14 +601,15 @@ def cmd_blur(args) -> int:
         "image_size": {"width": width, "height": height},
         "input_mode": mode,
         "settings": settings,
-        "degradation": "y = k * x + n: true convolution with the kernel in kernel_npy "
-                 f"({'periodic' if args.mode == 'circular' else 'mirrored'} boundaries), Gaussian noise of std "
-                 "sigma/255, clipped to [0, 1], 8-bit",
+        **({"tilt_npy": str(tilt_npy)} if field is not None else {}),
+        "degradation": degradation,
         "versions": _versions(),
     }
     _write_json(out_path.with_suffix(".json"), record)
+    tilt_text = f", tilt up to {max_tilt:g} px" if field is not None else ""
     print(f"{sharp_path} -> {out_path}  [kernel {kh}x{kw} ({settings['kernel']}), sigma {args.sigma:g}, "
-          f"seed {args.seed}, {args.mode}]; true kernel in {kernel_npy}")
+          f"seed {args.seed}, {args.mode}{tilt_text}]; true kernel in {kernel_npy}"
+          + (f", tilt field in {tilt_npy}" if field is not None else ""))
     return 0
 
 
@@ -638,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deblur each image with --method and write into OUT_DIR, per input: <stem>_deblurred.png, "
         "<stem>_kernel.png (enlarged preview) and <stem>_kernel.npy for methods that estimate a kernel, "
         "<stem>.json (settings, sigma, timings; written last) and, with --particles > 1, "
-        "<stem>_uncertainty.png/.npy. Inputs with the same stem get <stem>_2, <stem>_3... Output files that "
+        "<stem>_uncertainty.png/.npy, and <stem>_tilt.npy for --method blind-dps-turbulence (the estimated tilt "
+        "field, (2, H, W) in pixels). Inputs with the same stem get <stem>_2, <stem>_3... Output files that "
         "already exist are never replaced silently: pass --overwrite (an earlier run's files of an image are "
         "removed) or --skip-existing (images with a complete record are kept, the others run). Every file is "
         "written to a temporary name and renamed, so a crash never leaves a truncated file.",
@@ -682,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="make a blurry, noisy test input from a sharp image",
         description="Blur a sharp image with a known kernel (true convolution), add Gaussian noise, clip to "
         "[0, 1] and save an 8-bit PNG at OUT, with the kernel beside it as <OUT stem>_kernel.npy/.png and "
-        "the settings as <OUT stem>.json.",
+        "the settings as <OUT stem>.json. With --turbulence the image is first tilted by a random per-pixel "
+        "displacement field (atmospheric turbulence, BlindDPS's simulation; saved as <OUT stem>_tilt.npy, "
+        "(2, H, W) float32 in pixels), then blurred: a test input for --method blind-dps-turbulence.",
     )
     blur.add_argument("sharp", metavar="SHARP", help="the sharp image")
     blur.add_argument("-o", "--output", required=True, metavar="OUT", help="the blurry PNG to write")
@@ -696,7 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
     blur.add_argument("--seed", type=int, default=0, help="seed of the kernel and the noise (default 0)")
     blur.add_argument("--mode", choices=("reflect", "circular"), default="reflect",
                       help="boundaries: reflect (realistic, default) or circular (the paper's FFT model)")
-    blur.add_argument("--overwrite", action="store_true", help="replace OUT and its kernel/JSON files if they exist")
+    blur.add_argument("--turbulence", action="store_true",
+                      help="tilt the image by a seeded random tilt field before blurring (saved as <OUT stem>_tilt.npy)")
+    blur.add_argument("--max-tilt", type=float, default=None,
+                      help="largest displacement of the tilt field in pixels (default 2.5; with --turbulence)")
+    blur.add_argument("--overwrite", action="store_true",
+                      help="replace OUT and its kernel/JSON (and tilt) files if they exist")
     blur.set_defaults(func=cmd_blur)
 
     info = commands.add_parser("info", help="show versions, the default model and the device")

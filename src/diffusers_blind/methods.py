@@ -111,13 +111,15 @@ class Option:
 @dataclass
 class MethodResult:
     """What a method returns: the restored ``(1, C, H, W)`` image in ``[0, 1]``, the ``(1, 1, k, k)``
-    kernel or ``None``, the noise std it used in 8-bit levels (``None`` if it uses none) and a
-    per-pixel std ``(1, 1, H, W)`` or ``None``."""
+    kernel or ``None``, the noise std it used in 8-bit levels (``None`` if it uses none), a
+    per-pixel std ``(1, 1, H, W)`` or ``None``, and for turbulence the estimated tilt field
+    ``(1, 2, H, W)`` in pixels (channel 0 horizontal, 1 vertical) or ``None``."""
 
     image: torch.Tensor
     kernel: torch.Tensor | None = None
     sigma: float | None = None
     uncertainty: torch.Tensor | None = None
+    tilt: torch.Tensor | None = None
 
 
 @dataclass
@@ -382,10 +384,29 @@ def _register_blind_dps() -> None:
         return []
 
     shared = all_options([METHODS["fastem-pigdm"]])
+    options = (shared["steps"], shared["particles"], shared["guidance_scale"])
     register_method(Method(
         "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind)",
-        pipeline_class=BlindDPSPipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=(shared["steps"], shared["particles"], shared["guidance_scale"]),
+        pipeline_class=BlindDPSPipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=options,
         info={"guidance": "dps"}, check=check,
+    ))
+
+    def run_turbulence(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
+        # the same boundary handling as blind-dps; the tilt chain covers the whole padded canvas
+        margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
+        out = pipeline(y, num_inference_steps=steps, blur_model="circular" if blur == "circular" else "reflect",
+                       guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
+                       generator=generator, output_type="pt")
+        return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), None, out.uncertainty,
+                            tilt=out.tilts.float().cpu())
+
+    from .pipelines.blind_dps import BlindDPSTurbulencePipeline
+
+    register_method(Method(
+        "blind-dps-turbulence", run_turbulence,
+        "BlindDPS through turbulence: image, kernel and tilt-field priors (y = k * T_d(x) + n; writes the tilt field)",
+        pipeline_class=BlindDPSTurbulencePipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=options,
+        info={"guidance": "dps", "degradation": "tilt then blur"}, check=check,
     ))
 
 

@@ -2,6 +2,7 @@
 
 Per input, in the output folder: ``<stem>_deblurred.png``; ``<stem>_kernel.npy`` and ``<stem>_kernel.png``
 (enlarged preview) when the method returns a kernel; ``<stem>_uncertainty.npy/.png`` with particles;
+``<stem>_tilt.npy`` (``(2, H, W)`` float32 in pixels) when the method returns a tilt field (turbulence);
 ``<stem>.json``, written last, which lists the files written and so marks the image as done.
 Stems are the inputs' own, made unique (see :func:`output_stems`); no output may replace an input.
 """
@@ -26,6 +27,7 @@ OUTPUT_FILES = {  # what deblur writes per input: name -> suffix after the outpu
     "kernel_npy": "_kernel.npy",
     "uncertainty_png": "_uncertainty.png",
     "uncertainty_npy": "_uncertainty.npy",
+    "tilt_npy": "_tilt.npy",
     "record": ".json",
 }
 
@@ -97,7 +99,7 @@ def uncertainty_image(std: np.ndarray) -> PIL.Image.Image:
 
 
 def write_outputs(plan: dict[str, Path], result, image: PIL.Image.Image, kernel_scale: int = 8) -> dict[str, Path]:
-    """Write the image, kernel and uncertainty files atomically; returns those written."""
+    """Write the image, kernel, uncertainty and tilt files atomically; returns those written."""
     import torch
 
     written = {"image": plan["image"]}
@@ -112,6 +114,10 @@ def write_outputs(plan: dict[str, Path], result, image: PIL.Image.Image, kernel_
         save_image(uncertainty_image(std), plan["uncertainty_png"])
         save_npy(std, plan["uncertainty_npy"])
         written.update(uncertainty_png=plan["uncertainty_png"], uncertainty_npy=plan["uncertainty_npy"])
+    tilt = getattr(result, "tilt", None)
+    if tilt is not None:
+        save_npy(np.asarray(tilt.detach().float().cpu().reshape(2, *tilt.shape[-2:]), np.float32), plan["tilt_npy"])
+        written["tilt_npy"] = plan["tilt_npy"]
     return written
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -72,6 +74,30 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As ``DiffusionPipeline.from_pretrained``; a local ``BlindDPSPipeline`` folder that holds a ``tilt_unet/``
+        subfolder (the package's default BlindDPS folder does) also loads as a turbulence pipeline: the tilt UNet
+        comes from that subfolder and ``tilt_scale`` from its ``training_info.json``."""
+        folder = Path(str(pretrained_model_name_or_path))
+        index = folder / "model_index.json"
+        if "tilt_unet" not in kwargs and index.is_file() and "tilt_unet" not in json.loads(index.read_text()):
+            if not (folder / "tilt_unet" / "config.json").is_file():
+                raise ValueError(f"{folder} has no tilt prior (neither a tilt_unet entry in model_index.json nor a "
+                                 "tilt_unet/ folder): pass tilt_unet=UNet2DModel.from_pretrained(...)")
+            kwargs["tilt_unet"] = UNet2DModel.from_pretrained(folder / "tilt_unet", torch_dtype=kwargs.get("torch_dtype"))
+            info = folder / "tilt_unet" / "training_info.json"
+            if "tilt_scale" not in kwargs and info.is_file():
+                scale = json.loads(info.read_text()).get("tilt_scale")
+                if scale is not None:
+                    kwargs["tilt_scale"] = float(scale)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # a BlindDPSPipeline folder's sparsity_weight has no meaning here (no sparsity term): dropped without a warning
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "sparsity_weight"}, **kwargs)
 
     # ------------------------------------------------------------------ chains and operator
     def chains(self) -> dict[str, UNet2DModel]:
