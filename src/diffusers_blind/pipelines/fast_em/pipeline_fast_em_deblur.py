@@ -20,6 +20,7 @@ from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
 from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
+from ..tiling import make_denoiser
 
 
 EXAMPLE_DOC_STRING = """
@@ -391,6 +392,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         r_schedule: str = "fastem",
         boundary_margin: int | None = None,
         eta: float = 0.0,
+        tile_size: int | None = None,
+        max_memory: int | str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -418,6 +421,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 model, removed at the end (default ``kernel_size``; use 0 for data blurred circularly).
                 With a margin, the M-step also sees both images through a ``kernel_size``-wide edge taper.
             eta: DDIM's ``η`` (ignored by DDPM).
+            tile_size: run the UNet on overlapping tiles of this size, blended at every step (bounded memory
+                for any image size; docs/scale.md). ``None`` (default): chosen from ``max_memory``; small
+                images run untiled.
+            max_memory: memory budget for the automatic tile size, bytes or a string such as ``"8GiB"``
+                (default: 60 % of the free RAM, or of the free GPU memory on CUDA).
             generator: a ``torch.Generator``, or a list with one per image (or per particle) for reproducibility.
             latents: the initial noise ``x_T``, ``(B·n, C, H', W')`` on the padded grid.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
@@ -482,10 +490,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         runs = em_iterations or 1
         self._num_timesteps = len(self.scheduler.timesteps) * runs
-        denoiser = UNetDenoiser(self.unet, self.scheduler)
+        shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
+        denoiser, self.tiling_plan = make_denoiser(self.unet, self.scheduler, shape, device, tile_size, max_memory,
+                                                   multiple)
         generator = self._expand_generator(generator, batch, num_particles)
         step_kwargs = denoiser.step_kwargs(generator, eta)
-        shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
 
         # 6. Denoising loop: one run (Fast EM), or em_iterations runs each followed by an M-step (Diffusion EM)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
