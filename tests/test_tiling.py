@@ -159,6 +159,15 @@ def test_plan_untiled_when_small_and_tiled_when_large_or_short_of_memory(monkeyp
         plan_tiling(unet, (1, 3, 96, 96), "cpu", tile_size=3)
 
 
+def test_automatic_budget_is_shared_by_the_processes_of_a_launch(monkeypatch):
+    monkeypatch.setattr(tiling, "available_memory", lambda device: 10 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = tiling.automatic_budget("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert tiling.automatic_budget("cpu") == alone // 4
+    assert plan_tiling(tiny_unet(), (1, 3, 256, 256), "cpu").budget == alone // 4
+
+
 def test_plan_keeps_the_tile_graphs_when_they_all_fit():
     unet = tiny_unet()
     assert not plan_tiling(unet, (1, 3, 96, 96), "cpu", tile_size=64, max_memory="8GiB").checkpoint
@@ -227,3 +236,21 @@ def test_cli_tile_flags_reach_the_pipeline_and_the_record(tmp_path):
     assert json.loads((tmp_path / "out" / "photo.json").read_text())["settings"]["tile_size"] is None
     assert main(args + ["--max-memory", "lots", "--overwrite"]) == 2
     assert main(args + ["--tile-size", "4", "--overwrite"]) == 2
+    assert main(args + ["--precision", "bfloat16", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "out" / "photo.json").read_text())["settings"]["precision"] == "bfloat16"
+    assert main(args + ["--precision", "fp8", "--overwrite"]) == 2
+
+
+def test_pipeline_bfloat16_unet_stays_close_to_float32_and_bad_precision_is_refused():
+    pipe = make_pipe()
+    y, _ = blurry()
+
+    def run(**kwargs):
+        return pipe(y, sigma=5, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", **kwargs)
+
+    full, half = run(precision="float32"), run(precision="bfloat16", tile_size=32)
+    assert full.images.dtype == half.images.dtype == torch.float32
+    assert 0 < (full.images - half.images).abs().mean() < 0.05
+    with pytest.raises(ValueError, match="precision"):
+        run(precision="int8")

@@ -62,6 +62,14 @@ def memory_arg(value) -> str:
     return str(value).strip()
 
 
+def _precision_arg(value) -> str:
+    from .pipelines.tiling import PRECISIONS
+
+    if value not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
+
+
 def non_negative_float(value) -> float:
     """A finite number ≥ 0 (argparse type)."""
     try:
@@ -210,7 +218,7 @@ def _margin(blur: str | None):
 
 def _fastem_run(guidance: str, diffusion_em: bool = False):
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size=None,
-            em_iterations=None, tile_size=None, max_memory=None):
+            em_iterations=None, tile_size=None, max_memory=None, precision=None):
         out = pipeline(
             y,
             sigma=sigma,
@@ -224,6 +232,7 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             boundary_margin=_margin(blur),
             tile_size=tile_size,
             max_memory=max_memory,
+            precision=precision,
             generator=generator,
             output_type="pt",
         )
@@ -298,6 +307,9 @@ def _register_builtins() -> None:
         Option("max_memory", memory_arg, None,
                "memory budget for the automatic tile size, e.g. 8GiB (default: 60% of the free RAM, or of the "
                "free GPU memory)"),
+        Option("precision", _precision_arg, None,
+               "the UNet's arithmetic: float32, bfloat16 or float16 autocast (guidance and kernel steps stay "
+               "float32; default: the pipeline's)"),
     )
     pipeline_options = (steps, particles, guidance_scale, kernel_size, *tiling)
     common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)

@@ -45,7 +45,8 @@ AUTO_MEMORY_FRACTION = 0.6
 # UNet's time per pixel grows (42 µs per pixel forward+backward up to 384², 59 µs at 512²; docs/scale.md).
 AUTO_MAX_TILE = 384
 MIN_TILE = 32
-MAX_TILE_BATCH = 8
+MAX_TILE_BATCH = 8  # on a GPU, where batching tiles fills the device
+CPU_MAX_TILE_BATCH = 2  # on a CPU a larger batch is no faster, only larger
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -92,6 +93,24 @@ def available_memory(device) -> int:
         except OSError:
             pass
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def processes_sharing(device) -> int:
+    """How many processes of this launch (``accelerate launch``, ``torchrun``: ``LOCAL_WORLD_SIZE``) share
+    ``device``'s memory: all of them on the CPU, those mapped to the same GPU on CUDA."""
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return max(1, math.ceil(local / max(1, torch.cuda.device_count())))
+    return local
+
+
+def automatic_budget(device) -> int:
+    """``AUTO_MEMORY_FRACTION`` of the free memory of ``device``, divided among the processes sharing it."""
+    return int(AUTO_MEMORY_FRACTION * available_memory(device) / processes_sharing(device))
 
 
 def activation_channels(unet) -> float:
@@ -330,7 +349,7 @@ def plan_tiling(unet, shape, device, tile_size: int | None = None, max_memory=No
     """Choose how to run a UNet forward+backward on latents of ``shape = (N, C, H, W)`` (padded) within memory.
 
     The budget is ``max_memory`` (bytes or ``"8GiB"``), or ``AUTO_MEMORY_FRACTION`` of the free memory
-    of ``device`` (RAM on CPU, free GPU memory on CUDA). The estimate is ``FULL_IMAGE_BYTES_PER_PIXEL``
+    of ``device`` (RAM on CPU, free GPU memory on CUDA) shared among the processes of a launch that use it. The estimate is ``FULL_IMAGE_BYTES_PER_PIXEL``
     per image pixel (what never tiles) plus ``unet_bytes_per_pixel`` per pixel the UNet runs on at once.
 
     * ``tile_size`` given: tiles of that size (rounded down to ``multiple``); none when it covers the image.
@@ -338,14 +357,14 @@ def plan_tiling(unet, shape, device, tile_size: int | None = None, max_memory=No
       fits; else the largest tile (≤ ``AUTO_MAX_TILE``, steps of 32) whose forward+backward fits next to
       the full-image tensors.
 
-    Tiles per batch: as many as fit (1 to ``MAX_TILE_BATCH``); the tiles' graphs are kept from the
+    Tiles per batch: as many as fit (1 to ``MAX_TILE_BATCH`` on CUDA, ``CPU_MAX_TILE_BATCH`` elsewhere); the tiles' graphs are kept from the
     forward pass when all of them fit (``checkpoint=False``), else recomputed batch by batch.
     Raises ``ValueError`` when an explicit ``max_memory`` cannot hold the full-image tensors and one
     ``MIN_TILE`` tile.
     """
     samples, _, height, width = shape
     explicit = max_memory is not None
-    budget = parse_memory(max_memory) if explicit else int(AUTO_MEMORY_FRACTION * available_memory(device))
+    budget = parse_memory(max_memory) if explicit else automatic_budget(device)
     per_pixel = unet_bytes_per_pixel(unet) * samples
     fixed = FULL_IMAGE_BYTES_PER_PIXEL * samples * height * width
     free = budget - fixed
@@ -375,7 +394,8 @@ def plan_tiling(unet, shape, device, tile_size: int | None = None, max_memory=No
         if tile >= max(height, width):
             return TilingPlan(None, budget=budget, reason=f"fits untiled; {reason}")
     lap = default_overlap(tile, multiple) if overlap is None else overlap
-    batch = int(max(1, min(MAX_TILE_BATCH, free // (per_pixel * tile * tile))))
+    cap = MAX_TILE_BATCH if torch.device(device).type == "cuda" else CPU_MAX_TILE_BATCH
+    batch = int(max(1, min(cap, free // (per_pixel * tile * tile))))
     checkpoint = per_pixel * _tiled_pixels(height, width, tile, lap, multiple) > free
     return TilingPlan(tile, lap, batch, checkpoint, budget, reason)
 
@@ -397,11 +417,18 @@ class TiledUNetDenoiser(UNetDenoiser):
         (torch.Size([1, 3, 48, 40]), 4)
     """
 
-    def __init__(self, unet, scheduler, layout: TileLayout | None = None):
+    def __init__(self, unet, scheduler, layout: TileLayout | None = None, autocast_dtype: torch.dtype | None = None):
         super().__init__(unet, scheduler)
         self.layout = layout
+        self.autocast_dtype = autocast_dtype
 
     def unet_output(self, model_input: torch.Tensor, t) -> torch.Tensor:
+        if self.autocast_dtype is not None and self.autocast_dtype != model_input.dtype:
+            with torch.autocast(model_input.device.type, dtype=self.autocast_dtype):
+                return self._tiled_output(model_input, t).to(model_input.dtype)
+        return self._tiled_output(model_input, t)
+
+    def _tiled_output(self, model_input: torch.Tensor, t) -> torch.Tensor:
         if self.layout is None:
             return super().unet_output(model_input, t)
 
@@ -411,8 +438,25 @@ class TiledUNetDenoiser(UNetDenoiser):
         return tiled_apply(run, model_input, self.layout)
 
 
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_PRECISION = "float32"
+
+
+def resolve_precision(precision: str | None) -> torch.dtype | None:
+    """The UNet's autocast dtype for ``precision`` (``None``: ``DEFAULT_PRECISION``); ``None`` means no autocast."""
+    name = DEFAULT_PRECISION if precision is None else precision
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)} or None, got {precision!r}")
+    return PRECISIONS[name]
+
+
 def make_denoiser(unet, scheduler, shape, device, tile_size: int | None = None, max_memory=None,
-                  multiple: int = 8) -> tuple[TiledUNetDenoiser, TilingPlan]:
-    """The denoiser a pipeline should use for latents of ``shape`` (padded), and the plan behind it."""
+                  multiple: int = 8, autocast_dtype: torch.dtype | None = None) -> tuple[TiledUNetDenoiser, TilingPlan]:
+    """The denoiser a pipeline should use for latents of ``shape`` (padded), and the plan behind it.
+
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the UNet's forward and backward under autocast; its
+    output is cast back to the latents' dtype, so the scheduler, the guidance and the M-step stay in float32.
+    """
     plan = plan_tiling(unet, shape, device, tile_size, max_memory, multiple=multiple)
-    return TiledUNetDenoiser(unet, scheduler, plan.layout(shape[-2], shape[-1], multiple)), plan
+    layout = plan.layout(shape[-2], shape[-1], multiple)
+    return TiledUNetDenoiser(unet, scheduler, layout, autocast_dtype), plan

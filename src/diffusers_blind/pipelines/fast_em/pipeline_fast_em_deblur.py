@@ -20,7 +20,7 @@ from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
 from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
-from ..tiling import make_denoiser
+from ..tiling import make_denoiser, resolve_precision
 
 
 EXAMPLE_DOC_STRING = """
@@ -394,6 +394,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         eta: float = 0.0,
         tile_size: int | None = None,
         max_memory: int | str | None = None,
+        precision: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -426,6 +427,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 images run untiled.
             max_memory: memory budget for the automatic tile size, bytes or a string such as ``"8GiB"``
                 (default: 60 % of the free RAM, or of the free GPU memory on CUDA).
+            precision: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the UNet's forward and backward under
+                autocast in that dtype (guidance, M-step and scheduler stay float32). Default:
+                ``tiling.DEFAULT_PRECISION`` (docs/scale.md has the speed and quality of each).
             generator: a ``torch.Generator``, or a list with one per image (or per particle) for reproducibility.
             latents: the initial noise ``x_T``, ``(B·n, C, H', W')`` on the padded grid.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
@@ -492,7 +496,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         self._num_timesteps = len(self.scheduler.timesteps) * runs
         shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
         denoiser, self.tiling_plan = make_denoiser(self.unet, self.scheduler, shape, device, tile_size, max_memory,
-                                                   multiple)
+                                                   multiple, resolve_precision(precision))
         generator = self._expand_generator(generator, batch, num_particles)
         step_kwargs = denoiser.step_kwargs(generator, eta)
 
