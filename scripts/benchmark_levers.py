@@ -14,9 +14,10 @@ DDPM, 100 steps, float32):
 * ``noattn``: the UNet's mid-block self-attention replaced by the identity (its residual path).
 
 Levers combine with ``+`` (``bf16+ddim50``). Whole runs print the PSNR against examples/sharp.png (blind,
-and with ``--oracle`` also given the true kernel) and the wall time; ``--unet-only`` times one UNet
-forward+backward on the example's padded shape (``--repeats`` times, median). Times on a shared
-machine are noisy: compare levers run in the same session, or repeat.
+and with ``--oracle`` also given the true kernel) and the time (the process's CPU time, then the wall time); ``--unet-only``
+times one UNet forward+backward on the example's padded shape (CPU time, ``--repeats`` times: first,
+median, min). On a shared, loaded machine the wall time mostly measures the other processes: with
+``OMP_NUM_THREADS=1`` the CPU time is what one free core would take.
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ def whole_run(lever: str, oracle: bool, seed: int) -> dict:
     kernel = torch.from_numpy(np.load(ROOT / "examples" / "blurry_kernel.npy")).float()
     result = {"lever": lever}
     for name, known in [("blind", None)] + ([("oracle", kernel)] if oracle else []):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = pipe(blurry, sigma=10, kernel=known, generator=torch.Generator().manual_seed(seed), output_type="pt",
                    **call)
         result[f"{name}_s"] = time.perf_counter() - start
+        result[f"{name}_cpu"] = time.process_time() - cpu
         result[f"{name}_psnr"] = float(psnr(out.images.float().clamp(0, 1), sharp))
     return result
 
@@ -101,14 +103,14 @@ def unet_only(lever: str, repeats: int) -> dict:
             out = pipe.unet(xt, torch.tensor(500)).sample
         torch.autograd.grad(out.float().square().sum(), xt)
 
-    start = time.perf_counter()
+    start = time.process_time()
     once()
-    first = time.perf_counter() - start
+    first = time.process_time() - start
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         once()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return {"lever": lever, "first_s": first, "median_s": statistics.median(times), "min_s": min(times)}
 
 
@@ -127,8 +129,8 @@ def main(argv=None):
             print(f"| {lever} | {r['first_s']:.2f} | {r['median_s']:.3f} | {r['min_s']:.3f} |", flush=True)
         else:
             r = whole_run(lever, args.oracle, args.seed)
-            oracle = f" {r['oracle_psnr']:.2f} | {r['oracle_s']:.1f} |" if args.oracle else ""
-            print(f"| {lever} | {r['blind_psnr']:.2f} | {r['blind_s']:.1f} |{oracle}", flush=True)
+            oracle = f" {r['oracle_psnr']:.2f} | {r['oracle_cpu']:.1f} | {r['oracle_s']:.1f} |" if args.oracle else ""
+            print(f"| {lever} | {r['blind_psnr']:.2f} | {r['blind_cpu']:.1f} | {r['blind_s']:.1f} |{oracle}", flush=True)
 
 
 if __name__ == "__main__":
