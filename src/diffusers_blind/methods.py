@@ -309,7 +309,7 @@ def _register_builtins() -> None:
                "free GPU memory)"),
         Option("precision", _precision_arg, None,
                "the UNet's arithmetic: float32, bfloat16 or float16 autocast (guidance and kernel steps stay "
-               "float32; default: the pipeline's)"),
+               "float32; default float32; bfloat16 is about 18% faster on CPUs with native bfloat16)"),
     )
     pipeline_options = (steps, particles, guidance_scale, kernel_size, *tiling)
     common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)

@@ -439,12 +439,26 @@ class TiledUNetDenoiser(UNetDenoiser):
 
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_PRECISION = "float32"
 
 
-def resolve_precision(precision: str | None) -> torch.dtype | None:
-    """The UNet's autocast dtype for ``precision`` (``None``: ``DEFAULT_PRECISION``); ``None`` means no autocast."""
-    name = DEFAULT_PRECISION if precision is None else precision
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast is faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_precision(device) -> str:
+    """``"float32"``. bfloat16 autocast is 18 % faster on a CPU with native bfloat16 and kept the example's
+    PSNR (docs/scale.md), but a batch of images then no longer equals the images run one by one (bf16
+    matrix products depend on the batch shape), so it is opt-in: ``precision="bfloat16"``."""
+    return "float32"
+
+
+def resolve_precision(precision: str | None, device="cpu") -> torch.dtype | None:
+    """The UNet's autocast dtype for ``precision`` (``None``: :func:`default_precision`); ``None`` means no autocast."""
+    name = default_precision(device) if precision is None else precision
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)} or None, got {precision!r}")
     return PRECISIONS[name]
