@@ -16,6 +16,7 @@ MODULES = [
     "diffusers_blind.ops.operators",
     "diffusers_blind.ops.warp",
     "diffusers_blind.pipelines.pipeline_utils",
+    "diffusers_blind.pipelines.tiling",
 ]
 WITH_EXAMPLES = {
     "diffusers_blind.metrics.image",
@@ -23,6 +24,7 @@ WITH_EXAMPLES = {
     "diffusers_blind.ops.operators",
     "diffusers_blind.ops.warp",
     "diffusers_blind.pipelines.pipeline_utils",
+    "diffusers_blind.pipelines.tiling",
 }
 
 

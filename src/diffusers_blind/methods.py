@@ -61,6 +61,35 @@ def on_off(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
 
 
+def tile_size_arg(value):
+    """A tile side in pixels (an integer >= 8) or ``auto`` (``None``: chosen from the memory budget)."""
+    if str(value).strip().lower() == "auto":
+        return None
+    number = positive_int(value)
+    if number < 8:
+        raise argparse.ArgumentTypeError(f"expected a tile size >= 8 pixels or 'auto', got {value!r}")
+    return number
+
+
+def memory_arg(value) -> str:
+    """A memory size such as ``8GiB``, ``8GB``, ``512MiB`` or a number of bytes (argparse type)."""
+    from .pipelines.tiling import parse_memory
+
+    try:
+        parse_memory(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return str(value).strip()
+
+
+def _precision_arg(value) -> str:
+    from .pipelines.tiling import PRECISIONS
+
+    if value not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
+
+
 def non_negative_float(value) -> float:
     """A finite number ≥ 0 (argparse type)."""
     try:
@@ -210,8 +239,8 @@ def _margin(blur: str | None):
 
 
 def _fastem_run(guidance: str, diffusion_em: bool = False):
-    def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size,
-            em_iterations=None, guard=True):
+    def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size=None,
+            em_iterations=None, guard=True, tile_size=None, max_memory=None, precision=None):
         out = pipeline(
             y,
             sigma=sigma,
@@ -224,6 +253,9 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             em_iterations=em_iterations if diffusion_em else None,
             boundary_margin=_margin(blur),
             guard=True if guard is None else guard,
+            tile_size=tile_size,
+            max_memory=max_memory,
+            precision=precision,
             generator=generator,
             output_type="pt",
         )
@@ -292,10 +324,21 @@ def _register_builtins() -> None:
                          "runs (default: the model's, 33 for the shipped one)")
     em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3)",
                            eval_default=10)
+    tiling = (
+        Option("tile_size", tile_size_arg, None,
+               "run the UNet on overlapping tiles of this many pixels (bounded memory for any image size), or "
+               "'auto' (default: from --max-memory; images up to 384 px a side run whole)"),
+        Option("max_memory", memory_arg, None,
+               "memory budget for the automatic tile size, e.g. 8GiB (default: 60% of the free RAM, or of the "
+               "free GPU memory)"),
+        Option("precision", _precision_arg, None,
+               "the UNet's arithmetic: float32, bfloat16 or float16 autocast (guidance and kernel steps stay "
+               "float32; default float32; bfloat16 is about 18% faster on CPUs with native bfloat16)"),
+    )
     guard = Option("guard", on_off, True,
                    "on (default): a blind estimate that explains the photo worse than the photo itself is "
                    "replaced by the input, with a warning; off: keep it")
-    pipeline_options = (steps, particles, guidance_scale, kernel_size, guard)
+    pipeline_options = (steps, particles, guidance_scale, kernel_size, guard, *tiling)
     common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)
     for name, guidance, description in (
         ("fastem-pigdm", "pigdm", "Fast Diffusion EM with Pi-GDM guidance (blind; with --kernel: non-blind)"),
@@ -310,7 +353,7 @@ def _register_builtins() -> None:
                            check=_fastem_check, **common))
     for name, guidance in (("pigdm-known-kernel", "pigdm"), ("dps-known-kernel", "dps")):
         register_method(Method(name, _fastem_run(guidance), f"non-blind {guidance} guidance with the true kernel",
-                               needs_kernel=True, options=(steps, particles, guidance_scale),
+                               needs_kernel=True, options=(steps, particles, guidance_scale, *tiling),
                                info={"guidance": guidance}, **common))
     register_method(Method("wiener-known-kernel", _wiener_run,
                            "non-blind Wiener deconvolution with the true kernel (gradient prior, no model)",

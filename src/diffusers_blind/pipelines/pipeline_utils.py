@@ -105,12 +105,16 @@ class UNetDenoiser:
         """The UNet output in the form the scheduler's ``step`` expects."""
         scale = getattr(self.scheduler, "scale_model_input", None)
         model_input = scale(x_t, t) if scale is not None else x_t
-        output = self.unet(model_input, t).sample
+        output = self.unet_output(model_input, t)
         if output.shape[1] == 2 * x_t.shape[1] and not self.learned_variance:
             output = output[:, : x_t.shape[1]]
         elif output.shape[1] not in (x_t.shape[1], 2 * x_t.shape[1]):
             raise ValueError(f"UNet output has {output.shape[1]} channels for a {x_t.shape[1]}-channel sample")
         return output
+
+    def unet_output(self, model_input: torch.Tensor, t) -> torch.Tensor:
+        """The raw UNet prediction (``TiledUNetDenoiser`` evaluates it tile by tile)."""
+        return self.unet(model_input, t).sample
 
     def alpha_bar(self, t) -> float:
         return float(self.scheduler.alphas_cumprod[int(t)])
