@@ -194,7 +194,7 @@ def test_pipeline_tiled_matches_untiled_within_seed_noise():
 
     def run(seed, **kwargs):
         return pipe(y, sigma=5, num_inference_steps=4, generator=torch.Generator().manual_seed(seed),
-                    output_type="pt", **kwargs)
+                    output_type="pt", guard=False, **kwargs)  # a tiny random UNet explains nothing
 
     untiled = run(0)
     assert pipe.tiling_plan.tile_size is None
@@ -247,7 +247,7 @@ def test_pipeline_bfloat16_unet_stays_close_to_float32_and_bad_precision_is_refu
 
     def run(**kwargs):
         return pipe(y, sigma=5, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                    output_type="pt", **kwargs)
+                    output_type="pt", guard=False, **kwargs)  # a tiny random UNet explains nothing
 
     full, half = run(precision="float32"), run(precision="bfloat16", tile_size=32)
     assert full.images.dtype == half.images.dtype == torch.float32
