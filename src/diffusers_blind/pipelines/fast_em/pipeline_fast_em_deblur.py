@@ -405,6 +405,22 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         """A coarser scale helps only while the kernel spans several pixels and the image stays usable."""
         return kernel_size >= MIN_COARSE_KERNEL and min(measurement.shape[-2:]) // 2 >= MIN_COARSE_IMAGE
 
+    def run_downscaled(self, measurement: torch.Tensor, sigma: torch.Tensor, **kwargs):
+        """A blind run (no guard, ``"pt"`` output) on the 2×2-averaged image, σ scaled to match.
+
+        Averaging 2×2 pixels halves the noise std and the blur's extent. The nested call's per-call
+        state (guidance scale, step count, interrupt flag) is restored afterwards.
+        Returns ``(output, downscaled measurement, its σ, scale factor)``.
+        """
+        height, width = measurement.shape[-2:]
+        coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
+        factor = height / coarse.shape[-2]
+        state = (self._guidance_scale, self._num_timesteps, self._interrupt)
+        out = self(coarse, sigma=(sigma * 255 / factor).tolist(), output_type="pt", return_dict=True, guard=False,
+                   **kwargs)
+        self._guidance_scale, self._num_timesteps, self._interrupt = state
+        return out, coarse, sigma / factor, factor
+
     def coarse_estimate(self, measurement: torch.Tensor, sigma: torch.Tensor, kernel_size: int, num_scales: int,
                         call_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Blind run on the 2×-downscaled image (recursively coarse to fine), carried up one scale.
@@ -415,12 +431,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         Returns ``(image (B, C, H, W) in [0, 1], kernel (B, 1, k, k))``.
         """
         height, width = measurement.shape[-2:]
-        coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
-        factor = height / coarse.shape[-2]
-        state = (self._guidance_scale, self._num_timesteps, self._interrupt)
-        out = self(coarse, sigma=(sigma * 255 / factor).tolist(), kernel_size=self.coarse_kernel_size(kernel_size),
-                   num_scales=num_scales - 1, output_type="pt", return_dict=True, guard=False, **call_kwargs)
-        self._guidance_scale, self._num_timesteps, self._interrupt = state
+        out, _, _, factor = self.run_downscaled(measurement, sigma, kernel_size=self.coarse_kernel_size(kernel_size),
+                                                num_scales=num_scales - 1, **call_kwargs)
         image = F.interpolate(out.images.to(measurement), size=(height, width), mode="bicubic", align_corners=False)
         kernel = rescale_kernel(out.kernels.to(measurement), factor, kernel_size)
         return image.clamp(0, 1), kernel
@@ -437,19 +449,14 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         Returns ``(kernel_size, {candidate: fit})``.
         """
         height, width = measurement.shape[-2:]
-        coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
-        factor = height / coarse.shape[-2]
-        coarse_sigma = sigma / factor
-        state = (self._guidance_scale, self._num_timesteps, self._interrupt)
         fits = {}
         for size in candidates:
             small = self.coarse_kernel_size(size)
-            if size > min(height, width) // 2 or 2 * (small // 2) >= min(coarse.shape[-2:]):
+            if size > min(height, width) // 2 or 2 * (small // 2) >= min(height // 2, width // 2):
                 continue
-            out = self(coarse, sigma=(coarse_sigma * 255).tolist(), kernel_size=small, num_scales=1, output_type="pt", guard=False,
-                       num_inference_steps=num_inference_steps, return_dict=True, **call_kwargs)
+            out, coarse, coarse_sigma, _ = self.run_downscaled(
+                measurement, sigma, kernel_size=small, num_scales=1, num_inference_steps=num_inference_steps, **call_kwargs)
             fits[size] = float(reblur_fit(coarse, out.images.to(coarse), out.kernels.to(coarse), coarse_sigma).sum())
-        self._guidance_scale, self._num_timesteps, self._interrupt = state
         if not fits:
             raise ValueError(f"the image ({height}x{width}) is too small for kernel_size='auto'; pass a kernel_size")
         best = min(fits.values())
@@ -627,7 +634,6 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 guidance=guidance, guidance_scale=self._guidance_scale, r_schedule=r_schedule, eta=eta,
                 observe_margin=observe_margin, generator=generator, tile_size=tile_size, max_memory=max_memory,
                 precision=precision))
-            self._guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
             logger.info("kernel_size='auto': fits %s -> %d", {k: round(v, 3) for k, v in fits.items()}, kernel_size)
 
         # 3. Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet
