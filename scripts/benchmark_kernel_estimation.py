@@ -11,7 +11,8 @@ centre crop of ``--size`` pixels, with
 
 then noise of ``--sigma`` 8-bit levels and 8-bit quantisation. Per image it prints the PSNR of the
 blurry input, of blind Fast EM, of the same pipeline given the true kernel (oracle), the blind
-kernel's MNC, and the M-step's ceiling: the MNC the pipeline's ``KernelEstimator`` reaches when the
+kernel's MNC, the MNC of the kernel the blind run started from (``init``: the sparse-prior
+initialiser's estimate, before any diffusion step), and the M-step's ceiling: the MNC the pipeline's ``KernelEstimator`` reaches when the
 diffusion is replaced by the TRUE sharp image (``--ceiling_steps`` M-steps from a Dirac, recentred
 after each, with the pipeline's measurement window). The ceiling separates what the M-step can do
 from what the E-step's estimates let it do.
@@ -35,6 +36,7 @@ from PIL import Image
 
 import diffusers_blind
 from diffusers_blind import FastEMDeblurPipeline
+from diffusers_blind.kernel_init import SparseKernelInitializer
 from diffusers_blind.metrics import mnc, psnr
 from diffusers_blind.ops import center_kernel, dirac_kernel, motion_kernel
 from diffusers_blind.ops.operators import BlurOperator
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated photo indices to run (kernels stay seeded by the index), to split a run")
     p.add_argument("--num_scales", type=int, default=1, help="coarse-to-fine levels of the blind run")
     p.add_argument("--refine_strength", type=float, default=0.6, help="with --num_scales > 1")
+    p.add_argument("--kernel_init", choices=("sparse", "dirac"), default="sparse", help="how the blind run starts its kernel")
+    p.add_argument("--m_step_start", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
     return p.parse_args(argv)
@@ -123,7 +127,8 @@ def main(argv=None) -> int:
                 boundary_margin=0 if args.protocol == "circular" else None)
 
     rows = []
-    header = f"{'photo':14s} {'k':>3s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'ceiling':>7s} {'s/run':>6s}"
+    header = (f"{'photo':14s} {'k':>3s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"
+              f" {'s/run':>6s}")
     print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, "
           f"guidance_scale {pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale}, model {args.model}")
     print(header)
@@ -134,12 +139,18 @@ def main(argv=None) -> int:
         row = {"photo": path.stem, "kernel_size": kernel.shape[-1], "blurry_psnr": float(psnr(blurry, sharp))}
         if "blind" not in args.skip:
             start = time.perf_counter()
-            out = pipe(blurry, generator=torch.manual_seed(args.seed), num_scales=args.num_scales,
-                       refine_strength=args.refine_strength, **call)
+            blind_call = dict(kernel_init=args.kernel_init, num_scales=args.num_scales, refine_strength=args.refine_strength)
+            if args.m_step_start is not None:
+                blind_call["m_step_start"] = args.m_step_start
+            out = pipe(blurry, generator=torch.manual_seed(args.seed), **blind_call, **call)
             row["fallback"] = bool(out.fallback and out.fallback[0])
             row["seconds"] = time.perf_counter() - start
             row["blind_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
             row["blind_mnc"] = float(mnc(out.kernels, kernel))
+            if args.kernel_init == "sparse":
+                size = pipe.kernel_estimator.config.kernel_size
+                start = SparseKernelInitializer(pipe.kernel_estimator)(blurry, size, out.sigma[0] / 255.0)
+                row["init_mnc"] = float(mnc(start, kernel))
         if "oracle" not in args.skip:
             out = pipe(blurry, kernel=kernel, generator=torch.manual_seed(args.seed), **call)
             row["oracle_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
@@ -169,7 +180,8 @@ def _format(row: dict) -> str:
         return format(row[key], fmt) if key in row else "–".rjust(len(format(0.0, fmt)))
 
     return (f"{str(row['photo'])[:14]:14s} {str(row['kernel_size']):>3s} {cell('blurry_psnr', '7.2f')} {cell('blind_psnr', '7.2f')} "
-            f"{cell('oracle_psnr', '7.2f')} {cell('blind_mnc', '6.3f')} {cell('ceiling_mnc', '7.3f')} {cell('seconds', '6.1f')}")
+            f"{cell('oracle_psnr', '7.2f')} {cell('blind_mnc', '6.3f')} {cell('init_mnc', '6.3f')} {cell('ceiling_mnc', '7.3f')} "
+            f"{cell('seconds', '6.1f')}")
 
 
 if __name__ == "__main__":

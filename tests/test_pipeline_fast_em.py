@@ -538,3 +538,52 @@ def test_guard_keeps_an_estimate_that_explains_the_photo():
                callback_on_step_end=perfect, callback_on_step_end_tensor_inputs=["latents", "kernel"])
     assert out.fallback == [False] and out.fit[0] < 1
     assert not torch.allclose(out.images, blurry, atol=1e-3)
+
+
+def test_blind_run_starts_from_the_sparse_initializer_and_holds_it_until_m_step_start(pipe, monkeypatch):
+    import diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur as module
+
+    start = torch.zeros(1, 1, 5, 5)
+    start[0, 0, 2, 1:4] = 1 / 3  # a horizontal bar, what the initializer "finds"
+    monkeypatch.setattr(module.SparseKernelInitializer, "__call__", lambda self, y, size, sigma: start.expand(y.shape[0], -1, -1, -1))
+    kernels = []
+    out = run(pipe, smooth_images(), num_inference_steps=4, m_step_start=0.5, output_type="pt",
+              callback_on_step_end=lambda p, i, t, kw: kernels.append(kw["kernel"].clone()) or {},
+              callback_on_step_end_tensor_inputs=["kernel"])
+    held = start.expand(2, -1, -1, -1)
+    assert torch.equal(kernels[0], held) and torch.equal(kernels[1], held)  # steps 0, 1 keep the start
+    assert not torch.allclose(kernels[3], held)  # steps 2, 3 run the M-step
+    assert out.kernels.shape == (2, 1, 5, 5)
+
+
+def test_kernel_init_dirac_and_a_user_warm_start():
+    pipe = make_pipe()
+    image = smooth_images()
+    kernels = []
+    grab = dict(callback_on_step_end=lambda p, i, t, kw: kernels.append(kw["kernel"].clone()) or {},
+                callback_on_step_end_tensor_inputs=["kernel"], m_step_start=0.5, num_inference_steps=2)
+    run(pipe, image, kernel_init="dirac", **grab)
+    assert torch.equal(kernels[0][0, 0], torch.from_numpy(np.pad([[1.0]], 2)).float())
+    warm = gaussian_kernel(5, 1.0)
+    kernels.clear()
+    out = run(pipe, image, kernel_init=warm[0, 0].numpy(), kernel_size=None, **grab)
+    assert torch.allclose(kernels[0], warm.expand(2, -1, -1, -1), atol=1e-6) and out.kernels.shape == (2, 5, 5)
+    a = run(pipe, image, kernel_init=warm, num_inference_steps=2)
+    b = run(pipe, image, kernel_init=warm, num_inference_steps=2)
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kernel_init="gaussian"), "kernel_init"),
+        (dict(kernel_init=torch.ones(1, 1, 3, 3) / 9, kernel_size=5), "kernel_init"),
+        (dict(kernel_init=torch.ones(1, 1, 5, 5) / 25, num_scales=2), "num_scales"),
+        (dict(kernel_init=-torch.ones(5, 5)), "non-negative"),
+        (dict(m_step_start=1.0), "m_step_start"),
+        (dict(m_step_start="late"), "m_step_start"),
+    ],
+)
+def test_kernel_init_and_m_step_start_errors(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(pipe, smooth_images(), **kwargs)

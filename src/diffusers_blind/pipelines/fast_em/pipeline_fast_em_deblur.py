@@ -15,10 +15,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging, replace_example_docstring
 
 from ...image_processor import DeblurImageProcessor, ImageInput
+from ...kernel_init import SparseKernelInitializer
 from ...models.kernel_estimator import KernelEstimator
 from ...ops.blur import edge_taper_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
-from ...ops.kernels import center_kernel, dirac_kernel, rescale_kernel
+from ...ops.kernels import center_kernel, dirac_kernel, project_kernel, rescale_kernel
 from ...ops.fit import reblur_fit
 from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
 from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
@@ -53,6 +54,7 @@ KERNEL_SIZE_TOLERANCE = 0.1  # "auto" keeps the smallest size whose fit is withi
 KERNEL_SIZE_STEPS = 25  # diffusion steps of each trial run of kernel_size="auto"
 MIN_COARSE_KERNEL = 9  # below this a kernel is too small to gain from a coarser scale
 MIN_COARSE_IMAGE = 32  # smallest side of a coarse image
+KERNEL_INITS = ("sparse", "dirac")  # how a blind run starts its kernel
 
 
 @dataclass
@@ -92,6 +94,8 @@ class FastEMProblem:
             and inside the runs of Diffusion EM.
         observed: ``(1, 1, H, W)`` 0/1 mask of the photograph on the padded grid: the E-step's data term
             counts only these pixels (a valid convolution); ``None`` counts the whole padded grid.
+        m_step_from: index of the first diffusion step that runs the M-step (earlier steps keep the
+            initial kernel).
     """
 
     measurement: torch.Tensor
@@ -102,6 +106,7 @@ class FastEMProblem:
     r_schedule: str
     estimate_kernel: bool
     observed: torch.Tensor | None = None
+    m_step_from: int = 0
     measurement_per_particle: torch.Tensor = field(init=False, repr=False)
     sigma_per_particle: torch.Tensor = field(init=False, repr=False)
     tapered_measurement: torch.Tensor = field(init=False, repr=False)
@@ -290,6 +295,32 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             warnings.warn("kernel does not sum to 1; it is used as given (the blur then also scales the image)")
         return kernel.expand(batch, -1, -1, -1)
 
+    def check_kernel_init(self, kernel_init, m_step_start, num_scales: int) -> None:
+        """Clear errors for ``kernel_init`` and ``m_step_start``."""
+        if isinstance(kernel_init, str):
+            if kernel_init not in KERNEL_INITS:
+                raise ValueError(f"kernel_init must be one of {KERNEL_INITS} or a kernel, got {kernel_init!r}")
+        elif num_scales > 1:
+            raise ValueError("a kernel_init kernel cannot be combined with num_scales > 1 (the coarse scales start the kernel)")
+        try:
+            start = float(m_step_start)
+        except (TypeError, ValueError):
+            start = float("nan")
+        if not 0 <= start < 1:
+            raise ValueError(f"m_step_start must be in [0, 1), got {m_step_start!r}")
+
+    def initial_kernel(self, kernel_init, measurement: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+        """The blind run's first kernel ``(B, 1, k, k)``: Dirac, sparse-prior estimate or the user's warm start."""
+        batch, device = measurement.shape[0], measurement.device
+        if isinstance(kernel_init, str):
+            if kernel_init == "dirac":
+                return dirac_kernel(kernel_size, batch, device)
+            return SparseKernelInitializer(self.kernel_estimator)(measurement, kernel_size, sigma).to(device)
+        kernel = self.prepare_kernel(kernel_init, batch, device)
+        if kernel.shape[-1] != kernel_size or kernel.shape[-2] != kernel_size:
+            raise ValueError(f"kernel_init is {tuple(kernel.shape[-2:])} but kernel_size is {kernel_size}")
+        return project_kernel(kernel)
+
     def prepare_latents(self, shape, generator, device, dtype, latents=None) -> torch.Tensor:
         """``x_T ~ N(0, I)`` of ``shape = (B·n, C, H, W)``; a list of ``B`` generators seeds each image's particles."""
         return prepare_noise(shape, generator, device, dtype, latents)
@@ -371,7 +402,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             prediction = denoiser(x_t, t, step=True, **step_kwargs)
             x0 = to_unit_range(prediction.x0)  # x̂0 in [0, 1]
         kernel = state.kernel
-        if problem.estimate_kernel:
+        if problem.estimate_kernel and step_index >= problem.m_step_from:
             _, r2, _ = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
             kernel = self.m_step(problem, x0.detach(), kernel, r=math.sqrt(r2))
         latents = self.guided_latents(problem, x_t, x0, prediction.prev_sample, kernel, step_index)
@@ -526,6 +557,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         em_iterations: int | None = None,
         num_scales: int = 1,
         refine_strength: float = 0.6,
+        kernel_init: str | torch.Tensor | np.ndarray = "sparse",
+        m_step_start: float = 0.8,
         r_schedule: str = "fastem",
         boundary_margin: int | None = None,
         observe_margin: bool = False,
@@ -565,6 +598,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             refine_strength: with ``num_scales > 1``, the fraction of the schedule each finer level runs,
                 starting from the upsampled coarser image noised to that level (img2img's ``strength``);
                 1 starts from pure noise and keeps only the kernel.
+            kernel_init: how a blind run starts its kernel: ``"sparse"`` (default) a coarse-to-fine estimate
+                under an L0 gradient prior (:class:`~diffusers_blind.kernel_init.SparseKernelInitializer`,
+                about a second at 256²), ``"dirac"`` the identity (the paper), or a ``(k, k)`` / ``(B, 1, k, k)``
+                kernel to warm-start from. Ignored with a known ``kernel``.
+            m_step_start: fraction of the schedule that keeps the initial kernel before the M-step runs at
+                every step (default 0.8: the last 20 % refine it; 0: from the first step, the paper, where the
+                early ``x̂0`` are smooth and a kernel fitted to them drifts back toward a Dirac).
             r_schedule: ``"fastem"`` (``r_t² = β̃_t/(1+β̃_t)``, the reference code) or ``"pigdm"`` (``1 − ᾱ_t``).
             boundary_margin: pixels of reflection padding added around the image before the circular FFT
                 model, removed at the end (default ``kernel_size``; use 0 for data blurred circularly).
@@ -611,6 +651,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if kernel_size is None:
             if kernel is not None:
                 kernel_size = int(np.shape(kernel)[-1])
+            elif not isinstance(kernel_init, str) and np.ndim(kernel_init) >= 2:
+                kernel_size = int(np.shape(kernel_init)[-1])
             else:
                 kernel_size = self.kernel_estimator.config.kernel_size if self.kernel_estimator is not None else 33
         self.check_inputs(
@@ -618,6 +660,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             output_type, r_schedule, callback_on_step_end_tensor_inputs, guidance_scale,
         )
         check_coarse_to_fine(num_scales, refine_strength)
+        self.check_kernel_init(kernel_init, m_step_start, num_scales)
         self._guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
         self._interrupt = False
 
@@ -654,11 +697,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 num_particles=num_particles, refine_strength=refine_strength, r_schedule=r_schedule, eta=eta,
                 observe_margin=observe_margin, tile_size=tile_size, max_memory=max_memory, precision=precision,
                 boundary_margin=None if boundary_margin is None else int(boundary_margin) // 2, generator=generator,
+                kernel_init=kernel_init, m_step_start=m_step_start,
             )
             init_image, kernel = self.coarse_estimate(measurement, sigma, kernel_size, num_scales, coarse_kwargs)
             init_image = self.image_processor.pad(init_image, margin, multiple)[0].repeat_interleave(num_particles, 0)
         elif blind:
-            kernel = dirac_kernel(kernel_size, batch, device)
+            kernel = self.initial_kernel(kernel_init, measurement, kernel_size, sigma)
         else:
             kernel = self.prepare_kernel(kernel, batch, device)
             if kernel.shape[-1] > padded.shape[-1] or kernel.shape[-2] > padded.shape[-2]:
@@ -669,7 +713,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         problem = FastEMProblem(
             measurement=padded, sigma=sigma, taper_window=taper_window, num_particles=num_particles,
             guidance=guidance, r_schedule=r_schedule, estimate_kernel=blind and em_iterations is None,
-            observed=observed,
+            observed=observed, m_step_from=round(m_step_start * num_inference_steps),
         )
 
         # 5. Prepare timesteps, the denoiser and the scheduler's extra step arguments
