@@ -324,3 +324,23 @@ def test_deblur_kernel_size_auto_records_the_chosen_size(model_dir, tmp_path):
     assert np.load(tmp_path / "out" / "big_kernel.npy").shape == (record["kernel_size"],) * 2
     assert record["settings"]["kernel_size"] == "auto"
     assert deblur([str(tmp_path / "big.png")], model_dir, tmp_path / "out2", "--kernel-size", "large") == 2
+
+
+def test_deblur_kernel_init_and_m_step_start_reach_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
+    from diffusers_blind import FastEMDeblurPipeline
+
+    seen = []
+    original = FastEMDeblurPipeline.__call__
+
+    def spy(self, image, **kwargs):
+        seen.append((kwargs.get("kernel_init"), kwargs.get("m_step_start")))
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(FastEMDeblurPipeline, "__call__", spy)
+    image = [str(inputs / "blurry" / "rgb.png")]
+    assert deblur(image, model_dir, tmp_path / "a", "--kernel-init", "dirac", "--m-step-start", "0.5") == 0
+    record = json.loads((tmp_path / "a" / "rgb.json").read_text())
+    assert record["settings"]["kernel_init"] == "dirac" and record["settings"]["m_step_start"] == 0.5
+    assert seen == [("dirac", 0.5)]
+    assert deblur(image, model_dir, tmp_path / "b", "--m-step-start", "1.5") == 2
+    assert deblur(image, model_dir, tmp_path / "c", "--kernel-init", "box") == 2

@@ -580,7 +580,7 @@ def test_kernel_init_dirac_and_a_user_warm_start():
         (dict(kernel_init=torch.ones(1, 1, 3, 3) / 9, kernel_size=5), "kernel_init"),
         (dict(kernel_init=torch.ones(1, 1, 5, 5) / 25, num_scales=2), "num_scales"),
         (dict(kernel_init=-torch.ones(5, 5)), "non-negative"),
-        (dict(m_step_start=1.0), "m_step_start"),
+        (dict(m_step_start=1.5), "m_step_start"),
         (dict(m_step_start="late"), "m_step_start"),
     ],
 )

@@ -33,6 +33,7 @@ PYRAMID_RATIO = math.sqrt(0.5)  # kernel (and image) size ratio between neighbou
 MIN_PYRAMID_KERNEL = 5  # the coarsest scale's kernel size
 MIN_PYRAMID_IMAGE = 16  # no scale is smaller than this (pixels per side)
 MAX_SIDE = 384  # larger photographs are estimated on their most detailed crop of this size
+SIGMA_FLOOR = 2.0 / 255  # the kernel step's noise level is at least this (in [0, 1] units)
 
 
 def finite_differences(image: torch.Tensor) -> torch.Tensor:
@@ -183,6 +184,7 @@ class SparseKernelInitializer:
         batch, _, height, width = measurement.shape
         grey = measurement.float().mean(1, keepdim=True)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=grey.device).reshape(-1).expand(batch)
+        sigma = sigma.clamp_min(SIGMA_FLOOR)  # α = σ²β: a near-zero σ leaves the Fourier solve unregularised
         kernel = None
         for size in pyramid_kernel_sizes(kernel_size, min(height, width)):
             scale = size / kernel_size

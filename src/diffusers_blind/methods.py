@@ -61,6 +61,16 @@ def on_off(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
 
 
+def kernel_init_arg(value) -> str:
+    """``sparse`` or ``dirac`` (argparse type of ``--kernel-init``)."""
+    text = str(value).strip().lower()
+    if text not in ("sparse", "dirac"):
+        raise argparse.ArgumentTypeError(f"expected sparse or dirac, got {value!r}")
+    return text
+
+
+
+
 def tile_size_arg(value):
     """A tile side in pixels (an integer >= 8) or ``auto`` (``None``: chosen from the memory budget)."""
     if str(value).strip().lower() == "auto":
@@ -240,7 +250,13 @@ def _margin(blur: str | None):
 
 def _fastem_run(guidance: str, diffusion_em: bool = False):
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size=None,
-            em_iterations=None, guard=True, tile_size=None, max_memory=None, precision=None):
+            em_iterations=None, guard=True, tile_size=None, max_memory=None, precision=None, kernel_init=None,
+            m_step_start=None):
+        blind_options = {}
+        if kernel is None and kernel_init is not None:
+            blind_options["kernel_init"] = kernel_init
+        if kernel is None and m_step_start is not None:
+            blind_options["m_step_start"] = m_step_start
         out = pipeline(
             y,
             sigma=sigma,
@@ -258,6 +274,7 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             precision=precision,
             generator=generator,
             output_type="pt",
+            **blind_options,
         )
         return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), float(out.sigma[0]),
                             out.uncertainty)
@@ -338,7 +355,13 @@ def _register_builtins() -> None:
     guard = Option("guard", on_off, True,
                    "on (default): a blind estimate that explains the photo worse than the photo itself is "
                    "replaced by the input, with a warning; off: keep it")
-    pipeline_options = (steps, particles, guidance_scale, kernel_size, guard, *tiling)
+    kernel_init = Option("kernel_init", kernel_init_arg, None,
+                         "how a blind run starts its kernel: sparse (default: a coarse-to-fine estimate under an L0 "
+                         "gradient prior) or dirac (the paper)")
+    m_step_start = Option("m_step_start", _unit_interval, None,
+                          "fraction of the steps that keep the starting kernel before the M-step runs (default 0.8; "
+                          "0 = every step, the paper; 1 = never)")
+    pipeline_options = (steps, particles, guidance_scale, kernel_size, guard, kernel_init, m_step_start, *tiling)
     common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)
     for name, guidance, description in (
         ("fastem-pigdm", "pigdm", "Fast Diffusion EM with Pi-GDM guidance (blind; with --kernel: non-blind)"),
@@ -349,7 +372,8 @@ def _register_builtins() -> None:
                                check=_dps_check if guidance == "dps" else _fastem_check, **common))
     register_method(Method("diffusion-em", _fastem_run("pigdm", diffusion_em=True),
                            "Diffusion EM: several full Pi-GDM runs, one kernel update after each (slower)",
-                           options=(*pipeline_options, em_iterations), info={"guidance": "pigdm"},
+                           options=(*(o for o in pipeline_options if o is not m_step_start), em_iterations),
+                           info={"guidance": "pigdm"},
                            check=_fastem_check, **common))
     for name, guidance in (("pigdm-known-kernel", "pigdm"), ("dps-known-kernel", "dps")):
         register_method(Method(name, _fastem_run(guidance), f"non-blind {guidance} guidance with the true kernel",

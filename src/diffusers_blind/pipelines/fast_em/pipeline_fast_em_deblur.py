@@ -306,8 +306,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             start = float(m_step_start)
         except (TypeError, ValueError):
             start = float("nan")
-        if not 0 <= start < 1:
-            raise ValueError(f"m_step_start must be in [0, 1), got {m_step_start!r}")
+        if not 0 <= start <= 1:
+            raise ValueError(f"m_step_start must be in [0, 1], got {m_step_start!r}")
 
     def initial_kernel(self, kernel_init, measurement: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
         """The blind run's first kernel ``(B, 1, k, k)``: Dirac, sparse-prior estimate or the user's warm start."""
@@ -604,7 +604,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 kernel to warm-start from. Ignored with a known ``kernel``.
             m_step_start: fraction of the schedule that keeps the initial kernel before the M-step runs at
                 every step (default 0.8: the last 20 % refine it; 0: from the first step, the paper, where the
-                early ``x̂0`` are smooth and a kernel fitted to them drifts back toward a Dirac).
+                early ``x̂0`` are smooth and a kernel fitted to them drifts back toward a Dirac; 1: never, the
+                starting kernel is final).
             r_schedule: ``"fastem"`` (``r_t² = β̃_t/(1+β̃_t)``, the reference code) or ``"pigdm"`` (``1 − ᾱ_t``).
             boundary_margin: pixels of reflection padding added around the image before the circular FFT
                 model, removed at the end (default ``kernel_size``; use 0 for data blurred circularly).
