@@ -5,6 +5,7 @@ The generic pipeline contract comes from ``PipelineTesterMixin``; this file adds
 
 import json
 import os
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -245,6 +246,19 @@ def test_sigma_auto_and_units(pipe):
     out = run(pipe, image.clamp(-0.4, 1.4), sigma="auto")
     assert 14 < out.sigma[0] < 26
     assert run(pipe, smooth_images(2), sigma=[5, 10]).sigma == pytest.approx([5.0, 10.0])
+
+
+def test_sigma_auto_warns_when_the_photo_is_almost_noise_free(pipe):
+    ramp = torch.linspace(0.2, 0.8, 32)
+    clean = (ramp[:, None] * 0.5 + ramp[None, :] * 0.5).expand(1, 3, 32, 32).contiguous()
+    with pytest.warns(UserWarning, match="sigma=2 or more"):
+        out = run(pipe, clean, sigma="auto")
+    assert out.sigma[0] < 1.0
+    g = torch.Generator().manual_seed(0)
+    noisy = (clean + torch.randn(1, 3, 32, 32, generator=g) * 10 / 255).clamp(0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        run(pipe, noisy, sigma="auto")
 
 
 def test_guidance_pulls_towards_the_measurement():

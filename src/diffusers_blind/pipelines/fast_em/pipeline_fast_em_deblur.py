@@ -55,6 +55,7 @@ KERNEL_SIZE_STEPS = 25  # diffusion steps of each trial run of kernel_size="auto
 MIN_COARSE_KERNEL = 9  # below this a kernel is too small to gain from a coarser scale
 MIN_COARSE_IMAGE = 32  # smallest side of a coarse image
 KERNEL_INITS = ("sparse", "dirac")  # how a blind run starts its kernel
+LOW_AUTO_SIGMA = 1.0 / 255  # an automatic noise estimate below this draws a warning (see prepare_sigma)
 
 
 @dataclass
@@ -265,7 +266,15 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if isinstance(sigma, str):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
-            return estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
+            estimate = estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
+            if (estimate < LOW_AUTO_SIGMA).any():
+                warnings.warn(
+                    f"sigma='auto' estimated {[round(v * 255, 2) for v in estimate.tolist()]} levels: with so little "
+                    "noise every model error (a kernel slightly off, compression, blur that varies across the photo) "
+                    "shows as ringing; pass sigma=2 or more to allow for it (docs/kernel_estimation.md)",
+                    stacklevel=3,
+                )
+            return estimate
         try:
             values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
         except (TypeError, ValueError, RuntimeError):
