@@ -137,6 +137,55 @@ def test_dvsr_runs_from_the_cli_and_in_the_evaluation(tmp_path, capsys, monkeypa
     assert len(records) == 2 and all(r["kernel_mse"] is None and r["psnr"] > 0 for r in records)
 
 
+def test_dvsr_precision_from_the_cli_and_the_evaluation(tmp_path, capsys, monkeypatch):
+    """``--precision`` reaches the DvSR networks as autocast (CLI and evaluation); other methods keep refusing it."""
+    pytest.importorskip("diffusers_blind.pipelines.dvsr")
+    from test_pipeline_dvsr import images as dvsr_images, make_pipe
+
+    from diffusers_blind.methods import METHODS
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    pipe = make_pipe()
+    seen = []
+    handle = pipe.denoiser.register_forward_hook(lambda module, args, output: seen.append(output.sample.dtype))
+    y = dvsr_images(1, height=16, width=16)
+    results = {}
+    try:
+        for precision in (None, "float32", "bfloat16", "float16"):
+            seen.clear()
+            results[precision] = METHODS["dvsr"].run(
+                y, sigma=5.0, kernel=None, generator=torch.Generator().manual_seed(0), pipeline=pipe, blur="valid",
+                perception_distortion=None, dvsr_steps=3, dvsr_samples=2, precision=precision)
+            expected = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                        "float16": torch.float16}[precision]
+            assert seen and set(seen) == {expected}
+    finally:
+        handle.remove()
+    assert torch.equal(results[None].image, results["float32"].image)
+    for precision in ("bfloat16", "float16"):  # rounding of the networks, not another result
+        assert results[precision].image.dtype == torch.float32
+        assert 0 < float((results[precision].image - results[None].image).abs().max()) < 0.05
+
+    pipe.save_pretrained(tmp_path / "dvsr")
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    base = ["deblur", str(tmp_path / "in.png"), "--model", str(tmp_path / "dvsr"), "--dvsr-steps", "2", "--quiet",
+            "--seed", "0"]
+    assert main(base + ["-o", str(tmp_path / "bf16"), "--method", "dvsr", "--precision", "bf16"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "bf16" / "in.json").read_text())["settings"]["precision"] == "bfloat16"
+    assert main(base + ["-o", str(tmp_path / "bad"), "--method", "dvsr", "--precision", "fp8"]) == 2
+    assert "--precision" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    code = main(["deblur", str(tmp_path / "in.png"), "-o", str(tmp_path / "id"), "--method", "identity",
+                 "--precision", "bf16", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--precision does not apply to --method identity" in err and "dvsr" in err
+    assert not (tmp_path / "id").exists()
+
+    args = runner.parse_args(["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "ev"), "--methods", "dvsr",
+                              "--precision", "bf16"])
+    assert args.precision == "bfloat16" and runner.method_settings(args)["precision"] == "bfloat16"
+
+
 def test_evaluation_model_folders_per_method():
     from diffusers_blind import DEFAULT_MODEL
     from diffusers_blind.evaluation.runner import resolve_models

@@ -92,12 +92,17 @@ def memory_arg(value) -> str:
     return str(value).strip()
 
 
+PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def _precision_arg(value) -> str:
+    """``float32``, ``bfloat16`` or ``float16`` (also ``fp32``, ``bf16``, ``fp16``; argparse type)."""
     from .pipelines.tiling import PRECISIONS
 
-    if value not in PRECISIONS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)}, got {value!r}")
-    return value
+    name = PRECISION_ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
+    if name not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)} (or bf16, fp16), got {value!r}")
+    return name
 
 
 def non_negative_float(value) -> float:
@@ -243,6 +248,13 @@ def load_pipeline(method: Method, folder: str | None, device):
 
 
 # ---------------------------------------------------------------------------- built-in methods
+PRECISION_OPTION = Option(
+    "precision", _precision_arg, None,
+    "the networks' arithmetic: float32, bfloat16 (bf16) or float16 (fp16) autocast (default float32). Fast EM: the "
+    "UNet only, guidance and kernel steps stay float32 (bfloat16 about 18% faster on CPUs with native bfloat16); "
+    "dvsr: predictor and denoiser, the chain stays float32 (bfloat16 about 2x faster there)")
+
+
 def _margin(blur: str | None):
     """Pipeline ``boundary_margin`` for the data: none for circular blur, the default reflect margin otherwise."""
     return 0 if blur == "circular" else None
@@ -348,9 +360,7 @@ def _register_builtins() -> None:
         Option("max_memory", memory_arg, None,
                "memory budget for the automatic tile size, e.g. 8GiB (default: 60% of the free RAM, or of the "
                "free GPU memory)"),
-        Option("precision", _precision_arg, None,
-               "the UNet's arithmetic: float32, bfloat16 or float16 autocast (guidance and kernel steps stay "
-               "float32; default float32; bfloat16 is about 18% faster on CPUs with native bfloat16)"),
+        PRECISION_OPTION,
     )
     guard = Option("guard", on_off, True,
                    "on (default): a blind estimate that explains the photo worse than the photo itself is "
@@ -402,7 +412,8 @@ def _register_dvsr() -> None:
     except ImportError:
         return
 
-    def run(y, *, sigma, kernel, generator, pipeline, blur, perception_distortion, dvsr_steps, dvsr_samples):
+    def run(y, *, sigma, kernel, generator, pipeline, blur, perception_distortion, dvsr_steps, dvsr_samples,
+            precision=None):
         # the knob and the explicit (steps, samples) pair are exclusive: send one or the other
         if dvsr_steps is not None or dvsr_samples is not None:
             if perception_distortion is not None:
@@ -410,7 +421,8 @@ def _register_dvsr() -> None:
             settings = {"num_inference_steps": dvsr_steps or 10, "num_samples": dvsr_samples or 1}
         else:
             settings = {"perception_distortion": perception_distortion}
-        out = pipeline(y, sigma=sigma, generator=generator, output_type="pt", boundary_margin=0, **settings)
+        out = pipeline(y, sigma=sigma, generator=generator, output_type="pt", boundary_margin=0,
+                       mixed_precision=precision, **settings)
         kernels = None if out.kernels is None else out.kernels.float().cpu()
         return MethodResult(out.images.float().cpu(), kernels, out.sigma[0] if out.sigma else None, out.uncertainty)
 
@@ -423,6 +435,7 @@ def _register_dvsr() -> None:
                    "(10 steps, 4 samples averaged; the pipeline's default)"),
             Option("dvsr_steps", positive_int, None, "DvSR diffusion steps (instead of the knob)"),
             Option("dvsr_samples", positive_int, None, "DvSR samples averaged (instead of the knob)"),
+            PRECISION_OPTION,
         ),
     ))
 

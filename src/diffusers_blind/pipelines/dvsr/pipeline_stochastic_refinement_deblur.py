@@ -40,7 +40,9 @@ EXAMPLE_DOC_STRING = """
 """
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MIXED_PRECISION = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# autocast dtype of the two networks; the long names are those of the package's other pipelines (`precision=`)
+MIXED_PRECISION = {None: None, "no": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                   "fp16": torch.float16, "float16": torch.float16}
 # the two ends of the perception-distortion knob: (denoising steps, averaged samples)
 PERCEPTION_END = (100, 1)
 DISTORTION_END = (10, 4)
@@ -268,9 +270,10 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             sigma: noise level in 8-bit levels for the kernel M-step, or ``"auto"`` (estimated); only
                 used with a ``kernel_estimator``.
             kernel_iterations: M-step rounds for the returned kernel.
-            mixed_precision: ``"bf16"`` or ``"fp16"`` runs the two networks under ``torch.autocast`` (on a CPU
-                with bf16 matrix units about 2.5× faster); the chain itself (``z_t``, ``x_init``, the sum) stays in
-                the pipeline's dtype. ``None`` (default): full precision.
+            mixed_precision: ``"bf16"`` / ``"bfloat16"`` or ``"fp16"`` / ``"float16"`` runs the two networks
+                under ``torch.autocast`` (on a CPU with bf16 matrix units about 2.5× faster); the chain itself
+                (``z_t``, ``x_init``, the sum) stays in the pipeline's dtype. ``None``, ``"no"`` or ``"float32"``
+                (default): full precision.
             generator: ``torch.Generator`` or a list of one per image (every sample of image ``b`` draws from it).
             latents: optional ``z_T`` of shape ``(B·n, C, H', W')`` (padded size).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
