@@ -272,7 +272,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                     f"sigma='auto' estimated {[round(v * 255, 2) for v in estimate.tolist()]} levels: with so little "
                     "noise every model error (a kernel slightly off, compression, blur that varies across the photo) "
                     "shows as ringing; pass sigma=2 or more to allow for it (docs/kernel_estimation.md)",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             return estimate
         try:
@@ -532,7 +532,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 f"(re-blur fit {[round(v, 2) for v in fit[failed].tolist()]} vs {GUARD_FIT_LIMIT:g} or the input's "
                 f"{[round(v, 2) for v in input_fit[failed].tolist()]}): returning the input unchanged with a Dirac "
                 "kernel. Check sigma, try num_scales=2, another seed or kernel_size.",
-                stacklevel=3,
+                stacklevel=4,
             )
             per_particle = failed.repeat_interleave(num_particles).view(-1, 1, 1, 1)
             latents = torch.where(per_particle, padded.repeat_interleave(num_particles, 0).to(latents) * 2 - 1, latents)
