@@ -99,3 +99,22 @@ def test_detailed_crop_picks_the_window_with_edges_and_keeps_small_images():
     assert crops[0].min() == 0.5 and crops[0].max() == 1.0
     assert crops[1].min() == 0.0
     assert detailed_crop(image, 64) is image
+
+
+def test_kernel_step_solves_both_differences_jointly_and_restores_the_estimator():
+    estimator = KernelEstimator(kernel_size=9, regularization="none", channel_mode="mean", beta=1e5)
+    init = SparseKernelInitializer(estimator, beta=1e3)
+    seen = []
+    original = KernelEstimator.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.config.channel_mode, self.config.beta))
+        return original(self, *args, **kwargs)
+
+    KernelEstimator.forward = spy
+    try:
+        init(torch.rand(1, 3, 40, 40), 9, 0.01)
+    finally:
+        KernelEstimator.forward = original
+    assert seen and all(mode == "joint" and beta == 1e3 for mode, beta in seen)
+    assert estimator.config.channel_mode == "mean" and estimator.config.beta == 1e5

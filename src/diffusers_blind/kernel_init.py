@@ -135,7 +135,8 @@ class SparseKernelInitializer:
     then the kernel is recentred and rescaled to the next scale (:func:`ops.rescale_kernel`).
 
     Args:
-        kernel_estimator: the M-step (its ``beta`` is replaced by ``beta`` during the call).
+        kernel_estimator: the M-step (during the call its ``beta`` is replaced by ``beta`` and its
+            ``channel_mode`` by ``"joint"``; both are restored after).
         iterations: rounds per scale.
         l0_weight: ``λ`` at the start of each scale (images in ``[0, 1]``).
         l0_weight_min / l0_decay: the floor and the factor of ``λ`` per round.
@@ -163,13 +164,14 @@ class SparseKernelInitializer:
                     kernel: torch.Tensor) -> torch.Tensor:
         """M-step on the windowed differences; the difference of two noisy pixels has std ``√2·σ``."""
         estimator = self.kernel_estimator
-        saved_beta = estimator.config.beta
-        estimator.register_to_config(beta=self.beta)
+        saved = {"beta": estimator.config.beta, "channel_mode": estimator.config.channel_mode}
+        # one least-squares system for both differences: each alone sees the blur along one axis only
+        estimator.register_to_config(beta=self.beta, channel_mode="joint")
         try:
             return estimator(window * finite_differences(blurry), window * finite_differences(sharp),
                              math.sqrt(2) * sigma, kernel)
         finally:
-            estimator.register_to_config(beta=saved_beta)
+            estimator.register_to_config(**saved)
 
     @torch.no_grad()
     def __call__(self, measurement: torch.Tensor, kernel_size: int, sigma: torch.Tensor | float) -> torch.Tensor:
