@@ -265,3 +265,15 @@ def test_edge_taper_removes_border_bias_of_fourier_kernel_estimate():
     plain = mnc(estimator(blurry, sharp, 0.01), kernel).item()
     tapered = mnc(estimator(window * blurry, window * sharp, 0.01), kernel).item()
     assert tapered > plain + 0.02 and tapered > 0.9
+
+
+def test_photograph_window_is_zero_on_the_margin_and_ramps_inside():
+    from diffusers_blind.ops import edge_taper_window, photograph_window
+
+    window = photograph_window((40, 50), (5, 6, 30, 36), kernel_size=9)
+    assert window.shape == (1, 1, 40, 50)
+    assert window[..., :5, :].abs().max() == 0 and window[..., :, :6].abs().max() == 0
+    assert window[..., 20, 24] == 1
+    torch.testing.assert_close(window, edge_taper_window((40, 50), 4, region=(5, 6, 30, 36)))
+    # the ramp never exceeds a quarter of the photograph
+    torch.testing.assert_close(photograph_window((20, 20), (2, 2, 16, 16), 33), edge_taper_window((20, 20), 4, region=(2, 2, 16, 16)))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.kernel_estimator import KernelEstimator
-from .ops.blur import edge_taper_window, p2o
+from .ops.blur import p2o, photograph_window
 from .ops.kernels import center_kernel, dirac_kernel, rescale_kernel
 
 
@@ -117,12 +117,6 @@ def pyramid_kernel_sizes(kernel_size: int, image_size: int) -> list[int]:
     return sizes[::-1]
 
 
-def _valid_window(shape, margin: int, size: tuple[int, int], kernel_size: int, device) -> torch.Tensor:
-    """Zero on the reflected margin, rising over ``kernel_size // 2`` pixels inside the photograph."""
-    ramp = min(kernel_size // 2, min(size) // 4)
-    return edge_taper_window(shape, ramp, device=device, region=(margin, margin, *size))
-
-
 class SparseKernelInitializer:
     r"""Coarse-to-fine kernel estimate under an L0 gradient prior, to start a blind diffusion run.
 
@@ -196,7 +190,7 @@ class SparseKernelInitializer:
             kernel = dirac_kernel(size, batch, grey.device) if kernel is None else rescale_kernel(kernel, size / kernel.shape[-1], size)
             margin = min(size, min(shape) - 1)
             padded = F.pad(blurry, (margin,) * 4, mode="reflect")
-            window = _valid_window(padded.shape[-2:], margin, shape, size, grey.device)
+            window = photograph_window(padded.shape[-2:], (margin, margin, *shape), size, grey.device)
             weight = self.l0_weight
             for _ in range(self.iterations):
                 sharp = l0_gradient_deconvolution(padded, kernel, weight)

@@ -62,13 +62,13 @@ def on_off(value) -> bool:
 
 
 def kernel_init_arg(value) -> str:
-    """``sparse`` or ``dirac`` (argparse type of ``--kernel-init``)."""
+    """One of the pipeline's string starts, ``sparse`` or ``dirac`` (argparse type of ``--kernel-init``)."""
+    from .pipelines.fast_em.pipeline_fast_em_deblur import KERNEL_INITS
+
     text = str(value).strip().lower()
-    if text not in ("sparse", "dirac"):
-        raise argparse.ArgumentTypeError(f"expected sparse or dirac, got {value!r}")
+    if text not in KERNEL_INITS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(KERNEL_INITS)}, got {value!r}")
     return text
-
-
 
 
 def tile_size_arg(value):

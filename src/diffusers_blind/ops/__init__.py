@@ -10,6 +10,7 @@ from .blur import (
     p2o,
     pad_adjoint,
     pad_kernel,
+    photograph_window,
     spatial_blur,
     spatial_blur_adjoint,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "p2o",
     "pad_adjoint",
     "pad_kernel",
+    "photograph_window",
     "pigdm_guidance",
     "project_kernel",
     "random_gaussian_kernel",

@@ -215,3 +215,14 @@ def edge_taper_window(
         return values
 
     return (ramp(height, top, inner_h)[:, None] * ramp(width_px, left, inner_w)[None, :]).to(dtype)[None, None]
+
+
+def photograph_window(shape: tuple[int, int], region: tuple[int, int, int, int], kernel_size: int, device=None) -> torch.Tensor:
+    """Kernel-estimation weights for a photograph padded by an invented margin.
+
+    Zero outside ``region = (top, left, height, width)`` (the margin, where ``y = k ⊛ x`` does not
+    hold), rising with a raised cosine over ``kernel_size // 2`` pixels (at most a quarter of the
+    photograph) inside it, so that a circular Fourier solve sees neither the margin nor a jump.
+    """
+    ramp = min(kernel_size // 2, min(region[2], region[3]) // 4)
+    return edge_taper_window(shape, ramp, device=device, region=region)

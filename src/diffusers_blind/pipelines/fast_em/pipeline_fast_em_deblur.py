@@ -17,7 +17,7 @@ from diffusers.utils import logging, replace_example_docstring
 from ...image_processor import DeblurImageProcessor, ImageInput
 from ...kernel_init import SparseKernelInitializer
 from ...models.kernel_estimator import KernelEstimator
-from ...ops.blur import edge_taper_window
+from ...ops.blur import edge_taper_window, photograph_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel, project_kernel, rescale_kernel
 from ...ops.fit import reblur_fit
@@ -366,9 +366,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         """
         if margin <= 0:
             return edge_taper_window(shape, 0, device=device)
-        top, left, height, width = window
-        ramp = min(kernel_size // 2, min(height, width) // 4)
-        return edge_taper_window(shape, ramp, device=device, region=window)
+        return photograph_window(shape, window, kernel_size, device)
 
     def m_step(self, problem: FastEMProblem, estimates: torch.Tensor, kernel: torch.Tensor, r: float | None = None):
         """Kernel update (Eqs. 24-25) from ``estimates`` in ``[0, 1]``, then recentring (§4.2).
