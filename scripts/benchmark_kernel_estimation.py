@@ -42,6 +42,10 @@ from diffusers_blind.ops import center_kernel, dirac_kernel, motion_kernel
 from diffusers_blind.ops.operators import BlurOperator
 
 
+def _kernel_size(value: str):
+    return value if value == "auto" else int(value)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="folder of sharp evaluation photographs (PNG/JPEG)")
@@ -62,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_scales", type=int, default=1, help="coarse-to-fine levels of the blind run")
     p.add_argument("--refine_strength", type=float, default=0.6, help="with --num_scales > 1")
     p.add_argument("--kernel_init", choices=("sparse", "dirac"), default="sparse", help="how the blind run starts its kernel")
+    p.add_argument("--kernel_size", type=_kernel_size, default=None,
+                   help="support of the blind kernel: an odd int or 'auto' (default: the estimator's)")
     p.add_argument("--m_step_start", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
                 boundary_margin=0 if args.protocol == "circular" else None)
 
     rows = []
-    header = (f"{'photo':14s} {'k':>3s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"
+    header = (f"{'photo':14s} {'k/est':>6s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"
               f" {'s/run':>6s}")
     print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, "
           f"guidance_scale {pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale}, model {args.model}")
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
         row = {"photo": path.stem, "kernel_size": kernel.shape[-1], "blurry_psnr": float(psnr(blurry, sharp))}
         if "blind" not in args.skip:
             start = time.perf_counter()
-            blind_call = dict(kernel_init=args.kernel_init, num_scales=args.num_scales, refine_strength=args.refine_strength)
+            blind_call = dict(kernel_init=args.kernel_init, num_scales=args.num_scales, refine_strength=args.refine_strength,
+                              kernel_size=args.kernel_size)
             if args.m_step_start is not None:
                 blind_call["m_step_start"] = args.m_step_start
             out = pipe(blurry, generator=torch.manual_seed(args.seed), **blind_call, **call)
@@ -147,8 +154,9 @@ def main(argv=None) -> int:
             row["seconds"] = time.perf_counter() - start
             row["blind_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
             row["blind_mnc"] = float(mnc(out.kernels, kernel))
+            row["blind_size"] = int(out.kernels.shape[-1])
             if args.kernel_init == "sparse":
-                size = pipe.kernel_estimator.config.kernel_size
+                size = row["blind_size"]
                 start = SparseKernelInitializer(pipe.kernel_estimator)(blurry, size, out.sigma[0] / 255.0)
                 row["init_mnc"] = float(mnc(start, kernel))
         if "oracle" not in args.skip:
@@ -159,7 +167,8 @@ def main(argv=None) -> int:
             row["ceiling_mnc"] = float(mnc(ceiling, kernel))
         rows.append(row)
         print(_format(row), flush=True)
-    mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key not in ("photo", "kernel_size", "fallback")}
+    mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
+            if key not in ("photo", "kernel_size", "fallback", "blind_size")}
     fallbacks = [r["photo"] for r in rows if r.get("fallback")]
     if fallbacks:
         print(f"guard fell back to the input on: {', '.join(fallbacks)}")
@@ -179,7 +188,8 @@ def _format(row: dict) -> str:
     def cell(key, fmt):
         return format(row[key], fmt) if key in row else "–".rjust(len(format(0.0, fmt)))
 
-    return (f"{str(row['photo'])[:14]:14s} {str(row['kernel_size']):>3s} {cell('blurry_psnr', '7.2f')} {cell('blind_psnr', '7.2f')} "
+    size = f"{row['kernel_size']}" + (f"/{row['blind_size']}" if "blind_size" in row else "")
+    return (f"{str(row['photo'])[:14]:14s} {size:>6s} {cell('blurry_psnr', '7.2f')} {cell('blind_psnr', '7.2f')} "
             f"{cell('oracle_psnr', '7.2f')} {cell('blind_mnc', '6.3f')} {cell('init_mnc', '6.3f')} {cell('ceiling_mnc', '7.3f')} "
             f"{cell('seconds', '6.1f')}")
 

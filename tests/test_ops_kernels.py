@@ -298,3 +298,17 @@ def test_rescale_kernel_halves_and_doubles_a_blur_and_keeps_it_centred():
     assert float(mnc(back, kernel)) > 0.97
     with pytest.raises(ValueError, match="factor"):
         rescale_kernel(kernel, 0.0, 17)
+
+
+def test_kernel_extent_measures_the_centred_support_above_a_level():
+    from diffusers_blind.ops import kernel_extent
+
+    kernel = torch.zeros(2, 1, 15, 15)
+    kernel[0, 0, 7, 4:11] = 1.0  # a 7 px bar
+    kernel[1, 0, 7, 7] = 1.0  # a Dirac
+    kernel[1, 0, 7, 7 + 6] = 0.05  # a faint pixel far out: below 10 % of the peak
+    kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True)
+    assert kernel_extent(kernel).tolist() == [7, 1]
+    assert kernel_extent(kernel, level=0.01).tolist() == [7, 13]
+    with pytest.raises(ValueError, match="level"):
+        kernel_extent(kernel, level=0)

@@ -472,22 +472,87 @@ def test_coarse_to_fine_is_reproducible_and_full_strength_only_keeps_the_kernel(
     assert steps == [0, 1, 2]
 
 
-def test_kernel_size_auto_keeps_the_smallest_size_that_fits(monkeypatch):
+def line_kernel(support, length):
+    """A horizontal bar of ``length`` pixels centred in a ``support`` square (sum 1)."""
+    kernel = torch.zeros(1, 1, support, support)
+    kernel[..., support // 2, support // 2 - length // 2 : support // 2 + length // 2 + 1] = 1
+    return kernel / kernel.sum()
+
+
+def fake_initializer(monkeypatch, full_length, coarse_length):
+    """Replace the sparse initializer by one that returns bars of known length; records its calls."""
     import diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur as module
 
+    calls = []
+
+    class FakeInitializer:
+        def __init__(self, estimator):
+            pass
+
+        def __call__(self, measurement, kernel_size, sigma):
+            coarse = len(calls) == 1
+            calls.append((tuple(measurement.shape[-2:]), kernel_size, float(torch.as_tensor(sigma).reshape(-1)[0])))
+            return line_kernel(kernel_size, coarse_length if coarse else full_length).expand(measurement.shape[0], -1, -1, -1)
+
+    monkeypatch.setattr(module, "SparseKernelInitializer", FakeInitializer)
+    return calls
+
+
+@pytest.mark.parametrize("estimator_size, length, expected", [(33, 5, 33), (33, 31, 33), (9, 5, 9), (9, 7, 9), (9, 9, 15)])
+def test_kernel_size_auto_rounds_the_extent_plus_margin_up_never_below_the_estimator_size(
+        monkeypatch, estimator_size, length, expected):
+    pipe = coarse_pipe(kernel_size=estimator_size)
+    calls = fake_initializer(monkeypatch, length, coarse_length=1)
+    size, extent = pipe.select_kernel_size(torch.rand(1, 3, 96, 96), torch.tensor([0.02]))
+    assert (size, extent) == (expected, length)
+    assert calls[0] == ((96, 96), estimator_size, pytest.approx(0.02))
+    # the 2×-downscaled probe needs a half image of at least twice the estimator's size
+    assert [call[:2] for call in calls[1:]] == ([] if estimator_size == 33 else [((48, 48), 9)])
+
+
+def test_kernel_size_auto_uses_the_coarse_probe_only_for_a_blur_longer_than_the_support(monkeypatch):
+    pipe = coarse_pipe(kernel_size=33)
+    calls = fake_initializer(monkeypatch, 31, coarse_length=21)  # 2·21 − 1 = 41 > 33 + 4: a longer blur
+    size, extent = pipe.select_kernel_size(torch.rand(1, 3, 160, 160), torch.tensor([0.02]))
+    assert calls[1] == ((80, 80), 33, pytest.approx(0.01))  # half size, half the noise std
+    assert (size, extent) == (45, 41)
+    calls = fake_initializer(monkeypatch, 13, coarse_length=17)  # 33: within the full probe's support
+    assert pipe.select_kernel_size(torch.rand(1, 3, 160, 160), torch.tensor([0.02])) == (33, 13)
+
+
+def test_kernel_size_auto_stays_within_half_the_image(monkeypatch):
+    pipe = coarse_pipe(kernel_size=33)
+    calls = fake_initializer(monkeypatch, 9, coarse_length=1)
+    size, _ = pipe.select_kernel_size(torch.rand(1, 3, 64, 48), torch.tensor([0.02]))
+    assert calls[0][1] == 23  # the probe fits in half the image: (48 // 2 − 1) | 1
+    assert size == 23  # 33 (the estimator's size) is larger than half the image: the largest allowed
+
+
+def test_kernel_size_auto_on_a_real_bar_blur_with_the_shipped_estimator():
+    """The real sparse probe (shipped kernel prior) measures a 13 px horizontal motion blur."""
+    from diffusers_blind.ops import spatial_blur
+
+    estimator = KernelEstimator.from_pretrained(diffusers_blind.DEFAULT_MODEL, subfolder="kernel_estimator")
+    pipe = FastEMDeblurPipeline(tiny_unet(), ddpm(), estimator)
+    generator = torch.Generator().manual_seed(0)
+    sharp = torch.rand(1, 1, 16, 16, generator=generator)
+    sharp = torch.nn.functional.interpolate(sharp, size=(140, 140), mode="nearest").expand(1, 3, -1, -1)  # blocky edges
+    blurry = spatial_blur(sharp, line_kernel(13, 13))[..., 6:-6, 6:-6]  # valid part: 128 x 128
+    size, extent = pipe.select_kernel_size(blurry, torch.tensor([1.0 / 255]))
+    assert 11 <= extent <= 15 and size == 33  # within 2 px; the size is the estimator's (never below it)
+
+
+def run_auto_end_to_end(pipe, monkeypatch):
+    calls = fake_initializer(monkeypatch, 5, coarse_length=1)
+    return run(pipe, smooth_images(1, height=64, width=64), kernel_size="auto", kernel_init="dirac", output_type="pt"), calls
+
+
+def test_kernel_size_auto_sets_the_size_of_the_run(monkeypatch):
     pipe = coarse_pipe()
     pipe.set_progress_bar_config(disable=True)
-    tried = []
-
-    def fake_fit(measurement, image, kernel, sigma):  # a 15 px blur: smaller supports fit badly
-        size = kernel.shape[-1]
-        tried.append(size)
-        return torch.tensor([5.0 if size < 7 else 1.05 if size == 7 else 1.0])
-
-    monkeypatch.setattr(module, "reblur_fit", fake_fit)
-    out = run(pipe, smooth_images(1, height=64, width=64), kernel_size="auto", output_type="pt")
-    assert tried == [5, 7, 11]  # candidates 9, 15, 23 at half scale; 33 and up exceed half the image (no guard)
-    assert out.kernels.shape[-1] == 15  # within 10 % of the best fit (23) and smaller
+    out, calls = run_auto_end_to_end(pipe, monkeypatch)
+    assert [size for _, size, _ in calls] == [9, 9]  # the probe and the 2×-downscaled probe (estimator size 9)
+    assert out.kernels.shape[-1] == 9
 
 
 def test_kernel_size_auto_errors():

@@ -349,8 +349,8 @@ def _register_builtins() -> None:
                             "multiplier of the paper's guidance step size (default: the pipeline's, 3 for the "
                             "shipped model)")
     kernel_size = Option("kernel_size", kernel_size_or_auto, None,
-                         "size of the estimated kernel, or 'auto' (experimental: tends to pick too small) to pick it from short trial "
-                         "runs (default: the model's, 33 for the shipped one)")
+                         "size of the estimated kernel, or 'auto' to pick it from the extent of a sparse-prior kernel "
+                         "estimate (default: the model's, 33 for the shipped one)")
     em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3)",
                            eval_default=10)
     tiling = (

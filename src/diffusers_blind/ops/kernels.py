@@ -44,6 +44,23 @@ def kernel_center_of_mass(kernel: torch.Tensor) -> torch.Tensor:
     return torch.stack([row, col], dim=-1)
 
 
+def kernel_extent(kernel: torch.Tensor, level: float = 0.1) -> torch.Tensor:
+    """Side of the smallest centred odd square that holds every pixel ``≥ level · max`` of each kernel.
+
+    A support measure that ignores the faint haze an estimated kernel spreads over its whole support.
+    ``kernel``: ``(B, 1, k, k)``; returns a ``(B,)`` long tensor of odd sizes in ``[1, k]``.
+    """
+    if not 0 < level <= 1:
+        raise ValueError(f"level must be in (0, 1], got {level}")
+    weights = kernel[:, 0]
+    peak = weights.amax(dim=(-2, -1), keepdim=True)
+    inside = weights >= level * peak
+    rows = torch.arange(kernel.shape[-2], device=kernel.device) - kernel.shape[-2] // 2
+    cols = torch.arange(kernel.shape[-1], device=kernel.device) - kernel.shape[-1] // 2
+    radius = torch.maximum(rows.abs()[:, None], cols.abs()[None, :]).expand_as(inside)
+    return 2 * torch.where(inside, radius, torch.zeros_like(radius)).amax(dim=(-2, -1)) + 1
+
+
 def shift_kernel(kernel: torch.Tensor, shift: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
     """Translate each kernel by ``shift = (d_row, d_col)`` pixels (``(B, 2)``), zero outside the support."""
     b, _, h, w = kernel.shape
