@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 def parse_args(argv=None):
@@ -87,28 +87,10 @@ def save_png(x: torch.Tensor, path: Path) -> None:
 
 
 def pd_plot(summary: dict, path: Path) -> None:
-    """PSNR (x) vs NIQE (y, lower is better) per row and σ, drawn with PIL."""
-    width, height, margin = 640, 480, 60
-    points = [(row, s, v["psnr"], v["niqe"]) for row, per_sigma in summary.items() for s, v in per_sigma.items()]
-    xs, ys = [p[2] for p in points], [p[3] for p in points]
-    x0, x1 = min(xs) - 0.5, max(xs) + 0.5
-    y0, y1 = min(ys) - 0.5, max(ys) + 0.5
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
-    colours = ["gray", "blue", "red", "orange", "green", "purple", "brown", "black"]
-    for i, row in enumerate(summary):
-        for s, v in summary[row].items():
-            px = margin + (v["psnr"] - x0) / (x1 - x0) * (width - 1.5 * margin)
-            py = margin // 2 + (v["niqe"] - y0) / (y1 - y0) * (height - 1.5 * margin)
-            r = 5 if s.startswith("5") else 8
-            draw.ellipse([px - r, py - r, px + r, py + r], outline=colours[i % len(colours)], width=2)
-        draw.text((margin + 10, margin // 2 + 10 + 14 * i), row, fill=colours[i % len(colours)])
-    draw.text((width // 2 - 60, height - margin + 20), f"PSNR dB ({x0:.1f} .. {x1:.1f})", fill="black")
-    draw.text((5, margin // 2), f"NIQE\n{y0:.1f}\n(top)", fill="black")
-    draw.text((5, height - margin - 30), f"{y1:.1f}", fill="black")
-    draw.text((width - 250, height - 25), "small circles: sigma 5, large: sigma 10", fill="black")
-    image.save(path)
+    """PSNR (x) vs NIQE (y, lower is better), one panel per σ (``evaluation.figures``)."""
+    from diffusers_blind.evaluation.figures import perception_distortion_panels
+
+    perception_distortion_panels(summary, path)
 
 
 def main(argv=None) -> int:

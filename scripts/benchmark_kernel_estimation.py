@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel_init", choices=("sparse", "dirac"), default="sparse", help="how the blind run starts its kernel")
     p.add_argument("--kernel_size", type=_kernel_size, default=None,
                    help="support of the blind kernel: an odd int or 'auto' (default: the estimator's)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                   help="UNet precision of the diffusion runs (default: the pipeline's)")
     p.add_argument("--m_step_start", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
@@ -131,11 +133,13 @@ def main(argv=None) -> int:
     margin = 0 if args.protocol == "circular" else pipe.kernel_estimator.config.kernel_size
     call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt", guidance_scale=args.guidance_scale,
                 boundary_margin=0 if args.protocol == "circular" else None)
+    if args.precision is not None:
+        call["precision"] = args.precision
 
     rows = []
     header = (f"{'photo':14s} {'k/est':>6s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"
               f" {'s/run':>6s}")
-    print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, "
+    print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, precision {args.precision or 'default'}, "
           f"guidance_scale {pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale}, model {args.model}")
     print(header)
     for index, path in enumerate(photos):

@@ -258,6 +258,32 @@ def test_pil_scatter_fallback(tmp_path):
     assert image.shape == (520, 720) and image.min() < 128  # something was drawn
 
 
+@pytest.mark.parametrize("with_matplotlib", [True, False])
+def test_perception_distortion_panels_one_panel_per_sigma(tmp_path, monkeypatch, with_matplotlib):
+    import builtins
+
+    if with_matplotlib:
+        pytest.importorskip("matplotlib")  # the optional `eval` extra
+    else:
+        real_import = builtins.__import__
+
+        def no_matplotlib(name, *args, **kwargs):
+            if name.startswith("matplotlib"):
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    summary = {"blurry": {"5": {"psnr": 20.0, "niqe": 14.0}, "10": {"psnr": 19.0, "niqe": 15.0}},
+               "predictor": {"5": {"psnr": 23.0, "niqe": 9.0}, "10": {"psnr": 22.0, "niqe": 8.0}},
+               "dvsr 100x1": {"5": {"psnr": 22.8, "niqe": 8.5}, "10": {"psnr": 21.9, "niqe": 7.0}}}
+    one = figures.perception_distortion_panels({row: {"5": v["5"]} for row, v in summary.items()}, tmp_path / "one.png")
+    two = figures.perception_distortion_panels(summary, tmp_path / "two.png")
+    width_one, width_two = Image.open(one).size[0], Image.open(two).size[0]
+    assert width_two > 1.8 * width_one  # a second panel for the second σ
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png"]  # no stray panel files
+    assert np.asarray(Image.open(two).convert("L")).min() < 128  # something was drawn
+
+
 # ---------------------------------------------------------------------------- --blur valid, config.json
 def test_valid_blur_is_a_linear_convolution_without_wrap_around():
     from diffusers_blind.ops import fft_blur

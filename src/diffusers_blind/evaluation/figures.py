@@ -166,3 +166,60 @@ def _pil_scatter(points, x_label, y_label, path, reference=None):
     draw.text((left, height - 22), x_label, fill="black", font=font)
     draw.text((left, 8), y_label, fill="black", font=font)
     save_image(image, path)
+
+
+def perception_distortion_panels(summary: dict, path: Path, y_key: str = "niqe",
+                                 y_label: str = "NIQE (lower is better)", reference_row: str | None = "blurry") -> Path:
+    """One panel per noise level: mean PSNR (x) against a perceptual score (y, axis inverted so better is up).
+
+    ``summary[row][sigma]`` holds the row's means (``"psnr"`` and ``y_key``); each row is a labelled
+    point, except ``reference_row`` (the blurry input, far from the rest), whose values go in the
+    panel's title. Drawn with matplotlib when installed (the ``eval`` extra), else with PIL.
+    """
+    sigmas = sorted({sigma for per_sigma in summary.values() for sigma in per_sigma}, key=lambda s: float(s))
+    panels = {sigma: [(summary[row][sigma]["psnr"], summary[row][sigma][y_key], row)
+                      for row in summary if sigma in summary[row] and row != reference_row] for sigma in sigmas}
+    titles = {}
+    for sigma in sigmas:
+        reference = summary.get(reference_row, {}).get(sigma)
+        titles[sigma] = f"σ = {sigma}" + (f" (input: {reference['psnr']:.2f} dB, {y_key.upper()} {reference[y_key]:.2f})"
+                                          if reference else "")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+    if plt is None:
+        images = []
+        for sigma, points in panels.items():
+            panel = Path(path).with_name(f"{Path(path).stem}_sigma{sigma}.png")
+            _pil_scatter([(x, -y, label) for x, y, label in points], "PSNR (dB), " + titles[sigma], "−" + y_label, panel)
+            images.append(Image.open(panel).convert("RGB"))
+            panel.unlink()
+        canvas = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+        offset = 0
+        for image in images:
+            canvas.paste(image, (offset, 0))
+            offset += image.width
+        save_image(canvas, path)
+        return Path(path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (sigma, points) in zip(axes[0], panels.items()):
+        for x, y, label in points:
+            ax.scatter(x, y)
+            ax.annotate(label, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.invert_yaxis()
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+        ax.set_xlabel("PSNR (dB, higher is better)")
+        ax.set_ylabel(y_label)
+        ax.set_title(titles[sigma], fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    plt.close(fig)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+    return Path(path)
