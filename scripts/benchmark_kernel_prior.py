@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the kernel prior of the Fast EM M-step with a known sharp image (Fast EM Fig. 4 setting).
 
-For a sharp test photograph ``x`` (scikit-image sample images: evaluation only, never used for
-training) and seeded random motion kernels ``k``, the measurement is ``y = k ⊛ x + σ·n`` (circular
+For a sharp photograph ``x`` (a file, e.g. a training photograph from ``scripts/prepare_photos.py``, or
+a scikit-image sample: those are the package's evaluation photographs, so use them for the test set only) and seeded random motion kernels ``k``, the measurement is ``y = k ⊛ x + σ·n`` (circular
 ``fft_blur``, σ ∈ {5, 10, 20}/255). The HQS M-step (:class:`KernelEstimator`) is run with the TRUE
 sharp image as ``estimates`` from a Dirac initial kernel, for ``num_iterations`` ∈ {10, 50} (the
 pipeline warm-starts the estimator over ~100 diffusion steps, so many more than 10 HQS
@@ -16,7 +16,8 @@ Kernel MSE is the mean squared error between sum-1 kernels, averaged over pixels
 
 Example::
 
-    python scripts/benchmark_kernel_prior.py --estimator src/diffusers_blind/default_model/kernel_estimator
+    python scripts/benchmark_kernel_prior.py --estimator src/diffusers_blind/default_model/kernel_estimator \
+        --tune_image /work/data/photos/plasma_Kite_d4.png --test_image /work/data/photos/free_by_Peter_Nerlich_d4.png
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--estimator", type=str, default=str(DEFAULT_ESTIMATOR), help="saved KernelEstimator folder (pnp)")
     p.add_argument("--kernel_size", type=int, default=None, help="default: the estimator's kernel_size")
     p.add_argument("--image_size", type=int, default=256)
-    p.add_argument("--tune_image", type=str, default="coffee")
-    p.add_argument("--test_image", type=str, default="astronaut")
+    p.add_argument("--tune_image", type=str, required=True,
+                   help="a photograph file or a scikit-image sample name; tune on a training photograph, never on the evaluation set")
+    p.add_argument("--test_image", type=str, required=True, help="a held-out photograph file or a scikit-image sample name")
     p.add_argument("--num_kernels", type=int, default=8)
     p.add_argument("--tune_seed", type=int, default=100)
     p.add_argument("--test_seed", type=int, default=200)
@@ -71,11 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_image(name: str, size: int) -> torch.Tensor:
-    """A scikit-image sample photograph, centre-cropped to a square, resized to ``size``, ``(1, 3, s, s)`` in [0, 1]."""
+    """A photograph (a file path, or the name of a scikit-image sample), centre-cropped to a square,
+    resized to ``size``, ``(1, 3, s, s)`` in [0, 1]."""
     from PIL import Image
     from skimage import data
 
-    array = getattr(data, name)()
+    if Path(name).is_file():
+        array = np.asarray(Image.open(name).convert("RGB"))
+    else:
+        array = getattr(data, name)()
     if array.ndim == 2:
         array = np.stack([array] * 3, -1)
     array = array[..., :3]

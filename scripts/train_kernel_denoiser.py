@@ -43,7 +43,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from diffusers_blind.models import KernelDenoiser, KernelEstimator
-from diffusers_blind.ops.kernels import GaussianKernelGenerator, MotionKernelGenerator, center_kernel, project_kernel
+from diffusers_blind.ops.kernels import (
+    GaussianKernelGenerator, MotionKernelGenerator, ShakeKernelGenerator, center_kernel, project_kernel)
 
 
 VALIDATION_SIGMAS = (3e-4, 1e-3, 2e-3, 3.16e-3, 5e-3, 1e-2, 2e-2, 3e-2)
@@ -60,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_kernels", type=int, default=4000, help="size of the training kernel pool")
     p.add_argument("--num_val_kernels", type=int, default=200)
     p.add_argument("--motion_fraction", type=float, default=0.8, help="fraction of motion kernels (rest Gaussian)")
+    p.add_argument("--shake_fraction", type=float, default=0.0,
+                   help="fraction of ops.shake_kernel kernels (inertial trajectories of uneven brightness), taken from the Gaussian share")
     p.add_argument("--intensity_range", type=float, nargs=2, default=(0.1, 1.0))
     p.add_argument("--gaussian_std_range", type=float, nargs=2, default=None, help="default (0.5, k/8)")
     p.add_argument("--sigma_min", type=float, default=3e-4)
@@ -92,14 +95,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------- data
 def make_kernels(kernel_size: int, count: int, seed: int, args: argparse.Namespace) -> torch.Tensor:
-    """``count`` recentred sum-1 kernels ``(count, 1, k, k)``: motion first, then Gaussian (deterministic in ``seed``)."""
+    """``count`` recentred sum-1 kernels ``(count, 1, k, k)``: motion, then shake, then Gaussian (deterministic in ``seed``)."""
     num_motion = int(round(args.motion_fraction * count))
+    num_shake = min(int(round(args.shake_fraction * count)), count - num_motion)
     std_range = tuple(args.gaussian_std_range) if args.gaussian_std_range else (0.5, max(1.0, kernel_size / 8))
     parts = []
     if num_motion:
         parts.append(MotionKernelGenerator(kernel_size, tuple(args.intensity_range))(num_motion, seed))
-    if count - num_motion:
-        parts.append(GaussianKernelGenerator(kernel_size, std_range)(count - num_motion, seed + 1))
+    if num_shake:
+        parts.append(ShakeKernelGenerator(kernel_size)(num_shake, seed + 2))
+    if count - num_motion - num_shake:
+        parts.append(GaussianKernelGenerator(kernel_size, std_range)(count - num_motion - num_shake, seed + 1))
     return center_kernel(torch.cat(parts)).float()
 
 

@@ -312,3 +312,22 @@ def test_kernel_extent_measures_the_centred_support_above_a_level():
     assert kernel_extent(kernel, level=0.01).tolist() == [7, 13]
     with pytest.raises(ValueError, match="level"):
         kernel_extent(kernel, level=0)
+
+
+def test_shake_kernels_are_seeded_sum_one_kernels_whose_extent_follows_the_setting():
+    from diffusers_blind.ops import ShakeKernelGenerator, kernel_extent, shake_kernel
+
+    first = ShakeKernelGenerator(33, extent=(0.2, 0.8))(6, 0)
+    again = ShakeKernelGenerator(33, extent=(0.2, 0.8))(6, 0)
+    torch.testing.assert_close(first, again)  # reproducible under a seed
+    assert first.shape == (6, 1, 33, 33) and (first >= 0).all()
+    torch.testing.assert_close(first.sum(dim=(-2, -1)), torch.ones(6, 1))
+    short = torch.cat([shake_kernel(33, 0.2, seed) for seed in range(6)])
+    long = torch.cat([shake_kernel(33, 0.8, seed) for seed in range(6)])
+    assert (kernel_extent(long, 0.05) > kernel_extent(short, 0.05)).all()
+    # thin paths: far fewer than half of the pixels inside the long kernels' extent carry light
+    assert ((long > 0.05 * long.amax(dim=(-2, -1), keepdim=True)).float().mean(dim=(-2, -1)) < 0.25).all()
+    with pytest.raises(ValueError, match="extent"):
+        shake_kernel(33, 1.5)
+    with pytest.raises(ValueError, match="kernel_size"):
+        shake_kernel(2, 0.5)

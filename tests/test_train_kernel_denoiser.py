@@ -44,6 +44,18 @@ def tiny_run(train_module, tmp_path_factory):
     return root, result
 
 
+def test_kernel_pool_mixes_motion_shake_and_gaussian_kernels(train_module):
+    from diffusers_blind.ops import ShakeKernelGenerator, center_kernel
+
+    args = train_module.parse_args(["--output_dir", "unused", "--kernel_size", "9", "--motion_fraction", "0.5",
+                                    "--shake_fraction", "0.25"])
+    pool = train_module.make_kernels(9, 8, 0, args)
+    assert pool.shape == (8, 1, 9, 9)
+    torch.testing.assert_close(pool.sum(dim=(-2, -1)), torch.ones(8, 1))
+    shake = center_kernel(ShakeKernelGenerator(9)(2, 2)).float()  # the pool's shake part is seeded by seed + 2
+    torch.testing.assert_close(pool[4:6], shake)
+
+
 def test_export_loads_with_right_config(tiny_run):
     root, result = tiny_run
     assert result["step"] == 4

@@ -19,6 +19,7 @@ from .kernel_range import kernel_to_model_range, model_range_to_kernel, unnormal
 from .kernels import (
     GaussianKernelGenerator,
     MotionKernelGenerator,
+    ShakeKernelGenerator,
     as_numpy_generator,
     center_kernel,
     dirac_kernel,
@@ -29,6 +30,7 @@ from .kernels import (
     project_kernel,
     random_gaussian_kernel,
     rescale_kernel,
+    shake_kernel,
     shift_kernel,
 )
 from .fit import reblur_fit
@@ -44,6 +46,7 @@ __all__ = [
     "JointGradient",
     "LinearOperator",
     "MotionKernelGenerator",
+    "ShakeKernelGenerator",
     "TiltBlurOperator",
     "TiltMapGenerator",
     "TiltOperator",
@@ -75,6 +78,7 @@ __all__ = [
     "random_gaussian_kernel",
     "reblur_fit",
     "rescale_kernel",
+    "shake_kernel",
     "shift_kernel",
     "simulate_turbulence",
     "spatial_blur",
