@@ -38,7 +38,7 @@ import diffusers_blind
 from diffusers_blind import FastEMDeblurPipeline
 from diffusers_blind.kernel_init import SparseKernelInitializer
 from diffusers_blind.metrics import mnc, psnr
-from diffusers_blind.ops import center_kernel, dirac_kernel, motion_kernel
+from diffusers_blind.ops import center_kernel, dirac_kernel, motion_kernel, shake_kernel
 from diffusers_blind.ops.operators import BlurOperator
 
 
@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel_init", choices=("sparse", "dirac"), default="sparse", help="how the blind run starts its kernel")
     p.add_argument("--kernel_size", type=_kernel_size, default=None,
                    help="support of the blind kernel: an odd int or 'auto' (default: the estimator's)")
+    p.add_argument("--kernel_family", choices=("motion", "shake"), default="motion",
+                   help="ops.motion_kernel, or ops.shake_kernel (inertial paths of uneven brightness; --intensity is then "
+                   "the path's extent as a fraction of the kernel size)")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
                    help="UNet precision of the diffusion runs (default: the pipeline's)")
     p.add_argument("--m_step_start", type=float, default=None, help="default: the pipeline's")
@@ -93,7 +96,10 @@ def make_case(path: Path, index: int, args) -> tuple[torch.Tensor, torch.Tensor,
     rng = np.random.default_rng([args.seed, index])
     low, high = args.kernel_sizes
     kernel_size = int(rng.integers(low // 2, high // 2 + 1)) * 2 + 1
-    kernel = motion_kernel(kernel_size, float(rng.uniform(*args.intensity)), rng)
+    if args.kernel_family == "shake":  # --intensity is read as the path's extent (fraction of the size)
+        kernel = shake_kernel(kernel_size, float(rng.uniform(*args.intensity)), rng)
+    else:
+        kernel = motion_kernel(kernel_size, float(rng.uniform(*args.intensity)), rng)
     border = kernel_size // 2 if args.protocol == "valid" else 0
     source = load_photo(path, args.size, border)
     sharp = source[..., border : border + args.size, border : border + args.size]
