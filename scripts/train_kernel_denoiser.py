@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--motion_fraction", type=float, default=0.8, help="fraction of motion kernels (rest Gaussian)")
     p.add_argument("--shake_fraction", type=float, default=0.0,
                    help="fraction of ops.shake_kernel kernels (inertial trajectories of uneven brightness), taken from the Gaussian share")
+    p.add_argument("--shake_extent_range", type=float, nargs=2, default=(0.2, 0.8),
+                   help="path extent of the shake kernels, as a fraction of the kernel size")
     p.add_argument("--intensity_range", type=float, nargs=2, default=(0.1, 1.0))
     p.add_argument("--gaussian_std_range", type=float, nargs=2, default=None, help="default (0.5, k/8)")
     p.add_argument("--sigma_min", type=float, default=3e-4)
@@ -103,7 +105,7 @@ def make_kernels(kernel_size: int, count: int, seed: int, args: argparse.Namespa
     if num_motion:
         parts.append(MotionKernelGenerator(kernel_size, tuple(args.intensity_range))(num_motion, seed))
     if num_shake:
-        parts.append(ShakeKernelGenerator(kernel_size)(num_shake, seed + 2))
+        parts.append(ShakeKernelGenerator(kernel_size, tuple(args.shake_extent_range))(num_shake, seed + 2))
     if count - num_motion - num_shake:
         parts.append(GaussianKernelGenerator(kernel_size, std_range)(count - num_motion - num_shake, seed + 1))
     return center_kernel(torch.cat(parts)).float()
