@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the kernel prior of the Fast EM M-step with a known sharp image (Fast EM Fig. 4 setting).
 
-For a sharp photograph ``x`` (a file, e.g. a training photograph from ``scripts/prepare_photos.py``, or
-a scikit-image sample: those are the package's evaluation photographs, so use them for the test set only) and seeded random motion kernels ``k``, the measurement is ``y = k ⊛ x + σ·n`` (circular
+For a sharp photograph ``x`` (a file, e.g. a training photograph from ``scripts/prepare_photos.py``,
+or a scikit-image sample: those are the package's evaluation photographs, so use them for the test
+set only) and seeded random motion kernels ``k``, the measurement is ``y = k ⊛ x + σ·n`` (circular
 ``fft_blur``, σ ∈ {5, 10, 20}/255). The HQS M-step (:class:`KernelEstimator`) is run with the TRUE
 sharp image as ``estimates`` from a Dirac initial kernel, for ``num_iterations`` ∈ {10, 50} (the
 pipeline warm-starts the estimator over ~100 diffusion steps, so many more than 10 HQS
