@@ -250,6 +250,17 @@ def shake_kernel(
     return center_kernel(project_kernel(trace), mode="bilinear")
 
 
+def _draw_kernels(draw, kernel_size: int, setting, batch_size: int, generator) -> torch.Tensor:
+    """``batch_size`` kernels ``draw(kernel_size, value, rng)``; ``setting`` is a float or a ``(low, high)`` range
+    drawn uniformly per kernel from the same seeded stream."""
+    rng = as_numpy_generator(generator)
+    kernels = []
+    for _ in range(batch_size):
+        value = setting if isinstance(setting, (int, float)) else rng.uniform(*setting)
+        kernels.append(draw(kernel_size, float(value), rng))
+    return torch.cat(kernels)
+
+
 class ShakeKernelGenerator:
     """Seeded batches of :func:`shake_kernel` kernels; ``extent`` is a float or a ``(low, high)`` range."""
 
@@ -258,12 +269,7 @@ class ShakeKernelGenerator:
         self.extent = extent
 
     def __call__(self, batch_size: int = 1, generator=None) -> torch.Tensor:
-        rng = as_numpy_generator(generator)
-        kernels = []
-        for _ in range(batch_size):
-            extent = self.extent if isinstance(self.extent, (int, float)) else rng.uniform(*self.extent)
-            kernels.append(shake_kernel(self.kernel_size, float(extent), rng))
-        return torch.cat(kernels)
+        return _draw_kernels(shake_kernel, self.kernel_size, self.extent, batch_size, generator)
 
 
 def random_gaussian_kernel(
@@ -285,12 +291,7 @@ class MotionKernelGenerator:
         self.intensity = intensity
 
     def __call__(self, batch_size: int = 1, generator=None) -> torch.Tensor:
-        rng = as_numpy_generator(generator)
-        kernels = []
-        for _ in range(batch_size):
-            intensity = self.intensity if isinstance(self.intensity, (int, float)) else rng.uniform(*self.intensity)
-            kernels.append(motion_kernel(self.kernel_size, float(intensity), rng))
-        return torch.cat(kernels)
+        return _draw_kernels(motion_kernel, self.kernel_size, self.intensity, batch_size, generator)
 
 
 class GaussianKernelGenerator:
