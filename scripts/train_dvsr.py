@@ -61,7 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--identity_probability", type=float, default=0.05)
     p.add_argument("--max_noise_level", type=float, default=10.0, help="noise σ ~ U(0, this) in 8-bit levels")
     p.add_argument("--min_crop_std", type=float, default=0.03, help="reject flatter sharp crops (tries up to 20×)")
-    p.add_argument("--mode", choices=["joint", "predictor"], default="joint")
+    p.add_argument("--mode", choices=["joint", "predictor", "denoiser"], default="joint",
+                   help="joint: g and f (paper); predictor: g alone with L2; denoiser: f alone on a frozen g")
+    p.add_argument("--loss_norm", choices=["l1", "l2"], default="l1",
+                   help="l1 (paper Eq. 6) or l2 (the conditional mean: what sample averaging estimates)")
+    p.add_argument("--init_from", type=Path, default=None,
+                   help="start g and f from a pipeline folder, e.g. the shipped default (a fresh run only)")
     p.add_argument("--predictor_loss_weight", type=float, default=0.0, help="weight of ‖g(y) − x0‖² in joint mode")
     p.add_argument("--predictor_channels", type=int, nargs="+", default=[32, 64, 96, 128])
     p.add_argument("--predictor_layers_per_block", type=int, default=1)
@@ -286,10 +291,13 @@ def main(argv: list[str] | None = None) -> dict:
                                               clip_sample_range=2.0 / args.residual_scale)
     if args.init_predictor_from is not None:
         predictor.load_state_dict(DeblurPredictor.from_pretrained(args.init_predictor_from / "predictor").state_dict())
+    if args.init_from is not None:
+        predictor.load_state_dict(DeblurPredictor.from_pretrained(args.init_from / "predictor").state_dict())
+        denoiser.load_state_dict(UNet2DModel.from_pretrained(args.init_from / "denoiser").state_dict())
     models = torch.nn.ModuleDict({"predictor": predictor, "denoiser": denoiser})
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     ema = EMAModel(models.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power)
-    trainable = predictor.parameters() if args.mode == "predictor" else models.parameters()
+    trainable = {"predictor": predictor.parameters(), "denoiser": denoiser.parameters()}.get(args.mode, models.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_sched = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                              num_training_steps=args.max_train_steps)
@@ -351,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
         with accelerator.accumulate(models):
             losses = dvsr_loss(models["predictor"], models["denoiser"], scheduler, sharp, blurry, generator=g,
                                mode=args.mode, predictor_loss_weight=args.predictor_loss_weight,
-                               residual_scale=args.residual_scale, loss_target=args.loss_target)
+                               residual_scale=args.residual_scale, loss_target=args.loss_target,
+                               loss_norm=args.loss_norm)
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(models.parameters(), args.max_grad_norm)

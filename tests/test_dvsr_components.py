@@ -254,3 +254,31 @@ def test_v_loss_target_is_the_eps_loss_divided_by_the_level(prediction_type):
     assert torch.allclose(losses["v"]["loss"] * level[0], losses["epsilon"]["loss"], rtol=1e-3)
     with pytest.raises(ValueError, match="loss_target"):
         dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, loss_target="x0")
+
+
+def test_l2_norm_and_the_denoiser_only_mode():
+    """``loss_norm="l2"`` is the mean squared ε error of the same draw; ``mode="denoiser"`` sends no gradient into g."""
+    predictor, denoiser = tiny_models()
+    scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100)
+    blurry, sharp = _batch()
+    level, _ = scheduler.sample_training_levels(sharp.shape[0], generator=torch.Generator().manual_seed(2))
+    l2 = dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, generator=torch.Generator().manual_seed(2), loss_norm="l2")
+    # recompute the same draw by hand: same generator order (levels, then noise)
+    g = torch.Generator().manual_seed(2)
+    level, _ = scheduler.sample_training_levels(sharp.shape[0], generator=g)
+    noise = torch.randn(sharp.shape, generator=g)
+    residual = sharp - predictor(blurry)
+    noisy = scheduler.add_noise_at_level(residual, noise, level)
+    out = denoiser(torch.cat([noisy, blurry], 1), scheduler.noise_level_to_timestep(level)).sample
+    eps = scheduler.predict_epsilon(out, noisy, level)
+    assert torch.allclose(l2["loss"], ((eps - noise) ** 2).mean(), rtol=1e-5)
+    assert torch.allclose(l2["eps_l1"], (eps - noise).abs().mean(), rtol=1e-5)
+
+    frozen = dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, generator=torch.Generator().manual_seed(2),
+                       mode="denoiser", loss_norm="l2")
+    assert torch.allclose(frozen["loss"], l2["loss"])
+    frozen["loss"].backward()
+    assert all(p.grad is None for p in predictor.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in denoiser.parameters())
+    with pytest.raises(ValueError, match="loss_norm"):
+        dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, loss_norm="huber")

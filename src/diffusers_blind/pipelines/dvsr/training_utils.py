@@ -100,6 +100,7 @@ def dvsr_loss(
     predictor_loss_weight: float = 0.0,
     residual_scale: float = 1.0,
     loss_target: str = "epsilon",
+    loss_norm: str = "l1",
 ) -> dict[str, torch.Tensor]:
     r"""The DvSR training loss on images in ``[-1, 1]``; returns ``{"loss", "eps_l1", "predictor_l2"}``.
 
@@ -113,11 +114,21 @@ def dvsr_loss(
     ``ε̂ − ε = √ᾱ (v̂ − v)`` and ``ẑ_0 − r = −√(1−ᾱ)(v̂ − v)``, this is the ε loss divided by ``√ᾱ``, i.e. an L1 on
     the residual estimate at high noise, where the ε loss gives it almost no weight (the returned
     ``eps_l1`` is still the L1 on ε, for comparison).
-    ``mode="predictor"`` trains ``g`` alone with ``‖g(y) − x_0‖²`` (the paper's ablation, Table 4).
+    ``mode="predictor"`` trains ``g`` alone with ``‖g(y) − x_0‖²`` (the paper's ablation, Table 4);
+    ``mode="denoiser"`` is the joint loss with ``g`` frozen (no gradient into it: fine-tuning ``f`` on a fixed
+    predictor). ``loss_norm="l2"`` uses the squared error instead of the paper's L1: the minimiser of
+    an L2 loss is the conditional *mean* (so the average of many samples estimates ``E[x_0 | y]``, which
+    sample averaging wants), that of an L1 loss is a per-pixel median.
     """
-    if mode not in ("joint", "predictor"):
-        raise ValueError(f"mode must be 'joint' or 'predictor', got {mode!r}")
-    x_init = predictor(blurry)
+    if mode not in ("joint", "predictor", "denoiser"):
+        raise ValueError(f"mode must be 'joint', 'predictor' or 'denoiser', got {mode!r}")
+    if loss_norm not in ("l1", "l2"):
+        raise ValueError(f"loss_norm must be 'l1' or 'l2', got {loss_norm!r}")
+    if mode == "denoiser":
+        with torch.no_grad():
+            x_init = predictor(blurry)
+    else:
+        x_init = predictor(blurry)
     predictor_l2 = F.mse_loss(x_init.float(), sharp.float())
     if mode == "predictor":
         return {"loss": predictor_l2, "eps_l1": torch.zeros((), device=sharp.device), "predictor_l2": predictor_l2}
@@ -134,11 +145,12 @@ def dvsr_loss(
     output = denoiser(torch.cat([noisy, blurry], dim=1), timestep).sample
     eps = scheduler.predict_epsilon(output, noisy, level)
     eps_l1 = F.l1_loss(eps.float(), noise.float())
+    distance = F.l1_loss if loss_norm == "l1" else F.mse_loss
     if loss_target == "v":
         s, c = scheduler._level(level, residual)
         target = (s * noise - c * residual).float()
-        main = F.l1_loss(scheduler.predict_velocity(output, noisy, level).float(), target)
+        main = distance(scheduler.predict_velocity(output, noisy, level).float(), target)
     else:
-        main = eps_l1
+        main = distance(eps.float(), noise.float())
     loss = main + predictor_loss_weight * predictor_l2 if predictor_loss_weight else main
     return {"loss": loss, "eps_l1": eps_l1, "predictor_l2": predictor_l2}
