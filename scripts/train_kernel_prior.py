@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing_steps", type=int, default=250)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume", default=None, help='"latest" or a checkpoint folder')
+    p.add_argument("--init_from", type=Path, default=None,
+                   help="start from the weights of an exported UNet folder (e.g. the shipped prior; a fresh run only; "
+                        "the architecture flags must match it)")
     p.add_argument("--sample_every", type=int, default=1000, help="write a sample grid every N steps (0: only at end)")
     p.add_argument("--num_sample_images", type=int, default=16)
     p.add_argument("--sample_steps", type=int, default=100, help="DDPM steps (respaced) for the sample grid")
@@ -270,6 +273,8 @@ def train(args, sampler, channels: int, sample_size: int, component: str, save_g
     set_seed(args.seed)
 
     unet = build_unet(args, channels, sample_size)
+    if getattr(args, "init_from", None) is not None:
+        unet.load_state_dict(UNet2DModel.from_pretrained(args.init_from).state_dict())
     noise_scheduler = build_scheduler(args.variance)
     n_params = sum(p.numel() for p in unet.parameters())
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
