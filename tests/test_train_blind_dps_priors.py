@@ -117,3 +117,20 @@ def test_tilt_prior_card_samples_at_several_sizes(tilt_script, tmp_path):
         assert report["sizes"][size]["generator"]["std"][0] > 0.2  # tiles of 64-px fields
         assert (tmp_path / "card" / f"tilt_samples_{size}.png").is_file()
     assert json.loads((tmp_path / "card" / "tilt_stats.json").read_text())["tilt_scale"] == 2.5
+
+
+def test_kernel_prior_init_from_starts_at_the_given_weights(kernel_script, tmp_path):
+    """With a zero learning rate the weights never move, so the EMA export is exactly the initial model."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    kernel_script.main(["--output_dir", str(first), "--kernel_size", "16", *TINY, "--max_train_steps", "2", "--no_final_samples"])
+    second = tmp_path / "second"
+    kernel_script.main(["--output_dir", str(second), "--kernel_size", "16", *TINY, "--max_train_steps", "2",
+                        "--no_final_samples", "--learning_rate", "0", "--init_from", str(first / "export" / "unet")])
+    name = "diffusion_pytorch_model.safetensors"
+    before, after = load_file(first / "export" / "unet" / name), load_file(second / "export" / "unet" / name)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        kernel_script.main(["--output_dir", str(tmp_path / "third"), "--kernel_size", "16", *TINY, "--max_train_steps", "1",
+                            "--no_final_samples", "--block_out_channels", "16", "32", "--init_from", str(first / "export" / "unet")])

@@ -32,7 +32,7 @@ def random_training_kernels(
     """A ``(B, 1, max_size, max_size)`` batch of sum-1 kernels, centre at ``max_size // 2``.
 
     Each kernel is a Dirac (``identity_probability``), a camera-shake kernel of a random odd size in
-    ``[min_motion_size, max_size]`` and random intensity in ``[0.1, 1]`` (``motion_probability``), or
+    ``[min(min_motion_size, max_size), max_size]`` and random intensity in ``[0.1, 1]`` (``motion_probability``), or
     an anisotropic Gaussian with stds in ``gaussian_std_range`` and a random angle.
     """
     rng = as_numpy_generator(generator)
@@ -42,7 +42,7 @@ def random_training_kernels(
         if u < identity_probability:
             kernel = dirac_kernel(max_size)
         elif u < identity_probability + motion_probability:
-            size = int(rng.integers(min_motion_size // 2, max_size // 2 + 1)) * 2 + 1
+            size = int(rng.integers(min(min_motion_size, max_size) // 2, max_size // 2 + 1)) * 2 + 1
             kernel = embed_kernel_centred(motion_kernel(size, float(rng.uniform(0.1, 1.0)), rng), max_size)
         else:
             std = (float(rng.uniform(*gaussian_std_range)), float(rng.uniform(*gaussian_std_range)))
