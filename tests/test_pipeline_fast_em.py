@@ -666,3 +666,15 @@ def test_kernel_init_dirac_and_a_user_warm_start():
 def test_kernel_init_and_m_step_start_errors(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(pipe, smooth_images(), **kwargs)
+
+
+def test_kernel_size_auto_reuses_the_probe_as_the_sparse_start(monkeypatch):
+    """When the chosen size is the probe's, the sparse start kernel is the probe itself (not estimated twice)."""
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    calls = fake_initializer(monkeypatch, 5, coarse_length=1)
+    out = run(pipe, smooth_images(1, height=64, width=64), kernel_size="auto", kernel_init="sparse", m_step_start=1.0,
+              output_type="pt")
+    assert [size for _, size, _ in calls] == [9, 9]  # the probe and the coarse probe; no third call for the start
+    expected = line_kernel(9, 5)
+    assert torch.allclose(out.kernels, expected / expected.sum(), atol=1e-6)  # m_step_start = 1 holds the start kernel

@@ -489,6 +489,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         extent). It never goes below ``P``: on synthetic camera shake, supports fitted tightly to the
         blur lost to the prior's own size (docs/kernel_estimation.md). Returns ``(kernel_size, e)``.
         """
+        size, extent, _ = self._kernel_size_and_probe(measurement, sigma, candidates)
+        return size, extent
+
+    def _kernel_size_and_probe(self, measurement, sigma, candidates=KERNEL_SIZE_CANDIDATES):
+        """:meth:`select_kernel_size` plus the full-resolution probe kernel (``(B, 1, P, P)``), which *is* the
+        sparse start kernel when the chosen size equals the probe's (the run then need not recompute it)."""
         height, width = measurement.shape[-2:]
         allowed = [size for size in candidates if size <= min(height, width) // 2]
         if not allowed:
@@ -496,7 +502,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         estimator_size = self.kernel_estimator.config.kernel_size
         probe_size = min(estimator_size, (min(height, width) // 2 - 1) | 1)
         initializer = SparseKernelInitializer(self.kernel_estimator)
-        extent = int(kernel_extent(initializer(measurement, probe_size, sigma), KERNEL_SIZE_LEVEL).max())
+        probe = initializer(measurement, probe_size, sigma)
+        extent = int(kernel_extent(probe, KERNEL_SIZE_LEVEL).max())
         if max(allowed) > probe_size and min(height, width) // 2 >= 2 * estimator_size:
             coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
             coarse_kernel = initializer(coarse, estimator_size, sigma / 2)
@@ -505,7 +512,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 extent = coarse_extent
         needed = max(extent + KERNEL_SIZE_MARGIN, estimator_size)
         fitting = [size for size in allowed if size >= needed]
-        return (min(fitting) if fitting else max(allowed)), extent
+        return (min(fitting) if fitting else max(allowed)), extent, probe
 
     def refine_latents(self, init_image: torch.Tensor, noise: torch.Tensor, start_index: int) -> torch.Tensor:
         """``x_t = √ᾱ_t·x_init + √(1−ᾱ_t)·ε`` at ``t = timesteps[start_index]`` (the img2img start)."""
@@ -687,7 +694,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             measurement = measurement.expand(-1, 3, -1, -1)
         sigma = self.prepare_sigma(sigma, measurement).to(device)
         if auto_kernel_size:
-            kernel_size, extent = self.select_kernel_size(measurement, sigma)
+            kernel_size, extent, probe = self._kernel_size_and_probe(measurement, sigma)
+            if isinstance(kernel_init, str) and kernel_init == "sparse" and probe.shape[-1] == kernel_size and num_scales == 1:
+                kernel_init = probe  # the sparse start at this size: already computed by the probe
             logger.info("kernel_size='auto': estimated blur extent %d px -> kernel_size %d", extent, kernel_size)
 
         # 3. Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet
