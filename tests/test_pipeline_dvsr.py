@@ -116,14 +116,15 @@ def test_sample_averaging_equals_separate_single_runs(pipe):
 
 def test_perception_distortion_knob(pipe):
     assert perception_distortion_setting(0.0) == (100, 1)
-    assert perception_distortion_setting(1.0) == (10, 4)
+    assert perception_distortion_setting(1.0) == (1, 16)
+    assert perception_distortion_setting(0.5) == (10, 4)  # the paper's "Ours-SA"
     settings = [perception_distortion_setting(p) for p in np.linspace(0, 1, 6)]
     assert all(a[0] >= b[0] and a[1] <= b[1] for a, b in zip(settings, settings[1:]))
     x = images(1)
     sharp_end = pipe(x, perception_distortion=0.0, output_type="pt", generator=torch.manual_seed(0))
     assert pipe.num_timesteps == 100 and sharp_end.samples.shape[1] == 1 and sharp_end.uncertainty is None
     smooth_end = pipe(x, perception_distortion=1.0, output_type="pt", generator=torch.manual_seed(0))
-    assert pipe.num_timesteps == 10 and smooth_end.samples.shape[1] == 4 and smooth_end.uncertainty is not None
+    assert pipe.num_timesteps == 1 and smooth_end.samples.shape[1] == 16 and smooth_end.uncertainty is not None
     default = pipe(x, output_type="pt", generator=torch.manual_seed(0))
     assert torch.equal(default.images, smooth_end.images)  # the knob's default is the distortion end
     explicit = pipe(x, num_inference_steps=7, output_type="pt", generator=torch.manual_seed(0))
