@@ -432,7 +432,7 @@ def _register_dvsr() -> None:
         options=(
             Option("perception_distortion", _unit_interval, None,
                    "DvSR knob in [0, 1]: 0 = sharpest (100 steps, 1 sample), 1 = lowest distortion "
-                   "(10 steps, 4 samples averaged; the pipeline's default)"),
+                   "(1 step, 16 samples averaged; the pipeline's default); 0.5 = the paper's SA (10 steps × 4)"),
             Option("dvsr_steps", positive_int, None, "DvSR diffusion steps (instead of the knob)"),
             Option("dvsr_samples", positive_int, None, "DvSR samples averaged (instead of the knob)"),
             PRECISION_OPTION,
