@@ -265,7 +265,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
                 ``perception_distortion``, ``num_inference_steps``, ``num_samples``, ``noise_levels`` is given)
                 (see :func:`perception_distortion_setting`): ``0`` = 100 steps, 1 sample (sharpest,
                 most plausible; the paper's "Ours"), ``0.5`` = 10 steps averaged over 4 samples (the
-                paper's "Ours-SA"), ``1`` = 1 step averaged over 16 samples (lowest distortion). Cannot be combined with explicit ``num_inference_steps`` /
+                paper's "Ours-SA"), ``1`` = 1 step averaged over 16 samples (lowest distortion).
+                Cannot be combined with explicit ``num_inference_steps`` /
                 ``num_samples``.
             eta: stochasticity of each step (``1`` ancestral DDPM as in the paper, ``0`` deterministic);
                 default from the scheduler config.
