@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
                    help="UNet precision of the diffusion runs (default: the pipeline's)")
     p.add_argument("--m_step_start", type=float, default=None, help="default: the pipeline's")
+    p.add_argument("--kernel_anchor", type=float, default=None, help="M-step pull toward the start kernel (default: the pipeline's)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
     return p.parse_args(argv)
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
                               kernel_size=args.kernel_size)
             if args.m_step_start is not None:
                 blind_call["m_step_start"] = args.m_step_start
+            if args.kernel_anchor is not None:
+                blind_call["kernel_anchor"] = args.kernel_anchor
             out = pipe(blurry, generator=torch.manual_seed(args.seed), **blind_call, **call)
             row["fallback"] = bool(out.fallback and out.fallback[0])
             row["seconds"] = time.perf_counter() - start

@@ -21,13 +21,15 @@ def random_kernel(size, seed, batch=1, dtype=torch.float64):
     return (k / k.sum(dim=(-2, -1), keepdim=True)).to(dtype)
 
 
-def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, scale_by_n=False, joint=False):
+def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, scale_by_n=False, joint=False,
+              anchor=None, gamma=0.0):
     """Independent numpy implementation of the HQS data step (no prior), following docs/conventions.md, "M-step (kernel update)".
 
     Per image b and channel c on the full grid:
     ``Z = IFFT((Σ_i conj(X_i)·Y + α·FFT(p2o(z))) / (Σ_i |X_i|² + α [+ n·H·W·r²]))``, mean over channels,
     roll by k//2 and keep the top-left k×k, clip at 0 and divide by the sum. ``joint``: the sums over
-    channels move inside the fraction (one solve for all channels).
+    channels move inside the fraction (one solve for all channels). ``anchor``: ``+ μ·FFT(p2o(anchor))`` in the
+    numerator and ``+ μ`` in the denominator of each solve, ``μ = gamma·σ²``.
     """
     y = measurement.numpy()
     x = estimates.numpy()
@@ -38,6 +40,12 @@ def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, s
     for b in range(batch):
         z = kernel[b if kernel.shape[0] > 1 else 0, 0].numpy()
         alpha = sigma[b] ** 2 * beta * (n if scale_by_n else 1)
+        mu, a_hat = 0.0, 0.0
+        if anchor is not None:
+            mu = gamma * sigma[b] ** 2
+            a_canvas = np.zeros((height, width))
+            a_canvas[:size, :size] = anchor[b if anchor.shape[0] > 1 else 0, 0].numpy()
+            a_hat = np.fft.fft2(np.roll(a_canvas, (-(size // 2), -(size // 2)), axis=(0, 1)))
         for _ in range(iterations):
             canvas = np.zeros((height, width))
             canvas[:size, :size] = z
@@ -52,9 +60,9 @@ def numpy_hqs(measurement, estimates, sigma, kernel, beta, iterations, r=None, s
                     denominator = denominator + n * height * width * r[b] ** 2
                 numerators.append(numerator)
                 denominators.append(denominator)
-                solutions.append(np.fft.ifft2((numerator + alpha * z_hat) / (denominator + alpha)).real)
+                solutions.append(np.fft.ifft2((numerator + mu * a_hat + alpha * z_hat) / (denominator + mu + alpha)).real)
             if joint:
-                full = np.fft.ifft2((sum(numerators) + alpha * z_hat) / (sum(denominators) + alpha)).real
+                full = np.fft.ifft2((sum(numerators) + mu * a_hat + alpha * z_hat) / (sum(denominators) + mu + alpha)).real
             else:
                 full = np.mean(solutions, axis=0)
             z = np.roll(full, (size // 2, size // 2), axis=(0, 1))[:size, :size]
@@ -137,6 +145,35 @@ def test_matches_independent_numpy_hqs(image_size, kernel_size, particles, uncer
         y, estimates, sigma.numpy(), warm, 1e3, 3, r=r.numpy() if uncertainty == "pigdm" else None, scale_by_n=scale_by_n
     )
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("image_size, channel_mode", [(16, "joint"), (16, "mean"), (10, "joint")])
+def test_anchor_matches_independent_numpy_hqs(image_size, channel_mode):
+    """``γσ²‖k − k_a‖²`` enters each Fourier solve (support-restricted at 16 px, full grid at 10 px)."""
+    batch, s, k = 2, image_size, 5
+    gen = torch.Generator().manual_seed(61)
+    y = smooth_images(batch, 3, s, seed=9) + 0.02 * torch.randn(batch, 3, s, s, generator=gen, dtype=torch.float64)
+    estimates = smooth_images(batch, 3, s, seed=10)
+    warm, anchor = random_kernel(k, seed=11, batch=batch), random_kernel(k, seed=12, batch=batch)
+    sigma = torch.tensor([0.03, 0.08], dtype=torch.float64)
+    estimator = KernelEstimator(kernel_size=k, regularization="none", beta=1e3, num_iterations=3, channel_mode=channel_mode)
+    out = estimator(y, estimates, sigma, kernel=warm, anchor=anchor, anchor_weight=2e4)
+    expected = numpy_hqs(y, estimates, sigma.numpy(), warm, 1e3, 3, joint=channel_mode == "joint", anchor=anchor, gamma=2e4)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    free = estimator(y, estimates, sigma, kernel=warm)
+    torch.testing.assert_close(estimator(y, estimates, sigma, kernel=warm, anchor=anchor, anchor_weight=0.0), free)
+    assert (out - anchor).abs().sum() < (free - anchor).abs().sum()  # pulled toward the anchor
+
+
+def test_a_heavy_anchor_holds_the_kernel_against_the_data():
+    x = smooth_images(seed=13)
+    y = fft_blur(x, random_kernel(5, seed=14))
+    anchor = random_kernel(5, seed=15)
+    estimator = KernelEstimator(kernel_size=5, regularization="none", beta=1e5, num_iterations=5)
+    held = estimator(y, x, 10 / 255, kernel=dirac_kernel(5, dtype=torch.float64), anchor=anchor, anchor_weight=1e12)
+    torch.testing.assert_close(held, anchor, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="anchor"):
+        estimator(y, x, 10 / 255, anchor=random_kernel(3, seed=1), anchor_weight=1.0)
 
 
 # ---------------------------------------------------------------- batches and particles

@@ -17,7 +17,7 @@ from pipeline_mixin import PipelineTesterMixin
 
 import diffusers_blind
 from diffusers_blind import FastEMDeblurPipeline, FastEMDeblurPipelineOutput, KernelEstimator
-from diffusers_blind.ops import fft_blur, gaussian_kernel
+from diffusers_blind.ops import dirac_kernel, fft_blur, gaussian_kernel
 
 
 ddpm = tiny_ddpm
@@ -652,9 +652,30 @@ def test_kernel_init_dirac_and_a_user_warm_start():
     np.testing.assert_array_equal(a.images, b.images)
 
 
+def test_kernel_anchor_holds_an_informative_start_but_not_a_dirac():
+    torch.manual_seed(0)
+    pipe = FastEMDeblurPipeline(tiny_unet(), ddpm(), KernelEstimator(kernel_size=5, num_iterations=2, regularization="none"))
+    pipe.set_progress_bar_config(disable=True)
+    image, warm = smooth_images(), gaussian_kernel(5, 1.0)
+    kernels = []
+    grab = dict(callback_on_step_end=lambda p, i, t, kw: kernels.append(kw["kernel"].clone()) or {},
+                callback_on_step_end_tensor_inputs=["kernel"], m_step_start=0.0, num_inference_steps=3)
+    run(pipe, image, kernel_init=warm, kernel_anchor=1e12, **grab)
+    assert all(torch.allclose(k, warm.expand(2, -1, -1, -1), atol=1e-5) for k in kernels)
+    kernels.clear()
+    run(pipe, image, kernel_init=warm, kernel_anchor=0.0, **grab)
+    assert not torch.allclose(kernels[-1], warm.expand(2, -1, -1, -1), atol=1e-3)  # the free M-step moves it
+    kernels.clear()
+    run(pipe, image, kernel_init="dirac", kernel_anchor=1e12, **grab)
+    assert not torch.allclose(kernels[-1], dirac_kernel(5).expand(2, -1, -1, -1), atol=1e-3)  # a Dirac start is no anchor
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        (dict(kernel_anchor=-1.0), "kernel_anchor"),
+        (dict(kernel_anchor=float("nan")), "kernel_anchor"),
+        (dict(kernel_anchor="strong"), "kernel_anchor"),
         (dict(kernel_init="gaussian"), "kernel_init"),
         (dict(kernel_init=torch.ones(1, 1, 3, 3) / 9, kernel_size=5), "kernel_init"),
         (dict(kernel_init=torch.ones(1, 1, 5, 5) / 25, num_scales=2), "num_scales"),

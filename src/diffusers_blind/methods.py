@@ -263,12 +263,14 @@ def _margin(blur: str | None):
 def _fastem_run(guidance: str, diffusion_em: bool = False):
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size=None,
             em_iterations=None, guard=True, tile_size=None, max_memory=None, precision=None, kernel_init=None,
-            m_step_start=None):
+            m_step_start=None, kernel_anchor=None):
         blind_options = {}
         if kernel is None and kernel_init is not None:
             blind_options["kernel_init"] = kernel_init
         if kernel is None and m_step_start is not None:
             blind_options["m_step_start"] = m_step_start
+        if kernel is None and kernel_anchor is not None:
+            blind_options["kernel_anchor"] = kernel_anchor
         out = pipeline(
             y,
             sigma=sigma,
@@ -371,7 +373,11 @@ def _register_builtins() -> None:
     m_step_start = Option("m_step_start", _unit_interval, None,
                           "fraction of the steps that keep the starting kernel before the M-step runs (default 0.8; "
                           "0 = every step, the paper; 1 = never)")
-    pipeline_options = (steps, particles, guidance_scale, kernel_size, guard, kernel_init, m_step_start, *tiling)
+    kernel_anchor = Option("kernel_anchor", non_negative_float, None,
+                           "weight of the M-step's pull toward the starting kernel (a sparse, coarse or given "
+                           "start; not a Dirac); 0 = a free M-step, the paper (default: the pipeline's)")
+    pipeline_options = (steps, particles, guidance_scale, kernel_size, guard, kernel_init, m_step_start, kernel_anchor,
+                        *tiling)
     common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)
     for name, guidance, description in (
         ("fastem-pigdm", "pigdm", "Fast Diffusion EM with Pi-GDM guidance (blind; with --kernel: non-blind)"),

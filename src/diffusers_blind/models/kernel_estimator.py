@@ -49,7 +49,12 @@ class KernelEstimator(ModelMixin, ConfigMixin):
     paper's Eq. 24, and ``uncertainty="pigdm"`` adds the Pi-GDM term ``n·N·r_t²`` of App. D
     (``N = H·W``; E‖Hx − y‖² = ‖Hx̂0 − y‖² + r²·N·‖k‖² for ``x ~ N(x̂0, r²I)``).
 
-    Call: ``estimator(measurement, estimates, sigma, kernel=None, r=None)``; ``measurement`` is
+    ``anchor`` / ``anchor_weight = γ`` add ``γσ²‖k − k_a‖²`` to the data term (a Gaussian prior centred on
+    a reference kernel ``k_a``, weighed like the HQS penalty ``α = σ²β``): ``Σ conj(X)·Y`` gains
+    ``γσ²·F(k_a)`` and ``Σ|X|²`` gains ``γσ²``, so frequencies the estimates hardly carry keep ``k_a``'s
+    value while well-measured ones follow the data.
+
+    Call: ``estimator(measurement, estimates, sigma, kernel=None, r=None, anchor=None, anchor_weight=0)``; ``measurement`` is
     ``(B, C, H, W)``, ``estimates`` ``(B·n, C, H, W)`` (the ``n`` particles of image ``b`` are rows
     ``b·n … b·n+n−1``), all in ``[0, 1]``; ``sigma`` in ``[0, 1]`` units (float or ``(B,)``);
     ``kernel`` the ``(B, 1, k, k)`` warm start (a Dirac of ``kernel_size`` if ``None``; its size
@@ -146,6 +151,8 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         sigma: float | torch.Tensor,
         kernel: torch.Tensor | None = None,
         r: float | torch.Tensor | None = None,
+        anchor: torch.Tensor | None = None,
+        anchor_weight: float = 0.0,
     ) -> torch.Tensor:
         if measurement.ndim != 4:
             raise ValueError(f"measurement must be (B, C, H, W), got shape {tuple(measurement.shape)}")
@@ -182,6 +189,9 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             summed_channels = channels if self.config.channel_mode == "joint" else 1  # the term is per channel
             denominator = denominator + summed_channels * n * height * width * r.square()
 
+        if anchor is not None and anchor_weight > 0:
+            numerator, denominator = self._add_anchor(numerator, denominator, anchor, anchor_weight * sigma.square(), size)
+
         denominator = denominator.clamp_min(1e-8)
         if 2 * size - 1 <= min(height, width):
             data_step = self._support_data_step(numerator, alpha, denominator, size)
@@ -191,6 +201,14 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         for _ in range(self.config.num_iterations):
             z = self.prior_step(project_kernel(data_step(z)))
         return z
+
+    @staticmethod
+    def _add_anchor(numerator, denominator, anchor, weight, size):
+        """``μ‖k − k_a‖²`` in the Fourier solve: ``N + μ·F(pad k_a)``, ``D + μ`` (``μ = γσ²``, ``(B, 1, 1, 1)``)."""
+        if anchor.ndim != 4 or anchor.shape[1] != 1 or anchor.shape[-1] != size or anchor.shape[-2] != size:
+            raise ValueError(f"anchor must be a (B, 1, {size}, {size}) kernel, got {tuple(anchor.shape)}")
+        anchor_hat = torch.fft.fft2(pad_kernel(anchor.to(numerator.real.dtype), numerator.shape[-2:]))
+        return numerator + weight * anchor_hat, denominator + weight
 
     @staticmethod
     def _full_grid_data_step(numerator, alpha, denominator, size):

@@ -55,6 +55,7 @@ KERNEL_SIZE_MARGIN = 2  # "auto": pixels added to the measured extent before rou
 MIN_COARSE_KERNEL = 9  # below this a kernel is too small to gain from a coarser scale
 MIN_COARSE_IMAGE = 32  # smallest side of a coarse image
 KERNEL_INITS = ("sparse", "dirac")  # how a blind run starts its kernel
+KERNEL_ANCHOR = 1.2  # default ρ of the M-step's pull ρσ²P‖k − k_start‖² toward the start kernel (P: pixels)
 LOW_AUTO_SIGMA = 1.0 / 255  # an automatic noise estimate below this draws a warning (see prepare_sigma)
 
 
@@ -97,6 +98,9 @@ class FastEMProblem:
             counts only these pixels (a valid convolution); ``None`` counts the whole padded grid.
         m_step_from: index of the first diffusion step that runs the M-step (earlier steps keep the
             initial kernel).
+        anchor: the kernel the M-step is pulled toward (the blind run's start kernel), ``(B, 1, k, k)``, or ``None``.
+        anchor_weight: ``γ`` of the M-step's ``γσ²‖k − anchor‖²`` term (see :class:`KernelEstimator`): ``kernel_anchor``
+            times the photograph's pixel count.
     """
 
     measurement: torch.Tensor
@@ -108,6 +112,8 @@ class FastEMProblem:
     estimate_kernel: bool
     observed: torch.Tensor | None = None
     m_step_from: int = 0
+    anchor: torch.Tensor | None = None
+    anchor_weight: float = 0.0
     measurement_per_particle: torch.Tensor = field(init=False, repr=False)
     sigma_per_particle: torch.Tensor = field(init=False, repr=False)
     tapered_measurement: torch.Tensor = field(init=False, repr=False)
@@ -304,8 +310,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             warnings.warn("kernel does not sum to 1; it is used as given (the blur then also scales the image)")
         return kernel.expand(batch, -1, -1, -1)
 
-    def check_kernel_init(self, kernel_init, m_step_start, num_scales: int) -> None:
-        """Clear errors for ``kernel_init`` and ``m_step_start``."""
+    def check_kernel_init(self, kernel_init, m_step_start, num_scales: int, kernel_anchor=0.0) -> None:
+        """Clear errors for ``kernel_init``, ``m_step_start`` and ``kernel_anchor``."""
         if isinstance(kernel_init, str):
             if kernel_init not in KERNEL_INITS:
                 raise ValueError(f"kernel_init must be one of {KERNEL_INITS} or a kernel, got {kernel_init!r}")
@@ -317,6 +323,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             start = float("nan")
         if not 0 <= start <= 1:
             raise ValueError(f"m_step_start must be in [0, 1], got {m_step_start!r}")
+        if isinstance(kernel_anchor, bool) or not isinstance(kernel_anchor, (int, float)) or not 0 <= kernel_anchor < math.inf:
+            raise ValueError(f"kernel_anchor must be a finite number >= 0, got {kernel_anchor!r}")
 
     def initial_kernel(self, kernel_init, measurement: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
         """The blind run's first kernel ``(B, 1, k, k)``: Dirac, sparse-prior estimate or the user's warm start."""
@@ -375,7 +383,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         """
         with torch.no_grad():
             kernel = self.kernel_estimator(
-                problem.tapered_measurement, problem.taper_window * estimates, problem.sigma, kernel, r=r
+                problem.tapered_measurement, problem.taper_window * estimates, problem.sigma, kernel, r=r,
+                anchor=problem.anchor, anchor_weight=problem.anchor_weight,
             )
             return center_kernel(kernel).detach()
 
@@ -579,6 +588,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         refine_strength: float = 0.6,
         kernel_init: str | torch.Tensor | np.ndarray = "sparse",
         m_step_start: float = 0.8,
+        kernel_anchor: float | None = None,
         r_schedule: str = "fastem",
         boundary_margin: int | None = None,
         observe_margin: bool = False,
@@ -626,6 +636,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 every step (default 0.8: the last 20 % refine it; 0: from the first step, the paper, where the
                 early ``x̂0`` are smooth and a kernel fitted to them drifts back toward a Dirac; 1: never, the
                 starting kernel is final).
+            kernel_anchor: weight ``ρ`` of a term ``ρ·σ²·P·‖k − k_start‖²`` (``P`` the photograph's pixel count, so
+                the pull keeps its weight against the data term at any size) in every M-step: it holds the kernel
+                near an informative start (sparse, coarse-to-fine or a given kernel; a Dirac start is not held);
+                frequencies ``x̂0`` hardly carries keep the start's value (default ``KERNEL_ANCHOR``; 0 = the paper's
+                free M-step).
             r_schedule: ``"fastem"`` (``r_t² = β̃_t/(1+β̃_t)``, the reference code) or ``"pigdm"`` (``1 − ᾱ_t``).
             boundary_margin: pixels of reflection padding added around the image before the circular FFT
                 model, removed at the end (default ``kernel_size``; use 0 for data blurred circularly).
@@ -681,7 +696,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             output_type, r_schedule, callback_on_step_end_tensor_inputs, guidance_scale,
         )
         check_coarse_to_fine(num_scales, refine_strength)
-        self.check_kernel_init(kernel_init, m_step_start, num_scales)
+        kernel_anchor = KERNEL_ANCHOR if kernel_anchor is None else kernel_anchor
+        self.check_kernel_init(kernel_init, m_step_start, num_scales, kernel_anchor)
         self._guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
         self._interrupt = False
 
@@ -717,7 +733,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 num_particles=num_particles, refine_strength=refine_strength, r_schedule=r_schedule, eta=eta,
                 observe_margin=observe_margin, tile_size=tile_size, max_memory=max_memory, precision=precision,
                 boundary_margin=None if boundary_margin is None else int(boundary_margin) // 2, generator=generator,
-                kernel_init=kernel_init, m_step_start=m_step_start,
+                kernel_init=kernel_init, m_step_start=m_step_start, kernel_anchor=kernel_anchor,
             )
             init_image, kernel = self.coarse_estimate(measurement, sigma, kernel_size, num_scales, coarse_kwargs)
             init_image = self.image_processor.pad(init_image, margin, multiple)[0].repeat_interleave(num_particles, 0)
@@ -727,6 +743,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             kernel = self.prepare_kernel(kernel, batch, device)
             if kernel.shape[-1] > padded.shape[-1] or kernel.shape[-2] > padded.shape[-2]:
                 raise ValueError(f"kernel {tuple(kernel.shape[-2:])} is larger than the image")
+        anchored = blind and kernel_anchor > 0 and not (isinstance(kernel_init, str) and kernel_init == "dirac" and init_image is None)
         observed = None
         if margin > 0 and not observe_margin:
             observed = edge_taper_window(padded.shape[-2:], 0, device=device, region=window)
@@ -734,6 +751,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             measurement=padded, sigma=sigma, taper_window=taper_window, num_particles=num_particles,
             guidance=guidance, r_schedule=r_schedule, estimate_kernel=blind and em_iterations is None,
             observed=observed, m_step_from=round(m_step_start * num_inference_steps),
+            anchor=kernel if anchored else None, anchor_weight=float(kernel_anchor) * measurement[0, 0].numel(),
         )
 
         # 5. Prepare timesteps, the denoiser and the scheduler's extra step arguments
