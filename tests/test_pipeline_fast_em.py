@@ -660,7 +660,7 @@ def test_kernel_anchor_holds_an_informative_start_but_not_a_dirac():
     kernels = []
     grab = dict(callback_on_step_end=lambda p, i, t, kw: kernels.append(kw["kernel"].clone()) or {},
                 callback_on_step_end_tensor_inputs=["kernel"], m_step_start=0.0, num_inference_steps=3)
-    run(pipe, image, kernel_init=warm, kernel_anchor=1e12, **grab)
+    run(pipe, image, kernel_init=warm, kernel_anchor=np.float32(1e12), **grab)  # numpy scalars are numbers too
     assert all(torch.allclose(k, warm.expand(2, -1, -1, -1), atol=1e-5) for k in kernels)
     kernels.clear()
     run(pipe, image, kernel_init=warm, kernel_anchor=0.0, **grab)

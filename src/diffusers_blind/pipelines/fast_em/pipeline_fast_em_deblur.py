@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -323,7 +324,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             start = float("nan")
         if not 0 <= start <= 1:
             raise ValueError(f"m_step_start must be in [0, 1], got {m_step_start!r}")
-        if isinstance(kernel_anchor, bool) or not isinstance(kernel_anchor, (int, float)) or not 0 <= kernel_anchor < math.inf:
+        if isinstance(kernel_anchor, bool) or not isinstance(kernel_anchor, numbers.Real) or not 0 <= kernel_anchor < math.inf:
             raise ValueError(f"kernel_anchor must be a finite number >= 0, got {kernel_anchor!r}")
 
     def initial_kernel(self, kernel_init, measurement: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
