@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="UNet precision of the diffusion runs (default: the pipeline's)")
     p.add_argument("--m_step_start", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--kernel_anchor", type=float, default=None, help="M-step pull toward the start kernel (default: the pipeline's)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="fraction of the schedule run from a noised Wiener start (img2img; 1 = from noise)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
     return p.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     margin = 0 if args.protocol == "circular" else pipe.kernel_estimator.config.kernel_size
     call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt", guidance_scale=args.guidance_scale,
-                boundary_margin=0 if args.protocol == "circular" else None)
+                boundary_margin=0 if args.protocol == "circular" else None, strength=args.strength)
     if args.precision is not None:
         call["precision"] = args.precision
 

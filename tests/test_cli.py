@@ -326,6 +326,27 @@ def test_deblur_kernel_size_auto_records_the_chosen_size(model_dir, tmp_path):
     assert deblur([str(tmp_path / "big.png")], model_dir, tmp_path / "out2", "--kernel-size", "large") == 2
 
 
+def test_deblur_strength_reaches_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
+    from diffusers_blind import FastEMDeblurPipeline
+
+    seen = []
+    original = FastEMDeblurPipeline.__call__
+
+    def spy(self, image, **kwargs):
+        seen.append(kwargs.get("strength"))
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(FastEMDeblurPipeline, "__call__", spy)
+    image = [str(inputs / "blurry" / "rgb.png")]
+    assert deblur(image, model_dir, tmp_path / "a", "--strength", "0.5") == 0
+    assert json.loads((tmp_path / "a" / "rgb.json").read_text())["settings"]["strength"] == 0.5
+    assert deblur(image, model_dir, tmp_path / "b") == 0
+    assert seen == [0.5, None]  # unset: the pipeline's default (1, from pure noise)
+    for bad in ("0", "1.5", "half"):
+        assert deblur(image, model_dir, tmp_path / "c", "--strength", bad) == 2
+    assert deblur(image, model_dir, tmp_path / "d", "--method", "diffusion-em", "--strength", "0.5") == 2
+
+
 def test_deblur_kernel_init_and_m_step_start_reach_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
     from diffusers_blind import FastEMDeblurPipeline
 

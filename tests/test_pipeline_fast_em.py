@@ -296,6 +296,10 @@ def test_guidance_pulls_towards_the_measurement():
         (dict(num_scales=2.0), "num_scales"),
         (dict(refine_strength=0), "refine_strength"),
         (dict(refine_strength=1.5), "refine_strength"),
+        (dict(strength=0), "strength"),
+        (dict(strength=1.2), "strength"),
+        (dict(strength="half"), "strength"),
+        (dict(strength=0.5, em_iterations=2), "em_iterations"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
@@ -699,3 +703,45 @@ def test_kernel_size_auto_reuses_the_probe_as_the_sparse_start(monkeypatch):
     assert [size for _, size, _ in calls] == [9, 9]  # the probe and the coarse probe; no third call for the start
     expected = line_kernel(9, 5)
     assert torch.allclose(out.kernels, expected / expected.sum(), atol=1e-6)  # m_step_start = 1 holds the start kernel
+
+
+def test_strength_runs_the_last_fraction_of_the_schedule_from_the_wiener_start(monkeypatch):
+    pipe = make_pipe()
+    image = smooth_images(1)
+    steps, starts = [], []
+    original = FastEMDeblurPipeline.initial_image
+
+    def spy(measurement, kernel, sigma):
+        starts.append(kernel.clone())
+        return original(measurement, kernel, sigma)
+
+    monkeypatch.setattr(FastEMDeblurPipeline, "initial_image", staticmethod(spy))
+    out = run(pipe, image, num_inference_steps=10, strength=0.3, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {})
+    assert steps == [7, 8, 9] and pipe.num_timesteps == 3
+    assert len(starts) == 1 and np.isfinite(out.images).all()
+    full = run(pipe, image, num_inference_steps=10)
+    assert not np.allclose(full.images, out.images)  # a different start, not the default run
+    np.testing.assert_array_equal(run(pipe, image, num_inference_steps=10, strength=1.0).images, full.images)
+    np.testing.assert_array_equal(run(pipe, image, num_inference_steps=10, strength=0.3).images, out.images)
+
+
+def test_strength_start_is_the_noised_photo(monkeypatch):
+    """At the start level ``x_t = √ᾱ·(2·y − 1) + √(1−ᾱ)·ε`` on the padded grid (SDEdit), blind or not."""
+    pipe = make_pipe()
+    image = smooth_images(1, height=16, width=16)
+    noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    for kernel in (gaussian_kernel(5, 1.0), None):
+        captured = {}
+
+        def first_step(self, denoiser, problem, state, step_index, t, step_kwargs):
+            captured.setdefault("x_t", state.latents.clone())
+            captured.setdefault("t", int(t))
+            self._interrupt = True
+            return state
+
+        monkeypatch.setattr(FastEMDeblurPipeline, "denoising_step", first_step)
+        run(pipe, image, kernel=kernel, sigma=5, num_inference_steps=4, strength=0.5, boundary_margin=0, latents=noise)
+        alpha_bar = pipe.scheduler.alphas_cumprod[captured["t"]]
+        expected = alpha_bar.sqrt() * (image * 2 - 1) + (1 - alpha_bar).sqrt() * noise
+        assert captured["t"] == int(pipe.scheduler.timesteps[2])
+        torch.testing.assert_close(captured["x_t"], expected, atol=1e-5, rtol=1e-5)

@@ -263,14 +263,14 @@ def _margin(blur: str | None):
 def _fastem_run(guidance: str, diffusion_em: bool = False):
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size=None,
             em_iterations=None, guard=True, tile_size=None, max_memory=None, precision=None, kernel_init=None,
-            m_step_start=None, kernel_anchor=None):
-        blind_options = {}
+            m_step_start=None, kernel_anchor=None, strength=None):
+        options = {} if strength is None else {"strength": strength}
         if kernel is None and kernel_init is not None:
-            blind_options["kernel_init"] = kernel_init
+            options["kernel_init"] = kernel_init
         if kernel is None and m_step_start is not None:
-            blind_options["m_step_start"] = m_step_start
+            options["m_step_start"] = m_step_start
         if kernel is None and kernel_anchor is not None:
-            blind_options["kernel_anchor"] = kernel_anchor
+            options["kernel_anchor"] = kernel_anchor
         out = pipeline(
             y,
             sigma=sigma,
@@ -288,7 +288,7 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             precision=precision,
             generator=generator,
             output_type="pt",
-            **blind_options,
+            **options,
         )
         return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), float(out.sigma[0]),
                             out.uncertainty)
@@ -376,8 +376,11 @@ def _register_builtins() -> None:
     kernel_anchor = Option("kernel_anchor", non_negative_float, None,
                            "weight of the M-step's pull toward the starting kernel (a sparse, coarse or given "
                            "start; not a Dirac); 0 = a free M-step, the paper (default: the pipeline's)")
+    strength = Option("strength", _strength_arg, None,
+                      "fraction of the steps to run, starting from the photo noised to that level (img2img; "
+                      "0.5 halves the time for about 0.2 dB; default 1: from pure noise)")
     pipeline_options = (steps, particles, guidance_scale, kernel_size, guard, kernel_init, m_step_start, kernel_anchor,
-                        *tiling)
+                        strength, *tiling)
     common = dict(pipeline_class=FastEMDeblurPipeline, default_model=DEFAULT_MODEL)
     for name, guidance, description in (
         ("fastem-pigdm", "pigdm", "Fast Diffusion EM with Pi-GDM guidance (blind; with --kernel: non-blind)"),
@@ -388,12 +391,12 @@ def _register_builtins() -> None:
                                check=_dps_check if guidance == "dps" else _fastem_check, **common))
     register_method(Method("diffusion-em", _fastem_run("pigdm", diffusion_em=True),
                            "Diffusion EM: several full Pi-GDM runs, one kernel update after each (slower)",
-                           options=(*(o for o in pipeline_options if o is not m_step_start), em_iterations),
+                           options=(*(o for o in pipeline_options if o not in (m_step_start, strength)), em_iterations),
                            info={"guidance": "pigdm"},
                            check=_fastem_check, **common))
     for name, guidance in (("pigdm-known-kernel", "pigdm"), ("dps-known-kernel", "dps")):
         register_method(Method(name, _fastem_run(guidance), f"non-blind {guidance} guidance with the true kernel",
-                               needs_kernel=True, options=(steps, particles, guidance_scale, *tiling),
+                               needs_kernel=True, options=(steps, particles, guidance_scale, strength, *tiling),
                                info={"guidance": guidance}, **common))
     register_method(Method("wiener-known-kernel", _wiener_run,
                            "non-blind Wiener deconvolution with the true kernel (gradient prior, no model)",
@@ -406,6 +409,13 @@ def _unit_interval(value) -> float:
     number = non_negative_float(value)
     if number > 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def _strength_arg(value) -> float:
+    number = non_negative_float(value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
     return number
 
 
