@@ -345,6 +345,10 @@ def test_deblur_strength_reaches_the_pipeline(inputs, model_dir, tmp_path, monke
     for bad in ("0", "1.5", "half"):
         assert deblur(image, model_dir, tmp_path / "c", "--strength", bad) == 2
     assert deblur(image, model_dir, tmp_path / "d", "--method", "diffusion-em", "--strength", "0.5") == 2
+    monkeypatch.undo()  # the record of a run without --steps names the pipeline's own default
+    assert main(["deblur", *image, "-o", str(tmp_path / "e"), "--model", model_dir, "--seed", "0", "--kernel-size", "5",
+                 "--guard", "off", "--strength", "0.1"]) == 0
+    assert json.loads((tmp_path / "e" / "rgb.json").read_text())["settings"]["steps"] == 50
 
 
 def test_deblur_kernel_init_and_m_step_start_reach_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):

@@ -272,3 +272,16 @@ def test_blind_dps_turbulence_runs_from_the_cli_and_in_the_evaluation(tmp_path, 
                         "--num_grid", "1"]) == 0
     records = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
     assert records and all(r["method"] == "blind-dps-turbulence" and r["kernel_mse"] is not None for r in records)
+
+
+def test_unset_steps_run_each_methods_own_default():
+    """``--steps`` unset: each method runs (and records) its own pipeline's default, not one shared number."""
+    from diffusers_blind.methods import default_steps, with_default_steps
+
+    assert default_steps(METHODS["fastem-pigdm"]) == 50 and default_steps(METHODS["pigdm-known-kernel"]) == 50
+    assert default_steps(METHODS["wiener-known-kernel"]) is None  # no pipeline
+    assert with_default_steps(METHODS["fastem-dps"], {"steps": None, "particles": 1}) == {"steps": 50, "particles": 1}
+    assert with_default_steps(METHODS["fastem-dps"], {"steps": 7})["steps"] == 7
+    assert with_default_steps(METHODS["identity"], {"kernel_size": None}) == {"kernel_size": None}
+    if "blind-dps" in METHODS:
+        assert default_steps(METHODS["blind-dps"]) == 250

@@ -261,7 +261,10 @@ def method_options(method, args) -> dict:
             owners = [m.name for m in _methods().values() if name in m.option_names]
             raise CLIError(f"{option.cli_flag} does not apply to --method {method.name} "
                            f"(an option of: {', '.join(owners)})")
-    return {o.name: (o.default if getattr(args, o.name) is None else getattr(args, o.name)) for o in method.options}
+    from .methods import with_default_steps
+
+    values = {o.name: (o.default if getattr(args, o.name) is None else getattr(args, o.name)) for o in method.options}
+    return with_default_steps(method, values)
 
 
 def _methods() -> dict:

@@ -22,6 +22,7 @@ how ``y`` was blurred (``"circular"``: periodic FFT blur, the papers' protocol; 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -234,6 +235,22 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}") from None
 
 
+def default_steps(method: Method) -> int | None:
+    """The ``num_inference_steps`` default of ``method``'s pipeline ``__call__``: what an unset ``steps`` runs."""
+    if method.pipeline_class is None:
+        return None
+    parameter = inspect.signature(method.pipeline_class.__call__).parameters.get("num_inference_steps")
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def with_default_steps(method: Method, options: dict) -> dict:
+    """``options`` with an unset ``steps`` replaced by the method's own default (:func:`default_steps`), so that
+    every record names the step count that ran."""
+    if "steps" in options and options["steps"] is None:
+        return {**options, "steps": default_steps(method)}
+    return options
+
+
 def all_options(methods=None) -> dict[str, Option]:
     """Every option of ``methods`` (default: all registered) by name, in registration order."""
     methods = METHODS.values() if methods is None else methods
@@ -260,11 +277,16 @@ def _margin(blur: str | None):
     return 0 if blur == "circular" else None
 
 
+def _steps_kwarg(steps) -> dict:
+    """``num_inference_steps`` for a pipeline call; nothing when unset, so the pipeline's own default applies."""
+    return {} if steps is None else {"num_inference_steps": steps}
+
+
 def _fastem_run(guidance: str, diffusion_em: bool = False):
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size=None,
             em_iterations=None, guard=True, tile_size=None, max_memory=None, precision=None, kernel_init=None,
             m_step_start=None, kernel_anchor=None, strength=None):
-        options = {} if strength is None else {"strength": strength}
+        options = _steps_kwarg(steps) if strength is None else {**_steps_kwarg(steps), "strength": strength}
         if kernel is None and kernel_init is not None:
             options["kernel_init"] = kernel_init
         if kernel is None and m_step_start is not None:
@@ -275,7 +297,6 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             y,
             sigma=sigma,
             kernel=kernel,
-            num_inference_steps=steps,
             guidance=guidance,
             guidance_scale=guidance_scale,
             kernel_size=kernel_size if kernel is None else None,
@@ -344,7 +365,8 @@ def _register_builtins() -> None:
     from . import DEFAULT_MODEL
     from .pipelines import FastEMDeblurPipeline
 
-    steps = Option("steps", positive_int, 100, "diffusion steps (default 100)")
+    steps = Option("steps", positive_int, None,
+                   "diffusion steps (default: the method's: 50 for Fast EM, 250 for BlindDPS)")
     particles = Option("particles", positive_int, 1,
                        "posterior samples averaged per image; > 1 also writes an uncertainty map (default 1)")
     guidance_scale = Option("guidance_scale", non_negative_float, None,
@@ -468,7 +490,7 @@ def _register_blind_dps() -> None:
         # circular data: the periodic model, no margin; a photograph: a mirrored margin of half the kernel,
         # which makes the result independent of the boundary model (the data term sees the image only)
         margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
-        out = pipeline(y, num_inference_steps=steps, blur_model="circular" if blur == "circular" else "reflect",
+        out = pipeline(y, **_steps_kwarg(steps), blur_model="circular" if blur == "circular" else "reflect",
                        guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
                        generator=generator, output_type="pt")
         return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), None, out.uncertainty)
@@ -490,7 +512,7 @@ def _register_blind_dps() -> None:
     def run_turbulence(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
         # the same boundary handling as blind-dps; the tilt chain covers the whole padded canvas
         margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
-        out = pipeline(y, num_inference_steps=steps, blur_model="circular" if blur == "circular" else "reflect",
+        out = pipeline(y, **_steps_kwarg(steps), blur_model="circular" if blur == "circular" else "reflect",
                        guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
                        generator=generator, output_type="pt")
         return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), None, out.uncertainty,

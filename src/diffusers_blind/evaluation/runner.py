@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..io import read_json, save_json, save_npy
-from ..methods import METHODS, MethodResult, all_options, get_method
+from ..methods import METHODS, MethodResult, all_options, get_method, with_default_steps
 from .degradations import (
     BLUR_MODES,
     SAMPLER_STREAM,
@@ -157,7 +157,7 @@ def run_method(name, y, kernel_true, sigma_255, args, pipelines, index, device) 
     """Restore ``y`` with the registered method ``name``; returns its result and the seconds it took."""
     method = get_method(name)
     generator = torch.Generator(device=device).manual_seed(stream_seed(args.seed, index, SAMPLER_STREAM))
-    options = {option.name: getattr(args, option.name) for option in method.options}
+    options = with_default_steps(method, {option.name: getattr(args, option.name) for option in method.options})
     start = time.perf_counter()
     result = method.run(
         y.to(device), sigma=sigma_255, kernel=kernel_true.to(device) if method.needs_kernel else None,
