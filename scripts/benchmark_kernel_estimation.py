@@ -37,6 +37,7 @@ from PIL import Image
 import diffusers_blind
 from diffusers_blind import FastEMDeblurPipeline
 from diffusers_blind.kernel_init import SparseKernelInitializer
+from diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur import DEFAULT_STEPS
 from diffusers_blind.metrics import mnc, psnr
 from diffusers_blind.ops import center_kernel, dirac_kernel, motion_kernel, shake_kernel
 from diffusers_blind.ops.operators import BlurOperator
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=10.0, help="noise std in 8-bit levels")
     p.add_argument("--kernel_sizes", type=int, nargs=2, default=(15, 33), help="range of true kernel sizes (odd)")
     p.add_argument("--intensity", type=float, nargs=2, default=(0.3, 0.7), help="range of motion intensities")
-    p.add_argument("--steps", type=int, default=100, help="diffusion steps")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"diffusion steps (default: the pipeline's, {DEFAULT_STEPS})")
     p.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's configured value")
     p.add_argument("--ceiling_steps", type=int, default=20, help="M-steps of the true-image ceiling")
     p.add_argument("--skip", nargs="*", default=(), choices=("blind", "oracle", "ceiling"), help="parts not to run")
