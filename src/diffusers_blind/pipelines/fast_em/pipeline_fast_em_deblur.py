@@ -648,9 +648,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 starting from the upsampled coarser image noised to that level (img2img's ``strength``);
                 1 starts from pure noise and keeps only the kernel.
             strength: the fraction of the schedule that runs (img2img's ``strength``): ``x_t`` at
-                ``t = timesteps[(1 − strength)·N]`` is the photo noised to that level (:meth:`initial_image`), and only the last ``strength·N`` steps run, so the
-                time falls in proportion. 1 (default) starts from pure noise, the paper. With ``num_scales > 1``
-                it applies to the coarsest level. Not with ``em_iterations``.
+                ``t = timesteps[(1 − strength)·N]`` is the photo noised to that level (:meth:`initial_image`), and
+                only the last ``strength·N`` steps run, so the time falls in proportion. 1 (default) starts from
+                pure noise, the paper. With ``num_scales > 1`` it applies to the coarsest level. Not with
+                ``em_iterations``.
             kernel_init: how a blind run starts its kernel: ``"sparse"`` (default) a coarse-to-fine estimate
                 under an L0 gradient prior (:class:`~diffusers_blind.kernel_init.SparseKernelInitializer`,
                 about a second at 256²), ``"dirac"`` the identity (the paper), or a ``(k, k)`` / ``(B, 1, k, k)``
@@ -683,7 +684,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 autocast in that dtype (guidance, M-step and scheduler stay float32). Default (``None``):
                 ``"float32"``; ``"bfloat16"`` is 18 % faster on a CPU with native bfloat16 (docs/scale.md).
             generator: a ``torch.Generator``, or a list with one per image (or per particle) for reproducibility.
-            latents: the initial noise ``x_T``, ``(B·n, C, H', W')`` on the padded grid.
+            latents: the initial noise ``x_T``, ``(B·n, C, H', W')`` on the padded grid (with ``strength < 1``,
+                the noise ``ε`` added to the photo at the start level).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a [`FastEMDeblurPipelineOutput`] instead of a tuple.
             callback_on_step_end: called after each step as ``fn(pipe, step, timestep, tensors)``; may return
