@@ -531,13 +531,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         return (min(fitting) if fitting else max(allowed)), extent, probe
 
     @staticmethod
-    def initial_image(measurement: torch.Tensor, kernel: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def initial_image(measurement: torch.Tensor) -> torch.Tensor:
         """The ``strength < 1`` start (SDEdit): the padded photo itself, clipped to ``[0, 1]``.
 
         At the start level the noise (std ``√(1−ᾱ_t)/√ᾱ_t`` relative to the image, about 1 at 30 % of the
         schedule) hides the fine detail that the blur removed, so the photo is a fair draw of ``x_t``. On ten
         tuning crops it scored 0.24 dB above a Wiener deconvolution by the start kernel, whose ringing the
-        noise does not hide (docs/scale.md). ``kernel`` and ``sigma`` are there for subclasses.
+        noise does not hide (docs/scale.md).
         """
         return measurement.clamp(0, 1)
 
@@ -789,7 +789,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if init_image is not None:  # a finer level replays the last `refine_strength` of the schedule
             fraction = refine_strength
         elif strength < 1:  # img2img: start from the photo, noised to the start level
-            init_image = self.initial_image(padded, kernel, sigma).repeat_interleave(num_particles, 0)
+            init_image = self.initial_image(padded).repeat_interleave(num_particles, 0)
             fraction = strength
         if fraction < 1:
             start_index = min(len(self.scheduler.timesteps) - 1, round((1 - fraction) * len(self.scheduler.timesteps)))
