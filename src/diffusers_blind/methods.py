@@ -435,8 +435,8 @@ def _unit_interval(value) -> float:
 
 
 def _strength_arg(value) -> float:
-    number = non_negative_float(value)
-    if not 0 < number <= 1:
+    number = _unit_interval(value)
+    if number == 0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
     return number
 
