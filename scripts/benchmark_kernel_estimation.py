@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel_anchor", type=float, default=None, help="M-step pull toward the start kernel (default: the pipeline's)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="fraction of the schedule run from a noised Wiener start (img2img; 1 = from noise)")
+    p.add_argument("--boundary_margin", type=int, default=None,
+                   help="reflected margin of the valid protocol in pixels (default: the pipeline's, the kernel size)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the per-image rows as JSON here")
     return p.parse_args(argv)
@@ -140,9 +142,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"no photographs in {args.data_dir}")
     pipe = FastEMDeblurPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    margin = 0 if args.protocol == "circular" else pipe.kernel_estimator.config.kernel_size
+    margin = 0 if args.protocol == "circular" else args.boundary_margin
+    if margin is None:
+        margin = pipe.kernel_estimator.config.kernel_size
     call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt", guidance_scale=args.guidance_scale,
-                boundary_margin=0 if args.protocol == "circular" else None, strength=args.strength)
+                boundary_margin=0 if args.protocol == "circular" else args.boundary_margin, strength=args.strength)
     if args.precision is not None:
         call["precision"] = args.precision
 

@@ -342,6 +342,68 @@ def test_guidance_scale_property_is_the_call_value_and_callback_can_change_it(re
         pipe.guidance_scale = 1.0
 
 
+def test_dps_reads_its_own_default_scale_and_falls_back_to_the_shared_one():
+    pipe = make_pipe()
+    pipe.register_to_config(guidance_scale=2.5, dps_guidance_scale=None)
+    seen = []
+
+    def record(p, step, timestep, tensors):
+        seen.append(p.guidance_scale)
+        return tensors
+
+    run(pipe, smooth_images(1), guidance="dps", callback_on_step_end=record)
+    assert seen == [2.5] * 3  # no DPS value: the shared default
+    pipe.register_to_config(dps_guidance_scale=0.75)
+    seen.clear()
+    run(pipe, smooth_images(1), guidance="dps", callback_on_step_end=record)
+    assert seen == [0.75] * 3
+    seen.clear()
+    run(pipe, smooth_images(1), callback_on_step_end=record)
+    assert seen == [2.5] * 3  # Pi-GDM keeps guidance_scale
+    assert pipe.default_guidance_scale("dps") == 0.75 and pipe.default_guidance_scale("pigdm") == 2.5
+
+
+def test_dps_step_grows_with_the_respacing():
+    """DPS's update is ``−guidance_scale·√ᾱ_t·(T/N)·∇‖y − k ⊛ x̂0‖``; the call sets ``T/N`` from its step count."""
+    from diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur import FastEMProblem
+
+    pipe = make_pipe(estimator=False)
+    pipe.scheduler.set_timesteps(4)
+    y = smooth_images(1, height=16, width=16)
+    kernel = gaussian_kernel(5, 1.0)
+    kernel = kernel.reshape(1, 1, *kernel.shape[-2:])
+
+    def update(factor):
+        problem = FastEMProblem(measurement=y, sigma=torch.tensor([0.02]), taper_window=torch.ones(1, 1, 16, 16),
+                                num_particles=1, guidance="dps", r_schedule="fastem", estimate_kernel=False,
+                                dps_step_factor=factor)
+        x_t = torch.zeros(1, 3, 16, 16, requires_grad=True)
+        with torch.enable_grad():
+            x0 = (x_t + 0.3 * torch.sin(torch.arange(16.0))).sigmoid()
+        pipe._guidance_scale = 2.0
+        return pipe.guided_latents(problem, x_t, x0, torch.zeros(1, 3, 16, 16), kernel, step_index=1)
+
+    one, three = update(1.0), update(3.0)
+    assert one.abs().max() > 0
+    torch.testing.assert_close(three, 3 * one)
+
+    factors = []
+    original = FastEMDeblurPipeline.guided_latents
+
+    def spy(self, problem, *args, **kwargs):
+        factors.append(problem.dps_step_factor)
+        return original(self, problem, *args, **kwargs)
+
+    FastEMDeblurPipeline.guided_latents = spy
+    try:
+        for steps in (4, 8):
+            run(pipe, smooth_images(1), kernel=gaussian_kernel(5, 1.0), guidance="dps", num_inference_steps=steps)
+    finally:
+        FastEMDeblurPipeline.guided_latents = original
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    assert factors == [train_steps / 4] * 4 + [train_steps / 8] * 8
+
+
 @pytest.mark.parametrize("regularization", ["pnp", "l1", "l2", "none"])
 def test_every_regularization_runs_and_round_trips(tmp_path, regularization):
     torch.manual_seed(0)

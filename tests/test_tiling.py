@@ -13,6 +13,7 @@ from diffusers_blind.cli import main
 from diffusers_blind.ops import fft_blur, gaussian_kernel
 from diffusers_blind.pipelines import tiling
 from diffusers_blind.pipelines.tiling import (
+    auto_precision,
     TiledApply,
     TiledUNetDenoiser,
     TileLayout,
@@ -232,6 +233,7 @@ def test_cli_tile_flags_reach_the_pipeline_and_the_record(tmp_path):
     assert main(args + ["--tile-size", "32", "--max-memory", "1GiB"]) == 0
     settings = json.loads((tmp_path / "out" / "photo.json").read_text())["settings"]
     assert settings["tile_size"] == 32 and settings["max_memory"] == "1GiB"
+    assert settings["precision"] == auto_precision("cpu")  # the default "auto", recorded as what ran
     assert main(args + ["--tile-size", "auto", "--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "photo.json").read_text())["settings"]["tile_size"] is None
     assert main(args + ["--max-memory", "lots", "--overwrite"]) == 2
@@ -239,6 +241,17 @@ def test_cli_tile_flags_reach_the_pipeline_and_the_record(tmp_path):
     assert main(args + ["--precision", "bfloat16", "--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "photo.json").read_text())["settings"]["precision"] == "bfloat16"
     assert main(args + ["--precision", "fp8", "--overwrite"]) == 2
+
+
+def test_auto_precision_is_bfloat16_only_where_the_device_has_it(monkeypatch):
+    monkeypatch.setattr(tiling, "cpu_has_fast_bfloat16", lambda: True)
+    assert tiling.auto_precision("cpu") == "bfloat16" and tiling.resolve_precision("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(tiling, "cpu_has_fast_bfloat16", lambda: False)
+    assert tiling.auto_precision("cpu") == "float32" and tiling.resolve_precision("auto", "cpu") is None
+    assert tiling.auto_precision("meta") == "float32"
+    assert tiling.resolve_precision(None, "cpu") is None  # the pipeline's own default stays float32
+    with pytest.raises(ValueError, match="auto"):
+        tiling.resolve_precision("fast", "cpu")
 
 
 def test_pipeline_bfloat16_unet_stays_close_to_float32_and_bad_precision_is_refused():

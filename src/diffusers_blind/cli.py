@@ -420,6 +420,11 @@ def cmd_deblur(args) -> int:
 
     method = _methods()[args.method]
     options = method_options(method, args)
+    device = resolve_device(args.device)
+    if options.get("precision") == "auto":  # record what runs: bfloat16 where the device has it natively
+        from .pipelines.tiling import auto_precision
+
+        options["precision"] = auto_precision(device)
     known_kernel = _known_kernel(method, options, args)
     paths = collect_inputs(args.inputs)
     out_dir = Path(args.output)
@@ -429,7 +434,6 @@ def cmd_deblur(args) -> int:
                 "sigma": args.sigma, **{k: args.kernel_size if k == "kernel_size" else v for k, v in options.items()},
                 **({"seed": args.seed} if args.seed is not None else {})}
     jobs, unreadable = _plan_jobs(args, paths, out_dir, settings)
-    device = resolve_device(args.device)
     try:
         check_writable_folder(out_dir)
     except OSError as error:

@@ -97,13 +97,22 @@ PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _precision_arg(value) -> str:
-    """``float32``, ``bfloat16`` or ``float16`` (also ``fp32``, ``bf16``, ``fp16``; argparse type)."""
+    """``float32``, ``bfloat16``, ``float16`` or ``auto`` (also ``fp32``, ``bf16``, ``fp16``; argparse type)."""
     from .pipelines.tiling import PRECISIONS
 
     name = PRECISION_ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
-    if name not in PRECISIONS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)} (or bf16, fp16), got {value!r}")
+    if name not in (*PRECISIONS, "auto"):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)}, auto (or bf16, fp16), got {value!r}")
     return name
+
+
+def _resolved_precision(precision, pipeline):
+    """``precision`` with ``"auto"`` replaced by what the pipeline's device runs natively (bfloat16 or float32)."""
+    if precision != "auto":
+        return precision
+    from .pipelines.tiling import auto_precision
+
+    return auto_precision(getattr(pipeline, "_execution_device", None) or pipeline.device)
 
 
 def non_negative_float(value) -> float:
@@ -118,6 +127,9 @@ def non_negative_float(value) -> float:
 
 
 # ---------------------------------------------------------------------------- records
+SAME_AS_DEFAULT = "same as default"  # Option.eval_default when the evaluation shares the command line's default
+
+
 @dataclass(frozen=True)
 class Option:
     """A call argument of a method and its command-line flags.
@@ -129,7 +141,7 @@ class Option:
         help: one line for ``--help``.
         flag: the ``diffusers-blind deblur`` flag (default ``--name-with-dashes``).
         eval_flag: the evaluation flag (default ``--name_with_underscores``).
-        eval_default: the evaluation's default if it differs from ``default``.
+        eval_default: the evaluation's default if it differs from ``default`` (may be ``None``).
     """
 
     name: str
@@ -138,7 +150,7 @@ class Option:
     help: str
     flag: str | None = None
     eval_flag: str | None = None
-    eval_default: Any = None
+    eval_default: Any = SAME_AS_DEFAULT
 
     @property
     def cli_flag(self) -> str:
@@ -150,7 +162,7 @@ class Option:
 
     @property
     def evaluation_default(self):
-        return self.default if self.eval_default is None else self.eval_default
+        return self.default if self.eval_default is SAME_AS_DEFAULT else self.eval_default
 
 
 @dataclass
@@ -266,10 +278,12 @@ def load_pipeline(method: Method, folder: str | None, device):
 
 # ---------------------------------------------------------------------------- built-in methods
 PRECISION_OPTION = Option(
-    "precision", _precision_arg, None,
-    "the networks' arithmetic: float32, bfloat16 (bf16) or float16 (fp16) autocast (default float32). Fast EM: the "
-    "UNet only, guidance and kernel steps stay float32 (bfloat16 about 18% faster on CPUs with native bfloat16); "
-    "dvsr: predictor and denoiser, the chain stays float32 (bfloat16 about 2x faster there)")
+    "precision", _precision_arg, "auto",
+    "the networks' arithmetic: float32, bfloat16 (bf16) or float16 (fp16) autocast, or auto (default): bfloat16 "
+    "where the device computes it natively (a CPU with AVX512-BF16/AMX, a GPU with bf16), else float32; the "
+    "evaluation defaults to float32. Fast EM: the UNet only, guidance and kernel steps stay float32 (bfloat16 about "
+    "18% faster, same quality); dvsr: predictor and denoiser, the chain stays float32 (bfloat16 about 2x faster)",
+    eval_default=None)
 
 
 def _margin(blur: str | None):
@@ -306,7 +320,7 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             guard=True if guard is None else guard,
             tile_size=tile_size,
             max_memory=max_memory,
-            precision=precision,
+            precision=_resolved_precision(precision, pipeline),
             generator=generator,
             output_type="pt",
             **options,
@@ -370,8 +384,8 @@ def _register_builtins() -> None:
     particles = Option("particles", positive_int, 1,
                        "posterior samples averaged per image; > 1 also writes an uncertainty map (default 1)")
     guidance_scale = Option("guidance_scale", non_negative_float, None,
-                            "multiplier of the paper's guidance step size (default: the pipeline's, 3 for the "
-                            "shipped model)")
+                            "multiplier of the paper's guidance step size (default: the pipeline's; for the shipped "
+                            "model 4.5 with Pi-GDM, 1.25 with DPS)")
     kernel_size = Option("kernel_size", kernel_size_or_auto, None,
                          "size of the estimated kernel, or 'auto' to pick it from the extent of a sparse-prior kernel "
                          "estimate (default: the model's, 33 for the shipped one)")
@@ -460,7 +474,7 @@ def _register_dvsr() -> None:
         else:
             settings = {"perception_distortion": perception_distortion}
         out = pipeline(y, sigma=sigma, generator=generator, output_type="pt", boundary_margin=0,
-                       mixed_precision=precision, **settings)
+                       mixed_precision=_resolved_precision(precision, pipeline), **settings)
         kernels = None if out.kernels is None else out.kernels.float().cpu()
         return MethodResult(out.images.float().cpu(), kernels, out.sigma[0] if out.sigma else None, out.uncertainty)
 

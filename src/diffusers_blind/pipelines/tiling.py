@@ -449,6 +449,19 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
+def native_bfloat16(device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 / AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bfloat16()
+
+
+def auto_precision(device) -> str:
+    """``"bfloat16"`` where ``device`` computes it natively (faster, same quality: docs/scale.md), else ``"float32"``."""
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
 def default_precision(device) -> str:
     """``"float32"``. bfloat16 autocast is 18 % faster on a CPU with native bfloat16 and kept the example's
     PSNR (docs/scale.md), but a batch of images then no longer equals the images run one by one (bf16
@@ -457,10 +470,13 @@ def default_precision(device) -> str:
 
 
 def resolve_precision(precision: str | None, device="cpu") -> torch.dtype | None:
-    """The UNet's autocast dtype for ``precision`` (``None``: :func:`default_precision`); ``None`` means no autocast."""
+    """The UNet's autocast dtype for ``precision`` (``None``: :func:`default_precision`; ``"auto"``:
+    :func:`auto_precision`); ``None`` means no autocast."""
     name = default_precision(device) if precision is None else precision
+    if name == "auto":
+        name = auto_precision(device)
     if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)} or None, got {precision!r}")
+        raise ValueError(f"precision must be one of {(*PRECISIONS, 'auto')} or None, got {precision!r}")
     return PRECISIONS[name]
 
 

@@ -103,6 +103,7 @@ class FastEMProblem:
         anchor: the kernel the M-step is pulled toward (the blind run's start kernel), ``(B, 1, k, k)``, or ``None``.
         anchor_weight: ``γ`` of the M-step's ``γσ²‖k − anchor‖²`` term (see :class:`KernelEstimator`): ``kernel_anchor``
             times the photograph's pixel count.
+        dps_step_factor: ``T / N`` (training steps over inference steps): DPS's step grows with the respacing.
     """
 
     measurement: torch.Tensor
@@ -116,6 +117,7 @@ class FastEMProblem:
     m_step_from: int = 0
     anchor: torch.Tensor | None = None
     anchor_weight: float = 0.0
+    dps_step_factor: float = 1.0
     measurement_per_particle: torch.Tensor = field(init=False, repr=False)
     sigma_per_particle: torch.Tensor = field(init=False, repr=False)
     tapered_measurement: torch.Tensor = field(init=False, repr=False)
@@ -178,6 +180,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             paper); saved in ``model_index.json`` so a shipped prior can carry its tuned value. During a
             call, the property ``pipe.guidance_scale`` is the value of that call; a step-end callback may
             change it by setting ``pipe._guidance_scale``.
+        dps_guidance_scale (`float`, *optional*): the default for ``guidance="dps"`` (DPS needs another scale
+            than Pi-GDM); ``None`` uses ``guidance_scale`` for both.
     """
 
     model_cpu_offload_seq = "unet"
@@ -190,14 +194,20 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         scheduler: DDPMScheduler | DDIMScheduler,
         kernel_estimator: KernelEstimator | None = None,
         guidance_scale: float = 1.0,
+        dps_guidance_scale: float | None = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, kernel_estimator=kernel_estimator)
-        self.register_to_config(guidance_scale=guidance_scale)
+        self.register_to_config(guidance_scale=guidance_scale, dps_guidance_scale=dps_guidance_scale)
         self.image_processor = DeblurImageProcessor(pad_multiple=2 ** (len(unet.config.block_out_channels) - 1))
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
+
+    def default_guidance_scale(self, guidance: str = "pigdm") -> float:
+        """The configured scale for ``guidance``: ``config.dps_guidance_scale`` for DPS when set, else ``config.guidance_scale``."""
+        dps_scale = self.config.get("dps_guidance_scale")
+        return float(dps_scale if guidance == "dps" and dps_scale is not None else self.config.guidance_scale)
 
     @property
     def guidance_scale(self) -> float:
@@ -400,7 +410,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
 
         Pi-GDM (Eq. 17): ``x_{t−1} = x'_{t−1} + ζ_t r_t² √(1/(1+v_t)) ∇_{x_t}(G·x̂0)``;
         DPS (Eq. 16): ``x_{t−1} = x'_{t−1} − ζ_t ∇_{x_t}‖y − k ⊛ x̂0‖``, the norm in ``[−1, 1]`` units
-        (2× the ``[0, 1]`` norm, the range DPS tuned ``ζ_t`` for); ``ζ_t = guidance_scale · √ᾱ_t``.
+        (2× the ``[0, 1]`` norm, the range DPS tuned ``ζ_t`` for); ``ζ_t = guidance_scale · √ᾱ_t``, times
+        ``T / N`` for DPS: N respaced steps each take the push of the ``T / N`` training steps they replace,
+        so one scale holds across step counts (1 at ``N = T`` is the paper's step).
         """
         sqrt_alpha_bar, r2, v = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
         zeta = self.guidance_scale * sqrt_alpha_bar
@@ -415,7 +427,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 grad = torch.autograd.grad((vector * x0).sum(), x_t)[0]
                 return prev_sample + factor * grad
             (grad,) = dps_joint_gradient(y, x0, (kernel_p,), (x_t,), scale=2.0, residual_weight=problem.observed).gradients
-            return prev_sample - zeta * grad
+            return prev_sample - zeta * problem.dps_step_factor * grad
 
     def denoising_step(self, denoiser: UNetDenoiser, problem: FastEMProblem, state: FastEMState, step_index: int, t,
                        step_kwargs: dict) -> FastEMState:
@@ -632,8 +644,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             kernel: the true kernel for the non-blind Pi-GDM / DPS baselines; ``None`` for blind deblurring.
             num_inference_steps: diffusion steps (default ``DEFAULT_STEPS`` = 50; the paper runs 100 for Pi-GDM, 1000 for DPS).
             guidance: ``"pigdm"`` (Fourier closed form, Eq. 17) or ``"dps"`` (Eq. 16).
-            guidance_scale: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (default: the pipeline's
-                ``config.guidance_scale``; 1 is the paper's step). Readable during the call as
+            guidance_scale: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (DPS: ``√ᾱ_t · T/N``; default: the
+                pipeline's ``config.guidance_scale``, or ``config.dps_guidance_scale`` for DPS when set; 1 is the
+                paper's step). Readable during the call as
                 ``pipe.guidance_scale``; a step-end callback may set ``pipe._guidance_scale``.
             kernel_size: size of the estimated kernel (default: the estimator's ``kernel_size``), or ``"auto"``
                 to pick it from the extent of a sparse-prior kernel estimate (see :meth:`select_kernel_size`;
@@ -725,7 +738,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             raise ValueError("strength < 1 is for Fast EM and the known-kernel baselines, not with em_iterations")
         kernel_anchor = KERNEL_ANCHOR if kernel_anchor is None else kernel_anchor
         self.check_kernel_init(kernel_init, m_step_start, num_scales, kernel_anchor)
-        self._guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+        self._guidance_scale = float(self.default_guidance_scale(guidance) if guidance_scale is None else guidance_scale)
         self._interrupt = False
 
         # 2. Prepare the measurement and its noise level
@@ -780,6 +793,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             guidance=guidance, r_schedule=r_schedule, estimate_kernel=blind and em_iterations is None,
             observed=observed, m_step_from=round(m_step_start * num_inference_steps),
             anchor=kernel if anchored else None, anchor_weight=float(kernel_anchor) * measurement[0, 0].numel(),
+            dps_step_factor=self.scheduler.config.num_train_timesteps / num_inference_steps,
         )
 
         # 5. Prepare timesteps, the denoiser and the scheduler's extra step arguments
