@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel_sizes", type=int, nargs=2, default=(15, 33), help="range of true kernel sizes (odd)")
     p.add_argument("--intensity", type=float, nargs=2, default=(0.3, 0.7), help="range of motion intensities")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"diffusion steps (default: the pipeline's, {DEFAULT_STEPS})")
+    p.add_argument("--guidance", choices=("pigdm", "dps"), default="pigdm", help="the E-step's likelihood guidance")
     p.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's configured value")
     p.add_argument("--ceiling_steps", type=int, default=20, help="M-steps of the true-image ceiling")
     p.add_argument("--skip", nargs="*", default=(), choices=("blind", "oracle", "ceiling"), help="parts not to run")
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     margin = 0 if args.protocol == "circular" else args.boundary_margin
     if margin is None:
         margin = pipe.kernel_estimator.config.kernel_size
-    call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt", guidance_scale=args.guidance_scale,
+    call = dict(sigma=args.sigma, num_inference_steps=args.steps, output_type="pt", guidance=args.guidance,
+                guidance_scale=args.guidance_scale,
                 boundary_margin=0 if args.protocol == "circular" else args.boundary_margin, strength=args.strength)
     if args.precision is not None:
         call["precision"] = args.precision
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
     header = (f"{'photo':14s} {'k/est':>6s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"
               f" {'s/run':>6s}")
     print(f"protocol {args.protocol}, {args.size}², σ = {args.sigma:g}, {args.steps} steps, precision {args.precision or 'default'}, "
-          f"guidance_scale {pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale}, model {args.model}")
+          f"{args.guidance} guidance_scale {pipe.default_guidance_scale(args.guidance) if args.guidance_scale is None else args.guidance_scale}, "
+          f"model {args.model}")
     print(header)
     for index, path in enumerate(photos):
         if args.only is not None and index not in args.only:
