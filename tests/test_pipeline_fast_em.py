@@ -300,6 +300,8 @@ def test_guidance_pulls_towards_the_measurement():
         (dict(strength=1.2), "strength"),
         (dict(strength="half"), "strength"),
         (dict(strength=0.5, em_iterations=2), "em_iterations"),
+        (dict(guidance_iterations=-1), "guidance_iterations"),
+        (dict(guidance_iterations=2.5), "guidance_iterations"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
@@ -340,6 +342,31 @@ def test_guidance_scale_property_is_the_call_value_and_callback_can_change_it(re
     assert np.abs(changed.images - unchanged.images).max() > 1e-4
     with pytest.raises(AttributeError):
         pipe.guidance_scale = 1.0
+
+
+def test_guidance_iterations_solve_the_valid_model_and_leave_circular_runs_alone(monkeypatch):
+    """With a margin, Pi-GDM's masked solve runs ``guidance_iterations`` CG steps; without one there is no mask."""
+    from diffusers_blind.pipelines.fast_em import pipeline_fast_em_deblur as module
+
+    seen = []
+    real = module.pigdm_guidance
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("residual_weight") is not None, kwargs.get("cg_iterations")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "pigdm_guidance", spy)
+    pipe = make_pipe(estimator=False)
+    image, kernel = smooth_images(1), gaussian_kernel(5, 1.0)
+    exact = run(pipe, image, kernel=kernel, sigma=1, output_type="pt").images
+    assert seen and all(masked and iterations == module.MASKED_GUIDANCE_ITERATIONS for masked, iterations in seen)
+    approximate = run(pipe, image, kernel=kernel, sigma=1, output_type="pt", guidance_iterations=0).images
+    assert (exact - approximate).abs().max() > 1e-4
+    seen.clear()
+    circular = [run(pipe, image, kernel=kernel, sigma=1, output_type="pt", boundary_margin=0, guidance_iterations=n).images
+                for n in (0, 10)]
+    assert all(not masked for masked, _ in seen)
+    torch.testing.assert_close(circular[0], circular[1])
 
 
 def test_dps_reads_its_own_default_scale_and_falls_back_to_the_shared_one():

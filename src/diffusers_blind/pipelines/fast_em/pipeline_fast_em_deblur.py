@@ -56,6 +56,7 @@ KERNEL_SIZE_MARGIN = 2  # "auto": pixels added to the measured extent before rou
 MIN_COARSE_KERNEL = 9  # below this a kernel is too small to gain from a coarser scale
 MIN_COARSE_IMAGE = 32  # smallest side of a coarse image
 KERNEL_INITS = ("sparse", "dirac")  # how a blind run starts its kernel
+MASKED_GUIDANCE_ITERATIONS = 10  # PCG iterations of Pi-GDM's valid-blur solve (docs/conventions.md, "Boundary handling")
 DEFAULT_STEPS = 50  # DDPM steps of a call; with the shipped guidance_scale 4.5 as good as 100 (docs/scale.md)
 KERNEL_ANCHOR = 1.2  # default ρ of the M-step's pull ρσ²P‖k − k_start‖² toward the start kernel (P: pixels)
 LOW_AUTO_SIGMA = 1.0 / 255  # an automatic noise estimate below this draws a warning (see prepare_sigma)
@@ -104,6 +105,8 @@ class FastEMProblem:
         anchor_weight: ``γ`` of the M-step's ``γσ²‖k − anchor‖²`` term (see :class:`KernelEstimator`): ``kernel_anchor``
             times the photograph's pixel count.
         dps_step_factor: ``T / N`` (training steps over inference steps): DPS's step grows with the respacing.
+        guidance_iterations: conjugate-gradient iterations of Pi-GDM's solve under the ``observed`` mask
+            (0: the circulant inverse alone, an approximation that fails at low noise).
     """
 
     measurement: torch.Tensor
@@ -118,6 +121,7 @@ class FastEMProblem:
     anchor: torch.Tensor | None = None
     anchor_weight: float = 0.0
     dps_step_factor: float = 1.0
+    guidance_iterations: int = 0
     measurement_per_particle: torch.Tensor = field(init=False, repr=False)
     sigma_per_particle: torch.Tensor = field(init=False, repr=False)
     tapered_measurement: torch.Tensor = field(init=False, repr=False)
@@ -423,7 +427,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 factor = zeta * r2 * math.sqrt(1 / (1 + v))
                 if factor <= 0:
                     return prev_sample
-                vector = pigdm_guidance(y, x0.detach(), kernel_p, sigma, math.sqrt(r2), residual_weight=problem.observed)
+                vector = pigdm_guidance(y, x0.detach(), kernel_p, sigma, math.sqrt(r2), residual_weight=problem.observed,
+                                        cg_iterations=problem.guidance_iterations)
                 grad = torch.autograd.grad((vector * x0).sum(), x_t)[0]
                 return prev_sample + factor * grad
             (grad,) = dps_joint_gradient(y, x0, (kernel_p,), (x_t,), scale=2.0, residual_weight=problem.observed).gradients
@@ -623,6 +628,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         r_schedule: str = "fastem",
         boundary_margin: int | None = None,
         observe_margin: bool = False,
+        guidance_iterations: int = MASKED_GUIDANCE_ITERATIONS,
         guard: bool = True,
         eta: float = 0.0,
         tile_size: int | None = None,
@@ -685,6 +691,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             observe_margin: let the E-step fit the reflected margin as if it were data (the earlier
                 behaviour). By default only the photograph's pixels are data: the margin is unknown scene
                 the blur reaches into, so the model is a valid (not circular) convolution.
+            guidance_iterations: with that valid model, Pi-GDM's ``(r²HHᵀ + σ²I)⁻¹`` has no Fourier closed
+                form; this many preconditioned conjugate-gradient iterations solve it (stopping early once
+                converged). 0 uses the circulant inverse alone, which rings and diverges at low noise
+                (docs/conventions.md, "Boundary handling of the pipeline").
             guard: in blind runs, replace an image whose estimate explains the photo worse than the photo
                 itself (see :meth:`guard`) by the input, with a warning; ``out.fit`` and ``out.fallback`` report it.
             eta: DDIM's ``η`` (ignored by DDPM).
@@ -734,6 +744,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             output_type, r_schedule, callback_on_step_end_tensor_inputs, guidance_scale,
         )
         check_coarse_to_fine(num_scales, refine_strength, strength)
+        if isinstance(guidance_iterations, bool) or not isinstance(guidance_iterations, (int, np.integer)) \
+                or guidance_iterations < 0:
+            raise ValueError(f"guidance_iterations must be an int >= 0, got {guidance_iterations!r}")
         if strength < 1 and em_iterations is not None:
             raise ValueError("strength < 1 is for Fast EM and the known-kernel baselines, not with em_iterations")
         kernel_anchor = KERNEL_ANCHOR if kernel_anchor is None else kernel_anchor
@@ -772,8 +785,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=self._guidance_scale,
                 num_particles=num_particles, refine_strength=refine_strength, strength=strength, r_schedule=r_schedule,
                 eta=eta,
-                observe_margin=observe_margin, tile_size=tile_size, max_memory=max_memory, precision=precision,
-                boundary_margin=None if boundary_margin is None else int(boundary_margin) // 2, generator=generator,
+                observe_margin=observe_margin, guidance_iterations=guidance_iterations, tile_size=tile_size,
+                max_memory=max_memory, precision=precision, boundary_margin=None if boundary_margin is None else int(boundary_margin) // 2, generator=generator,
                 kernel_init=kernel_init, m_step_start=m_step_start, kernel_anchor=kernel_anchor,
             )
             init_image, kernel = self.coarse_estimate(measurement, sigma, kernel_size, num_scales, coarse_kwargs)
@@ -794,6 +807,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             observed=observed, m_step_from=round(m_step_start * num_inference_steps),
             anchor=kernel if anchored else None, anchor_weight=float(kernel_anchor) * measurement[0, 0].numel(),
             dps_step_factor=self.scheduler.config.num_train_timesteps / num_inference_steps,
+            guidance_iterations=guidance_iterations,
         )
 
         # 5. Prepare timesteps, the denoiser and the scheduler's extra step arguments
