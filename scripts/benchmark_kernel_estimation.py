@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"diffusion steps (default: the pipeline's, {DEFAULT_STEPS})")
     p.add_argument("--guidance", choices=("pigdm", "dps"), default="pigdm", help="the E-step's likelihood guidance")
     p.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's configured value")
+    p.add_argument("--guidance_iterations", type=int, default=None,
+                   help="CG iterations of Pi-GDM's valid-blur solve (default: the pipeline's; 0 = circulant inverse only)")
     p.add_argument("--ceiling_steps", type=int, default=20, help="M-steps of the true-image ceiling")
     p.add_argument("--skip", nargs="*", default=(), choices=("blind", "oracle", "ceiling"), help="parts not to run")
     p.add_argument("--limit", type=int, default=None, help="at most this many photographs")
@@ -151,6 +153,8 @@ def main(argv=None) -> int:
                 boundary_margin=0 if args.protocol == "circular" else args.boundary_margin, strength=args.strength)
     if args.precision is not None:
         call["precision"] = args.precision
+    if args.guidance_iterations is not None:
+        call["guidance_iterations"] = args.guidance_iterations
 
     rows = []
     header = (f"{'photo':14s} {'k/est':>6s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"

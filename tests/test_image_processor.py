@@ -199,7 +199,7 @@ def test_auto_sigma_of_a_clean_image_is_floored_above_quantisation_noise(pipe):
     assert estimate_noise_sigma(flat).item() == 0.0  # the estimator itself is exact
     assert estimate_noise_sigma(flat, floor=AUTO_SIGMA_FLOOR).item() == pytest.approx(AUTO_SIGMA_FLOOR)
     assert AUTO_SIGMA_FLOOR > QUANTISATION_SIGMA
-    out = run(pipe, flat, sigma="auto")
+    out = run(pipe, flat, sigma="auto", blind_sigma_floor=0)  # the blind floor (5 levels) is tested with the pipeline
     assert out.sigma[0] == pytest.approx(AUTO_SIGMA_FLOOR * 255, rel=1e-5)
     assert np.isfinite(out.images).all()
     with pytest.raises(ValueError, match="floor"):

@@ -252,8 +252,16 @@ def test_sigma_auto_warns_when_the_photo_is_almost_noise_free(pipe):
     ramp = torch.linspace(0.2, 0.8, 32)
     clean = (ramp[:, None] * 0.5 + ramp[None, :] * 0.5).expand(1, 3, 32, 32).contiguous()
     with pytest.warns(UserWarning, match="sigma=2 or more"):
-        out = run(pipe, clean, sigma="auto")
+        out = run(pipe, clean, sigma="auto", blind_sigma_floor=0)
     assert out.sigma[0] < 1.0
+    with pytest.warns(UserWarning, match="sigma=2 or more"):  # a known kernel keeps the estimate
+        out = run(pipe, clean, sigma="auto", kernel=gaussian_kernel(5, 1.0))
+    assert out.sigma[0] < 1.0
+    with warnings.catch_warnings():  # blind: the floor replaces the warning, and the output says so
+        warnings.simplefilter("error", UserWarning)
+        assert run(pipe, clean, sigma="auto").sigma[0] == pytest.approx(5.0)
+        assert run(pipe, clean, sigma=1, blind_sigma_floor=3).sigma[0] == pytest.approx(3.0)
+    assert run(pipe, clean, sigma=1, kernel=gaussian_kernel(5, 1.0)).sigma[0] == pytest.approx(1.0)
     g = torch.Generator().manual_seed(0)
     noisy = (clean + torch.randn(1, 3, 32, 32, generator=g) * 10 / 255).clamp(0, 1)
     with warnings.catch_warnings():
@@ -302,6 +310,8 @@ def test_guidance_pulls_towards_the_measurement():
         (dict(strength=0.5, em_iterations=2), "em_iterations"),
         (dict(guidance_iterations=-1), "guidance_iterations"),
         (dict(guidance_iterations=2.5), "guidance_iterations"),
+        (dict(blind_sigma_floor=-1), "blind_sigma_floor"),
+        (dict(blind_sigma_floor=float("nan")), "blind_sigma_floor"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):

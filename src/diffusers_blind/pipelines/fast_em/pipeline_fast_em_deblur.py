@@ -56,7 +56,9 @@ KERNEL_SIZE_MARGIN = 2  # "auto": pixels added to the measured extent before rou
 MIN_COARSE_KERNEL = 9  # below this a kernel is too small to gain from a coarser scale
 MIN_COARSE_IMAGE = 32  # smallest side of a coarse image
 KERNEL_INITS = ("sparse", "dirac")  # how a blind run starts its kernel
-MASKED_GUIDANCE_ITERATIONS = 10  # PCG iterations of Pi-GDM's valid-blur solve (docs/conventions.md, "Boundary handling")
+BLIND_SIGMA_FLOOR = 5.0  # 8-bit levels: a blind run's noise level is at least this (docs/kernel_estimation.md)
+# CG iterations of Pi-GDM's valid-blur solve (docs/conventions.md, "Boundary handling of the pipeline")
+MASKED_GUIDANCE_ITERATIONS = 10
 DEFAULT_STEPS = 50  # DDPM steps of a call; with the shipped guidance_scale 4.5 as good as 100 (docs/scale.md)
 KERNEL_ANCHOR = 1.2  # default ρ of the M-step's pull ρσ²P‖k − k_start‖² toward the start kernel (P: pixels)
 LOW_AUTO_SIGMA = 1.0 / 255  # an automatic noise estimate below this draws a warning (see prepare_sigma)
@@ -280,12 +282,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             if not finite or float(guidance_scale) < 0:
                 raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
 
-    def prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
+    def prepare_sigma(self, sigma, measurement: torch.Tensor, warn_low: bool = True) -> torch.Tensor:
         """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``.
 
         Values below ``AUTO_SIGMA_FLOOR`` (0.5 levels) are raised to it: an 8-bit image carries at
         least the quantisation noise of 1/√12 level, and a smaller σ makes the Pi-GDM weight
         ``1 / (r_t²|K|² + σ²)`` explode on the last steps (the run then diverges into noise).
+        ``warn_low``: warn when ``"auto"`` finds almost no noise (not needed where a floor applies).
         """
         batch = measurement.shape[0]
         if sigma is None:
@@ -294,7 +297,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
             estimate = estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
-            if (estimate < LOW_AUTO_SIGMA).any():
+            if warn_low and (estimate < LOW_AUTO_SIGMA).any():
                 warnings.warn(
                     f"sigma='auto' estimated {[round(v * 255, 2) for v in estimate.tolist()]} levels: with so little "
                     "noise every model error (a kernel slightly off, compression, blur that varies across the photo) "
@@ -629,6 +632,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         boundary_margin: int | None = None,
         observe_margin: bool = False,
         guidance_iterations: int = MASKED_GUIDANCE_ITERATIONS,
+        blind_sigma_floor: float = BLIND_SIGMA_FLOOR,
         guard: bool = True,
         eta: float = 0.0,
         tile_size: int | None = None,
@@ -695,6 +699,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 form; this many preconditioned conjugate-gradient iterations solve it (stopping early once
                 converged). 0 uses the circulant inverse alone, which rings and diverges at low noise
                 (docs/conventions.md, "Boundary handling of the pipeline").
+            blind_sigma_floor: in blind runs, ``sigma`` below this many 8-bit levels is raised to it (default 5):
+                an estimated kernel is never exact, and at lower noise the guidance and the M-step trust the
+                photo more than the kernel allows (ringing, a drifting kernel). ``output.sigma`` reports the
+                value used; 0 turns it off. Known-kernel runs keep ``sigma``.
             guard: in blind runs, replace an image whose estimate explains the photo worse than the photo
                 itself (see :meth:`guard`) by the input, with a warning; ``out.fit`` and ``out.fallback`` report it.
             eta: DDIM's ``η`` (ignored by DDPM).
@@ -747,6 +755,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if isinstance(guidance_iterations, bool) or not isinstance(guidance_iterations, (int, np.integer)) \
                 or guidance_iterations < 0:
             raise ValueError(f"guidance_iterations must be an int >= 0, got {guidance_iterations!r}")
+        if isinstance(blind_sigma_floor, bool) or not isinstance(blind_sigma_floor, (int, float, np.number)) \
+                or not math.isfinite(float(blind_sigma_floor)) or blind_sigma_floor < 0:
+            raise ValueError(f"blind_sigma_floor must be a finite number >= 0 (8-bit levels), got {blind_sigma_floor!r}")
         if strength < 1 and em_iterations is not None:
             raise ValueError("strength < 1 is for Fast EM and the known-kernel baselines, not with em_iterations")
         kernel_anchor = KERNEL_ANCHOR if kernel_anchor is None else kernel_anchor
@@ -761,7 +772,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         grayscale = measurement.shape[1] == 1 and self.unet.config.in_channels == 3
         if grayscale:
             measurement = measurement.expand(-1, 3, -1, -1)
-        sigma = self.prepare_sigma(sigma, measurement).to(device)
+        floored = kernel is None and blind_sigma_floor / 255 >= LOW_AUTO_SIGMA
+        sigma = self.prepare_sigma(sigma, measurement, warn_low=not floored).to(device)
+        if kernel is None and blind_sigma_floor > 0:
+            sigma = sigma.clamp_min(float(blind_sigma_floor) / 255)
         if auto_kernel_size:
             kernel_size, extent, probe = self._kernel_size_and_probe(measurement, sigma)
             if isinstance(kernel_init, str) and kernel_init == "sparse" and probe.shape[-1] == kernel_size and num_scales == 1:
