@@ -384,8 +384,8 @@ def _register_builtins() -> None:
     particles = Option("particles", positive_int, 1,
                        "posterior samples averaged per image; > 1 also writes an uncertainty map (default 1)")
     guidance_scale = Option("guidance_scale", non_negative_float, None,
-                            "multiplier of the paper's guidance step size (default: the pipeline's; for the shipped "
-                            "model 4.5 with Pi-GDM, 1.25 with DPS)")
+                            "multiplier of the paper's guidance step size (default: the pipeline's; shipped: 4.5 for "
+                            "Fast EM with Pi-GDM, 1.25 with DPS, 10 for BlindDPS)")
     kernel_size = Option("kernel_size", kernel_size_or_auto, None,
                          "size of the estimated kernel, or 'auto' to pick it from the extent of a sparse-prior kernel "
                          "estimate (default: the model's, 33 for the shipped one)")
