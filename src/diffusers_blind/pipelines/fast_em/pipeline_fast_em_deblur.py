@@ -799,7 +799,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=self._guidance_scale,
                 num_particles=num_particles, refine_strength=refine_strength, strength=strength, r_schedule=r_schedule,
                 eta=eta,
-                observe_margin=observe_margin, guidance_iterations=guidance_iterations, tile_size=tile_size,
+                observe_margin=observe_margin, guidance_iterations=guidance_iterations,
+                blind_sigma_floor=blind_sigma_floor, tile_size=tile_size,
                 max_memory=max_memory, precision=precision, boundary_margin=None if boundary_margin is None else int(boundary_margin) // 2, generator=generator,
                 kernel_init=kernel_init, m_step_start=m_step_start, kernel_anchor=kernel_anchor,
             )
