@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"diffusion steps (default: the pipeline's, {DEFAULT_STEPS})")
     p.add_argument("--guidance", choices=("pigdm", "dps"), default="pigdm", help="the E-step's likelihood guidance")
     p.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's configured value")
+    p.add_argument("--kernel_cg_iterations", type=int, default=None,
+                   help="M-step PCG iterations per HQS step under the photograph's mask (0: the windowed Fourier solve)")
     p.add_argument("--guidance_iterations", type=int, default=None,
                    help="CG iterations of Pi-GDM's valid-blur solve (default: the pipeline's; 0 = circulant inverse only)")
     p.add_argument("--ceiling_steps", type=int, default=20, help="M-steps of the true-image ceiling")
@@ -79,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="UNet precision of the diffusion runs (default: the pipeline's)")
     p.add_argument("--m_step_start", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--kernel_anchor", type=float, default=None, help="M-step pull toward the start kernel (default: the pipeline's)")
+    p.add_argument("--blind_sigma_floor", type=float, default=None, help="blind runs' noise floor in 8-bit levels (default: the pipeline's)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="fraction of the schedule run from a noised Wiener start (img2img; 1 = from noise)")
     p.add_argument("--boundary_margin", type=int, default=None,
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
         call["precision"] = args.precision
     if args.guidance_iterations is not None:
         call["guidance_iterations"] = args.guidance_iterations
+    if args.kernel_cg_iterations is not None:
+        call["kernel_cg_iterations"] = args.kernel_cg_iterations
 
     rows = []
     header = (f"{'photo':14s} {'k/est':>6s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"
@@ -176,6 +181,8 @@ def main(argv=None) -> int:
                 blind_call["m_step_start"] = args.m_step_start
             if args.kernel_anchor is not None:
                 blind_call["kernel_anchor"] = args.kernel_anchor
+            if args.blind_sigma_floor is not None:
+                blind_call["blind_sigma_floor"] = args.blind_sigma_floor
             out = pipe(blurry, generator=torch.manual_seed(args.seed), **blind_call, **call)
             row["fallback"] = bool(out.fallback and out.fallback[0])
             row["seconds"] = time.perf_counter() - start

@@ -12,6 +12,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..ops.blur import crop_kernel, pad_kernel
+from ..ops.cg import conjugate_gradient
 from ..ops.kernels import dirac_kernel, project_kernel
 from .kernel_denoiser import KernelDenoiser
 
@@ -19,6 +20,7 @@ from .kernel_denoiser import KernelDenoiser
 REGULARIZATIONS = ("pnp", "l1", "l2", "none")
 UNCERTAINTY_MODES = ("none", "pigdm")
 CHANNEL_MODES = ("mean", "joint")
+MASKED_CG_ITERATIONS = 5  # PCG iterations per HQS data step under a mask (warm-started from the last step)
 MAX_ITERATIONS = 1000  # HQS iterations per M-step; more never pays and only burns time and memory
 
 
@@ -153,6 +155,8 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         r: float | torch.Tensor | None = None,
         anchor: torch.Tensor | None = None,
         anchor_weight: float = 0.0,
+        mask: torch.Tensor | None = None,
+        cg_iterations: int = MASKED_CG_ITERATIONS,
     ) -> torch.Tensor:
         if measurement.ndim != 4:
             raise ValueError(f"measurement must be (B, C, H, W), got shape {tuple(measurement.shape)}")
@@ -174,41 +178,108 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             kernel = dirac_kernel(size, batch, measurement.device, dtype)
         kernel = kernel.to(device=measurement.device, dtype=dtype).expand(batch, 1, size, size)
 
-        y_hat = torch.fft.fft2(measurement.to(dtype))  # (B, C, H, W)
-        x_hat = torch.fft.fft2(estimates.to(dtype)).reshape(batch, n, channels, height, width)
-        numerator = (x_hat.conj() * y_hat.unsqueeze(1)).sum(1)  # Σ_i conj(X_i)·Y
-        energy = x_hat.abs().square().sum(1)  # Σ_i |X_i|²
-        if self.config.channel_mode == "joint":  # one least-squares system for all channels
-            numerator, energy = numerator.sum(1, keepdim=True), energy.sum(1, keepdim=True)
-
         sigma = torch.as_tensor(sigma, dtype=dtype, device=measurement.device).reshape(-1, 1, 1, 1)
         alpha = sigma.square() * self.config.beta * (n if self.config.scale_alpha_by_particles else 1)
-        denominator = energy + alpha
+        if mask is not None:
+            if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != measurement.shape[-2:] or mask.shape[0] not in (1, batch):
+                raise ValueError(f"mask must be (1 or B, 1, H, W) on the measurement's grid, got {tuple(mask.shape)}")
+            if not _is_int(cg_iterations) or cg_iterations < 1:
+                raise ValueError(f"cg_iterations must be an integer >= 1 with a mask, got {cg_iterations!r}")
+            mask = mask.to(device=measurement.device, dtype=dtype)
+        ridge = alpha  # the HQS penalty, plus the terms below: all multiples of ‖k‖² in the data step
         if self.config.uncertainty == "pigdm" and r is not None:
             r = torch.as_tensor(r, dtype=dtype, device=measurement.device).reshape(-1, 1, 1, 1)
             summed_channels = channels if self.config.channel_mode == "joint" else 1  # the term is per channel
-            denominator = denominator + summed_channels * n * height * width * r.square()
+            pixels = height * width if mask is None else mask.flatten(1).sum(1).reshape(-1, 1, 1, 1)
+            ridge = ridge + summed_channels * n * pixels * r.square()
+        anchored = anchor is not None and anchor_weight > 0
+        if anchored:
+            self._check_anchor(anchor, size)
+            ridge = ridge + anchor_weight * sigma.square()
 
-        if anchor is not None and anchor_weight > 0:
-            numerator, denominator = self._add_anchor(numerator, denominator, anchor, anchor_weight * sigma.square(), size)
-
-        denominator = denominator.clamp_min(1e-8)
-        if 2 * size - 1 <= min(height, width):
-            data_step = self._support_data_step(numerator, alpha, denominator, size)
+        if mask is not None:
+            data_step = self._masked_data_step(
+                measurement.to(dtype), estimates.to(dtype).reshape(batch, n, channels, height, width), mask, alpha,
+                ridge, anchor_weight * sigma.square() * anchor.to(dtype) if anchored else None, size, cg_iterations,
+            )
         else:
-            data_step = self._full_grid_data_step(numerator, alpha, denominator, size)
+            data_step = self._fourier_data_step(measurement.to(dtype), estimates.to(dtype), n, alpha, ridge,
+                                                anchor.to(dtype) if anchored else None, anchor_weight * sigma.square(), size)
         z = kernel
         for _ in range(self.config.num_iterations):
             z = self.prior_step(project_kernel(data_step(z)))
         return z
 
+    def _fourier_data_step(self, measurement, estimates, n, alpha, ridge, anchor, anchor_weight, size):
+        """Eq. 24 on the full (circular) grid: ``crop(F⁻¹[(Σ conj(X)·Y + α·F(pad z) + μ·F(pad k_a)) / (Σ|X|² + ρ)])``."""
+        batch, channels, height, width = measurement.shape
+        y_hat = torch.fft.fft2(measurement)  # (B, C, H, W)
+        x_hat = torch.fft.fft2(estimates).reshape(batch, n, channels, height, width)
+        numerator = (x_hat.conj() * y_hat.unsqueeze(1)).sum(1)  # Σ_i conj(X_i)·Y
+        energy = x_hat.abs().square().sum(1)  # Σ_i |X_i|²
+        if self.config.channel_mode == "joint":  # one least-squares system for all channels
+            numerator, energy = numerator.sum(1, keepdim=True), energy.sum(1, keepdim=True)
+        denominator = energy + ridge
+        if anchor is not None:
+            numerator = numerator + anchor_weight * torch.fft.fft2(pad_kernel(anchor, (height, width)))
+        denominator = denominator.clamp_min(1e-8)
+        if 2 * size - 1 <= min(height, width):
+            return self._support_data_step(numerator, alpha, denominator, size)
+        return self._full_grid_data_step(numerator, alpha, denominator, size)
+
     @staticmethod
-    def _add_anchor(numerator, denominator, anchor, weight, size):
-        """``μ‖k − k_a‖²`` in the Fourier solve: ``N + μ·F(pad k_a)``, ``D + μ`` (``μ = γσ²``, ``(B, 1, 1, 1)``)."""
+    def _check_anchor(anchor, size):
+        """``μ‖k − k_a‖²`` (``μ = γσ²``) enters every data step: ``N + μ·F(pad k_a)``, ``D + μ``."""
         if anchor.ndim != 4 or anchor.shape[1] != 1 or anchor.shape[-1] != size or anchor.shape[-2] != size:
             raise ValueError(f"anchor must be a (B, 1, {size}, {size}) kernel, got {tuple(anchor.shape)}")
-        anchor_hat = torch.fft.fft2(pad_kernel(anchor.to(numerator.real.dtype), numerator.shape[-2:]))
-        return numerator + weight * anchor_hat, denominator + weight
+
+    def _masked_data_step(self, measurement, estimates, mask, alpha, ridge, anchor_term, size, iterations):
+        r"""Eq. 24 under a 0/1 mask ``M`` of the observed pixels, on the ``k×k`` support, by warm-started PCG.
+
+        ``k = argmin Σ_{i,c} ‖M(y_c − k ⊛ x_{i,c})‖² + α‖k − z‖² (+ μ‖k − k_a‖² + ...)``, i.e.
+        ``(XᵀMX + ρI)k = XᵀMy + αz (+ μk_a)`` with ``ρ`` the sum of the ridge terms. A photograph padded by
+        an invented margin is a *valid* blur: only ``M``'s pixels are data, and the full-grid Fourier solve
+        (which needs a window on both images, so ``k ⊛ (w·x) ≠ w·(k ⊛ x)`` near its edges) is only the
+        preconditioner here: ``P = crop∘F⁻¹[1 / (m̄·Σ|X|² + ρ)]∘F∘pad`` with ``m̄`` the observed fraction.
+        ``estimates``: ``(B, n, C, H, W)``; one system per image (``"joint"``) or per channel (``"mean"``,
+        whose solutions are then averaged). Real FFTs; ``2C + 2`` of them per iteration.
+        """
+        shape = measurement.shape[-2:]
+        joint = self.config.channel_mode == "joint"
+        x_hat = torch.fft.rfft2(estimates)  # (B, n, C, H, W//2+1)
+
+        def systems(spectrum):  # Σ over particles (and channels when joint) of conj(X)·spectrum
+            product = (x_hat.conj() * spectrum).sum(1)
+            return product.sum(1, keepdim=True) if joint else product
+
+        def to_support(spectrum):
+            return crop_kernel(torch.fft.irfft2(spectrum, s=shape), size)
+
+        def from_support(kernel):
+            return torch.fft.rfft2(pad_kernel(kernel, shape))
+
+        def apply(kernel):  # (XᵀMX + ρI)k, kernel (B, S, k, k)
+            blurred = torch.fft.irfft2(x_hat * from_support(kernel).unsqueeze(1), s=shape)
+            return to_support(systems(torch.fft.rfft2(mask.unsqueeze(1) * blurred))) + ridge * kernel
+
+        fraction = mask.flatten(1).mean(1).reshape(-1, 1, 1, 1)
+        diagonal = fraction * x_hat.abs().square().sum(1)
+        diagonal = (diagonal.sum(1, keepdim=True) if joint else diagonal) + ridge
+
+        def precondition(kernel):
+            return to_support(from_support(kernel) / diagonal)
+
+        data = to_support(systems(torch.fft.rfft2(mask * measurement).unsqueeze(1)))
+        if anchor_term is not None:
+            data = data + anchor_term
+        state = {}
+
+        def step(z):
+            warm = state.get("kernel", z.expand_as(data))
+            state["kernel"] = conjugate_gradient(apply, data + alpha * z, iterations, precondition, initial=warm)
+            return state["kernel"].mean(1, keepdim=True)
+
+        return step
 
     @staticmethod
     def _full_grid_data_step(numerator, alpha, denominator, size):

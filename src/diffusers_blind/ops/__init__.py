@@ -14,6 +14,7 @@ from .blur import (
     spatial_blur,
     spatial_blur_adjoint,
 )
+from .cg import conjugate_gradient
 from .guidance import JointGradient, dps_joint_gradient, dps_residual_norm, kernel_l1, pigdm_guidance
 from .kernel_range import kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from .kernels import (

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .blur import p2o
+from .cg import conjugate_gradient
 from .operators import BlurOperator, LinearOperator
 
 
@@ -91,27 +92,7 @@ def masked_posterior_solve(
     def precondition(v):
         return torch.fft.irfft2(torch.fft.rfft2(v) / preconditioner, s=shape)
 
-    def dot(a, b):
-        return (a * b).sum(dim=(1, 2, 3), keepdim=True)
-
-    solution = torch.zeros_like(rhs)
-    residual = rhs
-    stop = tolerance * rhs.flatten(1).norm(dim=1)
-    direction = precondition(residual)
-    rho = dot(residual, direction)
-    for _ in range(iterations):
-        if tolerance > 0 and bool((residual.flatten(1).norm(dim=1) <= stop).all()):
-            break
-        image = apply(direction)
-        curvature = dot(direction, image)
-        alpha = torch.where(curvature > 0, rho / curvature.clamp_min(torch.finfo(rhs.dtype).tiny), 0)
-        solution = solution + alpha * direction
-        residual = residual - alpha * image
-        preconditioned = precondition(residual)
-        rho_next = dot(residual, preconditioned)
-        direction = preconditioned + torch.where(rho > 0, rho_next / rho.clamp_min(torch.finfo(rhs.dtype).tiny), 0) * direction
-        rho = rho_next
-    return solution
+    return conjugate_gradient(apply, rhs, iterations, precondition, tolerance=tolerance)
 
 
 def dps_residual_norm(
