@@ -1,7 +1,7 @@
 """Preconditioned conjugate gradients for the package's batched, symmetric positive definite solves.
 
 Two solves of the package have no Fourier closed form once a mask enters (a photograph is a *valid*
-blur, docs/conventions.md "Boundary handling"): Pi-GDM's ``(r²·MKKᵀM + σ²I)u = b`` in the E-step and
+blur; docs/conventions.md, "Boundary handling of the pipeline"): Pi-GDM's ``(r²·MKKᵀM + σ²I)u = b`` in the E-step and
 the kernel's least squares ``(XᵀMX + ρI)k = b`` in the M-step. Both keep their circulant (mask-free)
 inverse as the preconditioner, so a few iterations correct what the mask breaks.
 """
