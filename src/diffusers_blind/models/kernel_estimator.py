@@ -229,7 +229,7 @@ class KernelEstimator(ModelMixin, ConfigMixin):
 
     @staticmethod
     def _check_anchor(anchor, size):
-        """``μ‖k − k_a‖²`` (``μ = γσ²``) enters every data step: ``N + μ·F(pad k_a)``, ``D + μ``."""
+        """The anchor ``k_a`` of the ``μ‖k − k_a‖²`` term (``μ = γσ²``) must be a ``(B, 1, k, k)`` kernel."""
         if anchor.ndim != 4 or anchor.shape[1] != 1 or anchor.shape[-1] != size or anchor.shape[-2] != size:
             raise ValueError(f"anchor must be a (B, 1, {size}, {size}) kernel, got {tuple(anchor.shape)}")
 
