@@ -37,9 +37,9 @@ from PIL import Image
 import diffusers_blind
 from diffusers_blind import FastEMDeblurPipeline
 from diffusers_blind.kernel_init import SparseKernelInitializer
-from diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur import DEFAULT_STEPS
+from diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur import DEFAULT_STEPS, MASKED_KERNEL_ITERATIONS
 from diffusers_blind.metrics import mnc, psnr
-from diffusers_blind.ops import center_kernel, dirac_kernel, motion_kernel, shake_kernel
+from diffusers_blind.ops import center_kernel, dirac_kernel, edge_taper_window, motion_kernel, shake_kernel
 from diffusers_blind.ops.operators import BlurOperator
 
 
@@ -103,8 +103,13 @@ def load_photo(path: Path, size: int, border: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
-def make_case(path: Path, index: int, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sharp, blurry, kernel)`` for one photograph, seeded by ``(seed, index)``."""
+def make_case(path: Path, index: int, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sharp, blurry, kernel, scene)`` for one photograph, seeded by ``(seed, index)``.
+
+    ``scene`` is the sharp crop the blur was applied to: ``sharp`` plus a border of half the kernel
+    size under the valid protocol (the true image the pipeline's margin estimates), ``sharp`` itself
+    under the circular one.
+    """
     rng = np.random.default_rng([args.seed, index])
     low, high = args.kernel_sizes
     kernel_size = int(rng.integers(low // 2, high // 2 + 1)) * 2 + 1
@@ -119,19 +124,37 @@ def make_case(path: Path, index: int, args) -> tuple[torch.Tensor, torch.Tensor,
     blurred = blurred[..., border : border + args.size, border : border + args.size]
     noise = torch.from_numpy(rng.standard_normal(blurred.shape).astype(np.float32)) * args.sigma / 255.0
     blurry = torch.round((blurred + noise).clamp(0, 1) * 255.0) / 255.0
-    return sharp, blurry, kernel
+    return sharp, blurry, kernel, source
 
 
-def mstep_ceiling(pipe: FastEMDeblurPipeline, sharp, blurry, sigma_255: float, margin: int, steps: int) -> torch.Tensor:
-    """The kernel the pipeline's M-step finds with the true sharp image, on the pipeline's padded grid and window."""
+def mstep_ceiling(pipe: FastEMDeblurPipeline, scene, blurry, sigma_255: float, margin: int, steps: int,
+                  cg_iterations: int) -> torch.Tensor:
+    """The kernel the pipeline's M-step finds with the TRUE sharp image, on the pipeline's padded grid.
+
+    With ``cg_iterations > 0`` (the pipeline's masked M-step) the true ``scene`` fills the margin as far
+    as the blur reached (the E-step estimates that margin in a blind run), and the least squares
+    counts the photograph's pixels only. With 0, both images go through the pipeline's
+    measurement window and the circular Fourier solve (the windowed M-step).
+    """
     estimator = pipe.kernel_estimator
     size = estimator.config.kernel_size
     multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     padded_y, window = pipe.image_processor.pad(blurry, margin, multiple)
+    border = (scene.shape[-1] - blurry.shape[-1]) // 2
+    top, left = window[0] - border, window[1] - border
+    sharp = scene[..., border : scene.shape[-2] - border, border : scene.shape[-1] - border]
     padded_x, _ = pipe.image_processor.pad(sharp, margin, multiple)
-    weights = pipe.measurement_window(padded_y.shape[-2:], window, margin, size, padded_y.device)
+    if border > 0:
+        padded_x[..., top : top + scene.shape[-2], left : left + scene.shape[-1]] = scene
     kernel = dirac_kernel(size)
     with torch.no_grad():
+        if margin > 0 and cg_iterations > 0:
+            observed = edge_taper_window(padded_y.shape[-2:], 0, region=window)
+            for _ in range(steps):
+                kernel = center_kernel(estimator(padded_y, padded_x, sigma_255 / 255.0, kernel, mask=observed,
+                                                 cg_iterations=cg_iterations))
+            return kernel
+        weights = pipe.measurement_window(padded_y.shape[-2:], window, margin, size, padded_y.device)
         for _ in range(steps):
             kernel = center_kernel(estimator(weights * padded_y, weights * padded_x, sigma_255 / 255.0, kernel))
     return kernel
@@ -171,7 +194,7 @@ def main(argv=None) -> int:
     for index, path in enumerate(photos):
         if args.only is not None and index not in args.only:
             continue
-        sharp, blurry, kernel = make_case(path, index, args)
+        sharp, blurry, kernel, scene = make_case(path, index, args)
         row = {"photo": path.stem, "kernel_size": kernel.shape[-1], "blurry_psnr": float(psnr(blurry, sharp))}
         if "blind" not in args.skip:
             start = time.perf_counter()
@@ -197,7 +220,8 @@ def main(argv=None) -> int:
             out = pipe(blurry, kernel=kernel, generator=torch.manual_seed(args.seed), **call)
             row["oracle_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
         if "ceiling" not in args.skip:
-            ceiling = mstep_ceiling(pipe, sharp, blurry, args.sigma, margin, args.ceiling_steps)
+            cg = MASKED_KERNEL_ITERATIONS if args.kernel_cg_iterations is None else args.kernel_cg_iterations
+            ceiling = mstep_ceiling(pipe, scene, blurry, args.sigma, margin, args.ceiling_steps, cg)
             row["ceiling_mnc"] = float(mnc(ceiling, kernel))
         rows.append(row)
         print(_format(row), flush=True)

@@ -42,10 +42,26 @@ def test_valid_protocol_blurs_beyond_the_crop():
     """The valid case's blurry crop equals the zero-padded blur of the larger source, centre kept."""
     args = bench.parse_args(["--data_dir", ".", "--size", "16", "--kernel_sizes", "5", "5", "--sigma", "0"])
     path = Path(__file__).resolve().parents[1] / "examples" / "sharp.png"
-    sharp, blurry, kernel = bench.make_case(path, 0, args)
+    sharp, blurry, kernel, scene = bench.make_case(path, 0, args)
     assert sharp.shape == blurry.shape == (1, 3, 16, 16) and kernel.shape == (1, 1, 5, 5)
     source = bench.load_photo(path, 16, 2)
+    torch.testing.assert_close(scene, source)
     from diffusers_blind.ops.operators import BlurOperator
 
     expected = BlurOperator(padding="zeros")(source, kernel)[..., 2:18, 2:18]
     torch.testing.assert_close(blurry, torch.round(expected.clamp(0, 1) * 255) / 255)
+
+
+def test_ceiling_with_the_true_scene_finds_the_kernel():
+    """The masked M-step ceiling, given the scene the blur was applied to, recovers a noiseless kernel."""
+    args = bench.parse_args(["--data_dir", ".", "--size", "48", "--kernel_sizes", "7", "7", "--sigma", "0"])
+    path = Path(__file__).resolve().parents[1] / "examples" / "sharp.png"
+    sharp, blurry, kernel, scene = bench.make_case(path, 0, args)
+    from diffusers_blind import FastEMDeblurPipeline
+    from diffusers_blind.metrics import mnc
+
+    pipe = FastEMDeblurPipeline.from_pretrained(str(Path(__file__).resolve().parents[1] / "src" / "diffusers_blind" / "default_model"))
+    for cg_iterations in (5, 0):  # masked and windowed M-steps
+        ceiling = bench.mstep_ceiling(pipe, scene, blurry, 0.5, 16, 10, cg_iterations=cg_iterations)
+        assert ceiling.shape[-1] == pipe.kernel_estimator.config.kernel_size
+        assert float(mnc(ceiling, kernel)) > 0.99

@@ -277,3 +277,20 @@ def test_photograph_window_is_zero_on_the_margin_and_ramps_inside():
     torch.testing.assert_close(window, edge_taper_window((40, 50), 4, region=(5, 6, 30, 36)))
     # the ramp never exceeds a quarter of the photograph
     torch.testing.assert_close(photograph_window((20, 20), (2, 2, 16, 16), 33), edge_taper_window((20, 20), 4, region=(2, 2, 16, 16)))
+
+
+def test_valid_mask_keeps_exactly_the_pixels_the_kernel_sees_inside_the_region():
+    from diffusers_blind.ops import valid_mask
+
+    mask = valid_mask((40, 50), (5, 6, 30, 36), kernel_size=9)
+    rows, cols = mask[0, 0].nonzero(as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (9, 30, 10, 37)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    # a blur of anything outside the region cannot reach the kept pixels
+    inside = torch.zeros(1, 1, 40, 50)
+    inside[..., 5:35, 6:42] = 1
+    kernel = torch.ones(1, 1, 9, 9) / 81
+    reach = fft_blur(1 - inside, kernel)
+    assert (reach * mask).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="neighbourhood"):
+        valid_mask((40, 50), (5, 6, 8, 36), kernel_size=9)

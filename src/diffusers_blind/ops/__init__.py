@@ -13,6 +13,7 @@ from .blur import (
     photograph_window,
     spatial_blur,
     spatial_blur_adjoint,
+    valid_mask,
 )
 from .cg import conjugate_gradient
 from .guidance import JointGradient, dps_joint_gradient, dps_residual_norm, kernel_l1, pigdm_guidance
@@ -74,6 +75,7 @@ __all__ = [
     "pad_adjoint",
     "pad_kernel",
     "photograph_window",
+    "valid_mask",
     "pigdm_guidance",
     "project_kernel",
     "random_gaussian_kernel",

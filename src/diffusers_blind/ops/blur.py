@@ -226,3 +226,20 @@ def photograph_window(shape: tuple[int, int], region: tuple[int, int, int, int],
     """
     ramp = min(kernel_size // 2, min(region[2], region[3]) // 4)
     return edge_taper_window(shape, ramp, device=device, region=region)
+
+
+def valid_mask(shape: tuple[int, int], region: tuple[int, int, int, int], kernel_size: int, device=None) -> torch.Tensor:
+    """0/1 mask of the pixels of ``region`` whose whole ``kernel_size`` neighbourhood lies inside it.
+
+    Where only the photograph ``region`` of an image is known (the rest is an invented margin),
+    ``y = k ⊛ x`` holds exactly at these pixels and nowhere else: the region eroded by
+    ``kernel_size // 2`` on every side. Raises when nothing is left.
+
+    >>> valid_mask((8, 8), (1, 1, 6, 6), 3)[0, 0, :, 4].tolist()
+    [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    """
+    half = kernel_size // 2
+    top, left, height, width = region
+    if height <= 2 * half or width <= 2 * half:
+        raise ValueError(f"a region of {height}x{width} has no pixel whose {kernel_size}x{kernel_size} neighbourhood lies inside it")
+    return edge_taper_window(shape, 0, device=device, region=(top + half, left + half, height - 2 * half, width - 2 * half))

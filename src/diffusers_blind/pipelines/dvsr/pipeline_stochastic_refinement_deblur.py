@@ -17,7 +17,7 @@ from diffusers.utils import replace_example_docstring
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...models.deblur_predictor import DeblurPredictor
 from ...models.kernel_estimator import KernelEstimator
-from ...ops.blur import edge_taper_window
+from ...ops.blur import edge_taper_window, valid_mask
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import estimate_noise_sigma
 from ...schedulers.scheduling_continuous_noise_level import ContinuousNoiseLevelScheduler
@@ -204,19 +204,28 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         """Kernel from ``y`` and the restored ``x̂`` (both ``(B, C, H, W)`` in ``[0, 1]``) by ``iterations`` M-steps.
 
         Each round runs the estimator's HQS from the current kernel (a Dirac first) and recentres the
-        result (``ops.center_kernel``). Both images are reflect-padded by the kernel size and multiplied
-        by the same edge taper, so the circular Fourier model of the M-step does not see the borders.
+        result (``ops.center_kernel``). Both images are reflect-padded by the kernel size. The least
+        squares counts only the pixels of ``y`` whose whole kernel neighbourhood lies in the photograph
+        (``ops.valid_mask``), where ``y = k ⊛ x̂`` holds exactly, and is solved on the kernel support
+        by conjugate gradients. A photograph smaller than the kernel has no such pixel: then both
+        images are multiplied by an edge taper and the circular Fourier solve is used instead.
         """
         if self.kernel_estimator is None:
             raise ValueError("this pipeline has no kernel_estimator")
         size = self.kernel_estimator.config.kernel_size
-        margin = min(size, min(measurement.shape[-2:]) - 1)
-        y_pad, _ = pad_to_multiple(measurement, 1, margin)
+        height, width = measurement.shape[-2:]
+        margin = min(size, min(height, width) - 1)
+        y_pad, window = pad_to_multiple(measurement, 1, margin)
         x_pad, _ = pad_to_multiple(restored, 1, margin)
         if size > min(y_pad.shape[-2:]):
             raise ValueError(f"kernel_size {size} is larger than the padded image {tuple(y_pad.shape[-2:])}")
-        taper = edge_taper_window(y_pad.shape[-2:], min(size, min(y_pad.shape[-2:]) // 2), device=y_pad.device)
         kernel = dirac_kernel(size, measurement.shape[0], measurement.device)
+        if min(height, width) > 2 * (size // 2):
+            mask = valid_mask(y_pad.shape[-2:], window, size, device=y_pad.device)
+            for _ in range(iterations):
+                kernel = center_kernel(self.kernel_estimator(y_pad, x_pad, sigma, kernel, mask=mask))
+            return kernel
+        taper = edge_taper_window(y_pad.shape[-2:], min(size, min(y_pad.shape[-2:]) // 2), device=y_pad.device)
         for _ in range(iterations):
             kernel = center_kernel(self.kernel_estimator(taper * y_pad, taper * x_pad, sigma, kernel))
         return kernel
