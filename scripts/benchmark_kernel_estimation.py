@@ -14,8 +14,10 @@ blurry input, of blind Fast EM, of the same pipeline given the true kernel (orac
 kernel's MNC, the MNC of the kernel the blind run started from (``init``: the sparse-prior
 initialiser's estimate, before any diffusion step), and the M-step's ceiling: the MNC the pipeline's ``KernelEstimator`` reaches when the
 diffusion is replaced by the TRUE sharp image (``--ceiling_steps`` M-steps from a Dirac, recentred
-after each, with the pipeline's measurement window). The ceiling separates what the M-step can do
-from what the E-step's estimates let it do.
+after each, solved as the pipeline solves it: under the photograph's mask with the true scene in the
+margin, or through the measurement window with ``--kernel_cg_iterations 0``). The ceiling separates
+what the M-step can do from what the E-step's estimates let it do. The JSON rows also carry the blind
+run's re-blur ``fit`` (``out.fit``).
 
 Example::
 
@@ -40,6 +42,7 @@ from diffusers_blind.kernel_init import SparseKernelInitializer
 from diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur import DEFAULT_STEPS, MASKED_KERNEL_ITERATIONS
 from diffusers_blind.metrics import mnc, psnr
 from diffusers_blind.ops import center_kernel, dirac_kernel, edge_taper_window, motion_kernel, shake_kernel
+from diffusers_blind.ops.fit import reblur_fit
 from diffusers_blind.ops.operators import BlurOperator
 
 
@@ -208,6 +211,7 @@ def main(argv=None) -> int:
                 blind_call["blind_sigma_floor"] = args.blind_sigma_floor
             out = pipe(blurry, generator=torch.manual_seed(args.seed), **blind_call, **call)
             row["fallback"] = bool(out.fallback and out.fallback[0])
+            row["fit"] = float(out.fit[0]) if out.fit else float("nan")
             row["seconds"] = time.perf_counter() - start
             row["blind_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
             row["blind_mnc"] = float(mnc(out.kernels, kernel))
@@ -219,6 +223,7 @@ def main(argv=None) -> int:
         if "oracle" not in args.skip:
             out = pipe(blurry, kernel=kernel, generator=torch.manual_seed(args.seed), **call)
             row["oracle_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
+            row["oracle_fit"] = float(reblur_fit(blurry, out.images.clamp(0, 1), kernel, out.sigma[0] / 255.0)[0])
         if "ceiling" not in args.skip:
             cg = MASKED_KERNEL_ITERATIONS if args.kernel_cg_iterations is None else args.kernel_cg_iterations
             ceiling = mstep_ceiling(pipe, scene, blurry, args.sigma, margin, args.ceiling_steps, cg)

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_blind import FastEMDeblurPipeline, KernelEstimator
-from diffusers_blind.ops import center_kernel, fft_blur, motion_kernel, pigdm_guidance
+from diffusers_blind.ops import center_kernel, edge_taper_window, fft_blur, motion_kernel, pigdm_guidance
 
 
 def default_unet(size: int) -> UNet2DModel:
@@ -64,8 +64,11 @@ def step_split(pipe, y, kernel, particles, padded_size, device, repeats):
         out = pipe.unet(xt, t).sample
         torch.autograd.grad(out.float().square().sum(), xt)
 
+    # the pipeline's default M-step: least squares under the photograph's mask, by warm-started PCG
+    observed = edge_taper_window((padded_size, padded_size), 0, device=device, region=(0, 0, *y.shape[-2:]))
+
     def m_step():
-        center_kernel(pipe.kernel_estimator(y_pad, x0, sigma, kernel, r=0.1))
+        center_kernel(pipe.kernel_estimator(y_pad, x0, sigma, kernel, r=0.1, mask=observed))
 
     def guidance():
         pigdm_guidance(y_pad.repeat_interleave(particles, 0), x0, kernel.repeat_interleave(particles, 0),
