@@ -75,7 +75,6 @@ __all__ = [
     "pad_adjoint",
     "pad_kernel",
     "photograph_window",
-    "valid_mask",
     "pigdm_guidance",
     "project_kernel",
     "random_gaussian_kernel",
@@ -88,6 +87,7 @@ __all__ = [
     "spatial_blur_adjoint",
     "tilt_map",
     "unnormalized_kernel",
+    "valid_mask",
     "warp",
     "warp_adjoint",
 ]
