@@ -219,15 +219,15 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         x_pad, _ = pad_to_multiple(restored, 1, margin)
         if size > min(y_pad.shape[-2:]):
             raise ValueError(f"kernel_size {size} is larger than the padded image {tuple(y_pad.shape[-2:])}")
-        kernel = dirac_kernel(size, measurement.shape[0], measurement.device)
+        options = {}
         if min(height, width) > 2 * (size // 2):
-            mask = valid_mask(y_pad.shape[-2:], window, size, device=y_pad.device)
-            for _ in range(iterations):
-                kernel = center_kernel(self.kernel_estimator(y_pad, x_pad, sigma, kernel, mask=mask))
-            return kernel
-        taper = edge_taper_window(y_pad.shape[-2:], min(size, min(y_pad.shape[-2:]) // 2), device=y_pad.device)
+            options["mask"] = valid_mask(y_pad.shape[-2:], window, size, device=y_pad.device)
+        else:
+            taper = edge_taper_window(y_pad.shape[-2:], min(size, min(y_pad.shape[-2:]) // 2), device=y_pad.device)
+            y_pad, x_pad = taper * y_pad, taper * x_pad
+        kernel = dirac_kernel(size, measurement.shape[0], measurement.device)
         for _ in range(iterations):
-            kernel = center_kernel(self.kernel_estimator(taper * y_pad, taper * x_pad, sigma, kernel))
+            kernel = center_kernel(self.kernel_estimator(y_pad, x_pad, sigma, kernel, **options))
         return kernel
 
     def _prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
