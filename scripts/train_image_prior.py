@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_every", type=int, default=25)
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    p.add_argument("--init_from", type=Path, default=None,
+                   help="start from the weights of this UNet2DModel folder (e.g. a pipeline's unet/; the "
+                        "architecture flags are then taken from its config) with a fresh optimizer and EMA; "
+                        "--resume of a run's own checkpoint takes precedence")
     p.add_argument("--resume", "--resume_from_checkpoint", dest="resume", default=None,
                    help='"latest" or a checkpoint folder')
     p.add_argument("--sample_every", type=int, default=1000, help="write a sample grid every N steps (0: only at end)")
@@ -279,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
 
     sampler = CropSampler(args.train_data_dir, args.resolution, args.min_crop_std, rot90=not args.no_rot90)
-    unet = build_unet(args)
+    unet = UNet2DModel.from_pretrained(args.init_from) if args.init_from is not None else build_unet(args)
+    if unet.config.sample_size != args.resolution:
+        unet.register_to_config(sample_size=args.resolution)
     noise_scheduler = build_scheduler(args.num_train_timesteps)
     n_params = sum(p.numel() for p in unet.parameters())
     ema = EMAModel(

@@ -101,3 +101,27 @@ def test_crop_sampler_drops_flat_crops(script, tmp_path):
     assert batch.shape == (8, 3, 16, 16)
     assert batch.min() >= -1 and batch.max() <= 1
     assert (batch.flatten(1).std(dim=1) > 0.1).all()
+
+
+def test_init_from_starts_at_the_given_weights(script, tmp_path):
+    """``--init_from``: the architecture and the weights come from the folder (a fine-tune), not the flags."""
+    from diffusers import UNet2DModel
+
+    data = tmp_path / "data"
+    _make_images(data)
+    torch.manual_seed(0)
+    start = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                        block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+                        up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    start.save_pretrained(tmp_path / "start")
+    out = tmp_path / "run"
+    # the flags ask for (8, 16): --init_from's (8, 8) config wins; no step is taken
+    script.main(_argv(data, out, 0, ["--init_from", str(tmp_path / "start")]))
+    exported = UNet2DModel.from_pretrained(out / "export" / "unet")
+    assert tuple(exported.config.block_out_channels) == (8, 8)
+    for name, value in start.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value), name
+    # training moves the weights away from the start (the first step's warm-up learning rate is 0)
+    script.main(_argv(data, tmp_path / "run1", 2, ["--init_from", str(tmp_path / "start")]))
+    moved = UNet2DModel.from_pretrained(tmp_path / "run1" / "export" / "unet")
+    assert any(not torch.equal(moved.state_dict()[n], v) for n, v in start.state_dict().items())
