@@ -77,7 +77,7 @@ def whole_run(lever: str, oracle: bool, seed: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
     call = apply_levers(pipe, lever.split("+"))
     blurry, sharp = load(ROOT / "examples" / "blurry.png"), load(ROOT / "examples" / "sharp.png")
-    kernel = torch.from_numpy(np.load(ROOT / "examples" / "blurry_kernel.npy")).float()
+    kernel = torch.from_numpy(np.load(ROOT / "examples" / "blurry_true_kernel.npy")).float()
     result = {"lever": lever}
     for name, known in [("blind", None)] + ([("oracle", kernel)] if oracle else []):
         start, cpu = time.perf_counter(), time.process_time()

@@ -82,11 +82,11 @@ def test_blur_writes_image_kernel_and_json(inputs):
     assert blurry.mode == "RGB" and blurry.size == (30, 22)
     gray = PIL.Image.open(inputs / "blurry" / "gray.png")
     assert gray.mode == "L" and gray.size == (26, 19)
-    kernel = np.load(inputs / "blurry" / "rgb_kernel.npy")
+    kernel = np.load(inputs / "blurry" / "rgb_true_kernel.npy")
     assert kernel.shape == (5, 5) and (kernel >= 0).all()
     np.testing.assert_allclose(kernel.sum(), 1.0, atol=1e-5)
-    assert PIL.Image.open(inputs / "blurry" / "rgb_kernel.png").size == (40, 40)
-    record = json.loads((inputs / "blurry" / "rgb.json").read_text())
+    assert PIL.Image.open(inputs / "blurry" / "rgb_true_kernel.png").size == (40, 40)
+    record = json.loads((inputs / "blurry" / "rgb_blur.json").read_text())
     assert record["settings"] == {"kernel": "motion", "kernel_size": 5, "intensity": 0.5, "sigma": 5.0,
                                   "seed": 1, "mode": "reflect"}
     assert record["image_size"] == {"width": 30, "height": 22}
@@ -115,7 +115,7 @@ def test_blur_is_a_true_convolution(inputs, tmp_path):
     gauss = tmp_path / "gauss.png"
     assert main(["blur", str(inputs / "rgb.png"), "-o", str(gauss), "--kernel", "gaussian", "--kernel-size", "5",
                  "--gaussian-std", "1.5", "--sigma", "0", "--mode", "reflect"]) == 0
-    k = torch.from_numpy(np.load(tmp_path / "gauss_kernel.npy"))[None, None]
+    k = torch.from_numpy(np.load(tmp_path / "gauss_true_kernel.npy"))[None, None]
     x = torch.from_numpy(sharp.astype(np.float32) / 255).permute(2, 0, 1)[None]
     expected = (fft_blur(x, k)[0].permute(1, 2, 0).numpy() * 255).round()
     got = np.asarray(PIL.Image.open(gauss)).astype(np.float64)
@@ -132,7 +132,7 @@ def test_blur_turbulence_tilts_then_blurs_and_saves_the_field(inputs, tmp_path, 
     args = ["blur", str(inputs / "rgb.png"), "--kernel", str(tmp_path / "dirac.npy"), "--sigma", "0", "--turbulence",
             "--max-tilt", "2"]
     assert main([*args, "-o", str(out), "--seed", "3"]) == 0
-    field = np.load(tmp_path / "tilted_tilt.npy")
+    field = np.load(tmp_path / "tilted_true_tilt.npy")
     assert field.shape == (2, 22, 30) and field.dtype == np.float32
     assert 0 < np.abs(field).max() <= 2 + 1e-6 and np.abs(field).std() > 0.05
     sharp = np.asarray(PIL.Image.open(inputs / "rgb.png")).astype(np.float32) / 255
@@ -140,40 +140,40 @@ def test_blur_turbulence_tilts_then_blurs_and_saves_the_field(inputs, tmp_path, 
     expected = (warp(x, torch.from_numpy(field)[None])[0].permute(1, 2, 0).numpy() * 255).round()
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)).astype(np.float32), expected)
     assert not np.array_equal(expected, (sharp * 255).round())  # the tilt moved pixels
-    record = json.loads((tmp_path / "tilted.json").read_text())
+    record = json.loads((tmp_path / "tilted_blur.json").read_text())
     assert record["settings"]["turbulence"] is True and record["settings"]["max_tilt"] == 2.0
-    assert record["tilt_npy"] == str(tmp_path / "tilted_tilt.npy") and "T_d(x)" in record["degradation"]
+    assert record["tilt_npy"] == str(tmp_path / "tilted_true_tilt.npy") and "T_d(x)" in record["degradation"]
     assert "tilt field in" in capsys.readouterr().out
 
     # seeded: the same seed gives the same field and image, another seed another field
     assert main([*args, "-o", str(tmp_path / "again.png"), "--seed", "3"]) == 0
     assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
-    np.testing.assert_array_equal(np.load(tmp_path / "again_tilt.npy"), field)
+    np.testing.assert_array_equal(np.load(tmp_path / "again_true_tilt.npy"), field)
     assert main([*args, "-o", str(tmp_path / "other.png"), "--seed", "4"]) == 0
-    assert not np.array_equal(np.load(tmp_path / "other_tilt.npy"), field)
+    assert not np.array_equal(np.load(tmp_path / "other_true_tilt.npy"), field)
 
     # the kernel and the noise of a seed are those of the plain blur (the field has its own stream)
     plain = ["blur", str(inputs / "rgb.png"), "--kernel-size", "5", "--sigma", "5", "--seed", "1"]
     assert main([*plain, "-o", str(tmp_path / "turb.png"), "--turbulence"]) == 0
-    np.testing.assert_array_equal(np.load(tmp_path / "turb_kernel.npy"), np.load(inputs / "blurry" / "rgb_kernel.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "turb_true_kernel.npy"), np.load(inputs / "blurry" / "rgb_true_kernel.npy"))
 
 
 def test_blur_turbulence_never_overwrites_unasked(inputs, tmp_path, capsys):
     args = ["blur", str(inputs / "rgb.png"), "--kernel-size", "5", "--turbulence", "-o", str(tmp_path / "t.png")]
     assert main([*args, "--seed", "0"]) == 0
-    field = np.load(tmp_path / "t_tilt.npy")
-    for name in ("t.png", "t.json", "t_kernel.npy", "t_kernel.png"):
+    field = np.load(tmp_path / "t_true_tilt.npy")
+    for name in ("t.png", "t_blur.json", "t_true_kernel.npy", "t_true_kernel.png"):
         (tmp_path / name).unlink()  # only the tilt field is left: it alone blocks the run
     assert main([*args, "--seed", "1"]) == 2
-    assert "t_tilt.npy" in capsys.readouterr().err and not (tmp_path / "t.png").exists()
-    np.testing.assert_array_equal(np.load(tmp_path / "t_tilt.npy"), field)
+    assert "t_true_tilt.npy" in capsys.readouterr().err and not (tmp_path / "t.png").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "t_true_tilt.npy"), field)
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
-    assert not np.array_equal(np.load(tmp_path / "t_tilt.npy"), field)
+    assert not np.array_equal(np.load(tmp_path / "t_true_tilt.npy"), field)
     # a plain blur does not touch (or need to replace) a tilt field it does not write
     (tmp_path / "plain").mkdir()
-    (tmp_path / "plain" / "p_tilt.npy").write_bytes(b"keep")
+    (tmp_path / "plain" / "p_true_tilt.npy").write_bytes(b"keep")
     assert main(["blur", str(inputs / "rgb.png"), "--kernel-size", "5", "-o", str(tmp_path / "plain" / "p.png")]) == 0
-    assert (tmp_path / "plain" / "p_tilt.npy").read_bytes() == b"keep"
+    assert (tmp_path / "plain" / "p_true_tilt.npy").read_bytes() == b"keep"
 
 
 def test_blur_max_tilt_needs_turbulence_and_a_positive_value(inputs, tmp_path, capsys):
@@ -238,7 +238,7 @@ def test_deblur_rgba_and_non_blind_kernel(inputs, model_dir, tmp_path):
     rgb = np.asarray(PIL.Image.open(inputs / "blurry" / "rgb.png"))
     rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 128, np.uint8)], axis=-1)
     PIL.Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
-    kernel_file = inputs / "blurry" / "rgb_kernel.npy"
+    kernel_file = inputs / "blurry" / "rgb_true_kernel.npy"
     assert deblur([str(tmp_path / "alpha.png")], model_dir, tmp_path / "out", "--kernel", str(kernel_file),
                   "--quiet") == 0
     assert PIL.Image.open(tmp_path / "out" / "alpha_deblurred.png").mode == "RGB"

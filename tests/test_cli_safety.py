@@ -67,7 +67,7 @@ def test_outputs_never_overwrite_inputs(tmp_path, capsys):
     assert a_kernel.read_bytes() == before and not (tmp_path / "a.json").exists()
     kernel = np.zeros((3, 3), np.float32)
     kernel[1, 1] = 1
-    np.save(tmp_path / "b_kernel.npy", kernel)  # the known kernel, e.g. written by `blur`
+    np.save(tmp_path / "b_kernel.npy", kernel)  # the known kernel, named like an output of deblur
     b = write_image(tmp_path / "b.png", 2)
     code = main(["deblur", str(b), "-o", str(tmp_path), "--method", "wiener-known-kernel",
                  "--kernel", str(tmp_path / "b_kernel.npy"), "--quiet"])
@@ -282,7 +282,7 @@ def test_blur_refuses_to_replace_files_unless_asked(tmp_path, capsys):
     assert main([*args, "--seed", "3"]) == 2 and "--overwrite" in errors(capsys)
     assert (tmp_path / "b.png").read_bytes() == first
     assert main([*args, "--seed", "3", "--overwrite"]) == 0 and (tmp_path / "b.png").read_bytes() != first
-    assert main(["blur", str(sharp), "-o", str(tmp_path / "c.png"), "--kernel", str(tmp_path / "c_kernel.npy")]) == 2
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "c.png"), "--kernel", str(tmp_path / "c_true_kernel.npy")]) == 2
 
 
 def test_float_tiff_in_8bit_levels_is_not_white(tmp_path, capsys):
@@ -368,3 +368,66 @@ def test_skip_existing_refuses_results_of_other_settings(tmp_path, capsys):
     assert main(["deblur", str(image), "-o", str(out), "--method", "identity", "--kernel-size", "3", "--quiet",
                  "--skip-existing"]) == 0  # the same settings: nothing to do
     assert (out / "a.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- blur's ground truth beside deblur's outputs
+def test_deblur_beside_blur_never_touches_the_true_kernel(tmp_path, capsys):
+    """``blur`` names its ground truth ``*_true_kernel.*`` / ``*_blur.json``: deblurring its output into the same
+    folder (plain, --skip-existing, --overwrite) never replaces them."""
+    sharp = write_image(tmp_path / "sharp.png", size=(40, 40))
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "b.png"), "--kernel-size", "5"]) == 0
+    truth = {name: (tmp_path / name).read_bytes() for name in ("b_true_kernel.npy", "b_true_kernel.png", "b_blur.json")}
+    assert identity([tmp_path / "b.png"], tmp_path) == 0, errors(capsys)
+    assert identity([tmp_path / "b.png"], tmp_path, "--skip-existing") == 0, errors(capsys)
+    assert identity([tmp_path / "b.png"], tmp_path, "--overwrite") == 0, errors(capsys)
+    assert {name: (tmp_path / name).read_bytes() for name in truth} == truth
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["method"] == "identity"
+
+
+def test_skip_existing_refuses_a_record_name_that_is_not_deblurs(tmp_path, capsys):
+    write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.json").write_text('{"notes": "mine"}')
+    assert identity([tmp_path / "a.png"], out, "--skip-existing") == 2
+    assert "not a record of diffusers-blind deblur" in errors(capsys)
+    assert (out / "a.json").read_text() == '{"notes": "mine"}' and not (out / "a_deblurred.png").exists()
+    # a deblur record whose files are gone (a crash) is still redone
+    assert identity([tmp_path / "a.png"], out, "--overwrite") == 0
+    (out / "a_deblurred.png").unlink()
+    assert identity([tmp_path / "a.png"], out, "--skip-existing") == 0, errors(capsys)
+    assert (out / "a_deblurred.png").is_file()
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.array(["a"]), "must hold real numbers"),
+    (np.ones((3, 3), complex), "must hold real numbers"),
+    (b"hello", "is not a NumPy .npy array"),
+])
+def test_kernel_files_that_are_not_real_arrays_fail_cleanly(tmp_path, capsys, content, message):
+    sharp = write_image(tmp_path / "s.png")
+    kernel = tmp_path / "k.npy"
+    if isinstance(content, bytes):
+        kernel.write_bytes(content)
+    else:
+        np.save(kernel, content)
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "b.png"), "--kernel", str(kernel)]) == 2
+    assert message in errors(capsys)
+    assert main(["deblur", str(sharp), "-o", str(tmp_path / "o2"), "--method", "wiener-known-kernel",
+                 "--kernel", str(kernel)]) == 2
+    assert message in errors(capsys)
+
+
+def test_kernel_previews_are_not_read_as_kernels(tmp_path, capsys):
+    sharp = write_image(tmp_path / "s.png", size=(40, 40))
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "b.png"), "--kernel-size", "5"]) == 0
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "c.png"), "--kernel", str(tmp_path / "b_true_kernel.png")]) == 2
+    assert "b_true_kernel.npy" in errors(capsys)
+    # an untagged 8x enlargement (a preview of an older version) is recognised too
+    PIL.Image.open(tmp_path / "b_true_kernel.png").convert("L").save(tmp_path / "old_preview.png")
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "d.png"), "--kernel", str(tmp_path / "old_preview.png")]) == 2
+    assert "enlarged kernel preview" in errors(capsys)
+    # a kernel drawn as a small image is read pixel for pixel, a flat box included
+    PIL.Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "box.png")
+    assert main(["blur", str(sharp), "-o", str(tmp_path / "e.png"), "--kernel", str(tmp_path / "box.png")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "e_true_kernel.npy"), np.full((16, 16), 1 / 256), rtol=1e-6)

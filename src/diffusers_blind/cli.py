@@ -29,8 +29,10 @@ import PIL.Image
 
 from .io import IMAGE_EXTENSIONS
 from .outputs import (  # noqa: F401  (output_stems: part of the command line's helpers)
+    BLUR_FILES,
     OUTPUT_SUFFIXES,
     finished_record,
+    is_deblur_record,
     output_stems,
     plan_outputs,
     remove_stale,
@@ -125,14 +127,21 @@ def load_kernel_file(path: Path) -> np.ndarray:
     if not path.is_file():
         raise CLIError(f"kernel file not found: {path}")
     if path.suffix.lower() == ".npy":
+        with open(path, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                raise CLIError(f"kernel file {path} is not a NumPy .npy array (save one with numpy.save)")
         try:
             kernel = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:
-            raise CLIError(f"cannot read kernel file {path}: {error}") from None
-        kernel = np.asarray(kernel, dtype=np.float64)
+            raise CLIError(f"cannot read kernel file {path} as a NumPy .npy array: {error}") from None
+        if not isinstance(kernel, np.ndarray) or kernel.dtype.kind not in "biuf":
+            dtype = kernel.dtype if isinstance(kernel, np.ndarray) else type(kernel).__name__
+            raise CLIError(f"kernel in {path} must hold real numbers, got {dtype}")
+        kernel = kernel.astype(np.float64)
         while kernel.ndim > 2 and kernel.shape[0] == 1:
             kernel = kernel[0]
     else:
+        _refuse_kernel_preview(path)
         array, _ = load_image(path)
         kernel = array.astype(np.float64)
         if kernel.ndim == 3:
@@ -145,6 +154,29 @@ def load_kernel_file(path: Path) -> np.ndarray:
     if total <= 0:
         raise CLIError(f"kernel in {path} is all zeros")
     return (kernel / total).astype(np.float32)
+
+
+def _refuse_kernel_preview(path: Path) -> None:
+    """The ``*_kernel.png`` files this tool writes are enlarged, max-normalised views: never read them as kernels."""
+    from .image_processor import KERNEL_PREVIEW_KEY
+
+    hint = f"pass the kernel itself, the .npy beside it ({path.with_suffix('.npy').name})"
+    try:
+        with PIL.Image.open(path) as image:
+            if KERNEL_PREVIEW_KEY in getattr(image, "text", image.info):
+                raise CLIError(f"{path} is an enlarged preview of a kernel, not the kernel; {hint}")
+            small = image.width % KERNEL_PREVIEW_SCALE or image.height % KERNEL_PREVIEW_SCALE
+            if small or min(image.size) < 2 * KERNEL_PREVIEW_SCALE:
+                return
+            pixels = np.asarray(image.convert("F"))
+    except (OSError, ValueError, PIL.UnidentifiedImageError):
+        return  # the image reader reports unreadable files
+    blocks = pixels.reshape(pixels.shape[0] // KERNEL_PREVIEW_SCALE, KERNEL_PREVIEW_SCALE,
+                            pixels.shape[1] // KERNEL_PREVIEW_SCALE, KERNEL_PREVIEW_SCALE)
+    # every 8×8 block constant, not one flat image, peak 255 (max-normalised): a preview of an older version
+    if pixels.max() == 255 and pixels.min() < pixels.max() and (blocks == blocks[:, :1, :, :1]).all():
+        raise CLIError(f"{path} looks like a {KERNEL_PREVIEW_SCALE}x enlarged kernel preview (every "
+                       f"{KERNEL_PREVIEW_SCALE}x{KERNEL_PREVIEW_SCALE} block is constant), not a kernel; {hint}")
 
 
 def _is_output_name(path: Path) -> bool:
@@ -334,13 +366,17 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[
                 raise CLIError(f"{out_dir} holds a result of {path.name} made with other settings "
                                f"({'; '.join(differences)}); use the same settings, --overwrite, or another -o")
         jobs = [(path, plan) for path, plan in jobs if path not in done]
+        foreign = [plan["record"] for _, plan in jobs if plan["record"].exists() and not is_deblur_record(plan["record"])]
+        if foreign:  # e.g. a file of the user's, or another tool's record, that happens to carry the name
+            raise CLIError(f"{foreign[0]} is not a record of diffusers-blind deblur, and running would replace it "
+                           f"({len(foreign)} such file(s)); pass --overwrite to replace, or choose another -o")
         if done:
             _note(f"skipping {len(done)} image(s) already deblurred in {out_dir} (--skip-existing)")
     elif not args.overwrite:
         existing = [file for _, plan in jobs for file in plan.values() if file.exists()]
         if existing:
             shown = ", ".join(file.name for file in existing[:4]) + (" ..." if len(existing) > 4 else "")
-            raise CLIError(f"{out_dir} already holds {len(existing)} output file(s) of these inputs ({shown}); "
+            raise CLIError(f"{out_dir} already holds {len(existing)} file(s) with the names this run writes ({shown}); "
                            "pass --overwrite to replace them, or --skip-existing to keep finished images")
     return jobs, unreadable
 
@@ -525,10 +561,9 @@ def cmd_blur(args) -> int:
         out_path = out_path.with_suffix(".png")
     if out_path.suffix.lower() != ".png":
         raise CLIError(f"the blurry output is written as a lossless PNG: use a .png name, not {out_path.name}")
-    kernel_npy = out_path.with_name(f"{out_path.stem}_kernel.npy")
-    kernel_png = out_path.with_name(f"{out_path.stem}_kernel.png")
-    tilt_npy = out_path.with_name(f"{out_path.stem}_tilt.npy")
-    outputs = (out_path, kernel_npy, kernel_png, out_path.with_suffix(".json")) + ((tilt_npy,) if args.turbulence else ())
+    kernel_npy, kernel_png, tilt_npy, record_json = (
+        out_path.with_name(out_path.stem + BLUR_FILES[name]) for name in ("kernel_npy", "kernel_png", "tilt_npy", "record"))
+    outputs = (out_path, kernel_npy, kernel_png, record_json) + ((tilt_npy,) if args.turbulence else ())
     protected = [sharp_path] + ([Path(args.kernel)] if args.kernel not in ("motion", "gaussian") else [])
     for file in outputs:
         if any(file.resolve() == p.resolve() for p in protected):
@@ -564,7 +599,8 @@ def cmd_blur(args) -> int:
     kh, kw = kernel.shape[-2:]
     if kh > height or kw > width or (args.mode == "reflect" and max(kh, kw) // 2 >= min(height, width)):
         raise CLIError(f"the {kh}x{kw} kernel is too large for the {width}x{height} image; "
-                       "use a smaller --kernel-size")
+                       + ("use a smaller --kernel-size" if args.kernel in ("motion", "gaussian") else
+                          "use a smaller kernel file or a larger image"))
 
     try:
         check_writable_folder(out_path.parent, create=True)
@@ -612,7 +648,7 @@ def cmd_blur(args) -> int:
         "degradation": degradation,
         "versions": _versions(),
     }
-    _write_json(out_path.with_suffix(".json"), record)
+    _write_json(record_json, record)
     tilt_text = f", tilt up to {max_tilt:g} px" if field is not None else ""
     print(f"{sharp_path} -> {out_path}  [kernel {kh}x{kw} ({settings['kernel']}), sigma {args.sigma:g}, "
           f"seed {args.seed}, {args.mode}{tilt_text}]; true kernel in {kernel_npy}"
@@ -710,9 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
         "blur",
         help="make a blurry, noisy test input from a sharp image",
         description="Blur a sharp image with a known kernel (true convolution), add Gaussian noise, clip to "
-        "[0, 1] and save an 8-bit PNG at OUT, with the kernel beside it as <OUT stem>_kernel.npy/.png and "
-        "the settings as <OUT stem>.json. With --turbulence the image is first tilted by a random per-pixel "
-        "displacement field (atmospheric turbulence, BlindDPS's simulation; saved as <OUT stem>_tilt.npy, "
+        "[0, 1] and save an 8-bit PNG at OUT, with the true kernel beside it as <OUT stem>_true_kernel.npy/.png and "
+        "the settings as <OUT stem>_blur.json (names that a later deblur of OUT into the same folder never "
+        "replaces). With --turbulence the image is first tilted by a random per-pixel "
+        "displacement field (atmospheric turbulence, BlindDPS's simulation; saved as <OUT stem>_true_tilt.npy, "
         "(2, H, W) float32 in pixels), then blurred: a test input for --method blind-dps-turbulence.",
     )
     blur.add_argument("sharp", metavar="SHARP", help="the sharp image")
@@ -728,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     blur.add_argument("--mode", choices=("reflect", "circular"), default="reflect",
                       help="boundaries: reflect (realistic, default) or circular (the paper's FFT model)")
     blur.add_argument("--turbulence", action="store_true",
-                      help="tilt the image by a seeded random tilt field before blurring (saved as <OUT stem>_tilt.npy)")
+                      help="tilt the image by a seeded random tilt field before blurring (saved as <OUT stem>_true_tilt.npy)")
     blur.add_argument("--max-tilt", type=float, default=None,
                       help="largest displacement of the tilt field in pixels (default 2.5; with --turbulence)")
     blur.add_argument("--overwrite", action="store_true",

@@ -349,9 +349,15 @@ def tensor_to_output(images: torch.Tensor, output_type: str):
     return DeblurImageProcessor.numpy_or_pil(images, output_type)
 
 
+KERNEL_PREVIEW_KEY = "diffusers_blind"  # PNG text chunk that marks an enlarged kernel preview
+
+
 def kernel_to_image(kernel: torch.Tensor, scale: int = 8) -> PIL.Image.Image:
     """A viewable PNG of one ``(k, k)`` kernel: max-normalised and enlarged ``scale``× with nearest neighbours."""
     kernel = kernel.detach().float().cpu().reshape(kernel.shape[-2:])
     kernel = kernel.clamp_min(0) / kernel.max().clamp_min(1e-12)
     image = PIL.Image.fromarray((kernel.numpy() * 255).round().astype(np.uint8), mode="L")
-    return image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
+    preview = image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
+    # written into the PNG by io.save_image, so that the preview is never read back as a kernel
+    preview.info[KERNEL_PREVIEW_KEY] = f"kernel preview: {scale}x enlarged, divided by its maximum; not the kernel"
+    return preview

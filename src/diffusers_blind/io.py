@@ -81,7 +81,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 def save_image(image: PIL.Image.Image, path: str | os.PathLike, format: str = "PNG") -> None:
     """Write a PIL image atomically (PNG unless ``format`` says otherwise)."""
     buffer = io.BytesIO()
-    image.save(buffer, format=format)
+    text = {k: v for k, v in image.info.items() if k.startswith("diffusers_blind") and isinstance(v, str)}
+    if text and format.upper() == "PNG":  # e.g. the mark of a kernel preview (image_processor.kernel_to_image)
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        image.save(buffer, format=format, pnginfo=info)
+    else:
+        image.save(buffer, format=format)
     with atomic_write(path) as handle:
         handle.write(buffer.getvalue())
 

@@ -21,6 +21,12 @@ from .io import save_image, save_npy
 
 
 OUTPUT_SUFFIXES = ("_deblurred", "_kernel", "_uncertainty")  # skipped when a folder of inputs is scanned
+BLUR_FILES = {  # what `diffusers-blind blur -o <name>.png` writes beside <name>.png: the ground truth, named so
+    "kernel_npy": "_true_kernel.npy",  # that a later `deblur` of <name>.png into the same folder never
+    "kernel_png": "_true_kernel.png",  # replaces it (deblur writes <name>_kernel.*, <name>_tilt.npy, <name>.json)
+    "tilt_npy": "_true_tilt.npy",
+    "record": "_blur.json",
+}
 OUTPUT_FILES = {  # what deblur writes per input: name -> suffix after the output stem
     "image": "_deblurred.png",
     "kernel_png": "_kernel.png",
@@ -78,6 +84,18 @@ def finished_record(plan: dict[str, Path]) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
+
+
+def is_deblur_record(path: Path) -> bool:
+    """``path`` is a ``<stem>.json`` that ``deblur`` wrote (finished or not): JSON with its ``input``,
+    ``outputs`` and ``settings.method`` entries. A crash can leave such a record's files half written;
+    anything else under that name belongs to someone else."""
+    try:
+        record = json.loads(path.read_text())
+        return isinstance(record, dict) and "input" in record and isinstance(record.get("outputs"), dict) \
+            and "method" in record.get("settings", {})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
 
 
 def is_done(plan: dict[str, Path]) -> bool:
