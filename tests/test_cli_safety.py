@@ -431,3 +431,19 @@ def test_kernel_previews_are_not_read_as_kernels(tmp_path, capsys):
     PIL.Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "box.png")
     assert main(["blur", str(sharp), "-o", str(tmp_path / "e.png"), "--kernel", str(tmp_path / "box.png")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "e_true_kernel.npy"), np.full((16, 16), 1 / 256), rtol=1e-6)
+
+
+def test_sigma_given_to_a_method_without_a_noise_level_is_announced(tmp_path, capsys):
+    write_image(tmp_path / "a.png")
+    assert identity([tmp_path / "a.png"], tmp_path / "o", "--sigma", "7") == 0
+    assert "--sigma 7.0 is ignored" in errors(capsys)
+    assert identity([tmp_path / "a.png"], tmp_path / "p") == 0
+    assert "ignored" not in errors(capsys)
+    assert json.loads((tmp_path / "p" / "a.json").read_text())["settings"]["sigma"] == 10.0  # the default
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-1", "x"])
+def test_strength_out_of_range_names_the_interval(tmp_path, capsys, value):
+    write_image(tmp_path / "a.png")
+    assert main(["deblur", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--strength", value]) == 2
+    assert "expected a number in (0, 1]" in capsys.readouterr().err

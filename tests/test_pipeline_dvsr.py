@@ -251,6 +251,8 @@ def test_mixed_precision_runs_the_networks_in_bf16_and_keeps_the_chain(pipe):
         ({"latents": torch.zeros(1, 3, 4, 4)}, "latents"),
         ({"generator": [torch.manual_seed(0)] * 3}, "generator list"),
         ({"noise_levels": [0.9, 0.1]}, "increasing"),
+        ({"noise_levels": []}, "noise_levels must be a non-empty"),
+        ({"num_inference_steps": "3"}, "got '3'"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
     ],
 )

@@ -312,6 +312,9 @@ def test_guidance_pulls_towards_the_measurement():
         (dict(guidance_iterations=2.5), "guidance_iterations"),
         (dict(blind_sigma_floor=-1), "blind_sigma_floor"),
         (dict(blind_sigma_floor=float("nan")), "blind_sigma_floor"),
+        (dict(kernel=gaussian_kernel(5, 1.0), kernel_size=9), "leave kernel_size out"),
+        (dict(eta=-1.0), "eta must be"),
+        (dict(eta=float("nan")), "eta must be"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
@@ -844,3 +847,9 @@ def test_strength_start_is_the_noised_photo(monkeypatch):
         expected = alpha_bar.sqrt() * (image * 2 - 1) + (1 - alpha_bar).sqrt() * noise
         assert captured["t"] == int(pipe.scheduler.timesteps[2])
         torch.testing.assert_close(captured["x_t"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_callback_returning_none_changes_nothing(pipe):
+    expected = run(pipe, smooth_images(1)).images
+    got = run(pipe, smooth_images(1), callback_on_step_end=lambda p, step, t, tensors: None).images
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))

@@ -93,3 +93,13 @@ def test_estimator_refuses_absurd_iteration_counts(bad):
 def test_parameter_free_estimator_has_a_device_and_dtype(regularization):
     estimator = KernelEstimator(regularization=regularization).to(torch.float64)
     assert estimator.device == torch.device("cpu") and estimator.dtype == torch.float64
+
+
+def test_generator_list_of_the_wrong_length_says_what_it_expects():
+    from diffusers_blind.pipelines.pipeline_utils import expand_generator
+
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match=r"expected 2 \(one per image\) or 4 \(one per copy\)"):
+        expand_generator(gens, 2, 2)
+    with pytest.raises(ValueError, match=r"entries; expected 2$"):
+        expand_generator(gens, 2, 1)

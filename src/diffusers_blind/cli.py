@@ -40,6 +40,7 @@ from .outputs import (  # noqa: F401  (output_stems: part of the command line's 
     write_outputs,
 )
 KERNEL_PREVIEW_SCALE = 8
+DEFAULT_SIGMA = 10.0  # deblur's noise level in 8-bit levels when --sigma is not given
 
 
 class CLIError(Exception):
@@ -455,6 +456,10 @@ def cmd_deblur(args) -> int:
     from .io import check_writable_folder
 
     method = _methods()[args.method]
+    if args.sigma is None:
+        args.sigma = DEFAULT_SIGMA
+    elif not method.uses_sigma:
+        _note(f"--method {method.name} does not use a noise level: --sigma {args.sigma} is ignored")
     options = method_options(method, args)
     device = resolve_device(args.device)
     if options.get("precision") == "auto":  # record what runs: bfloat16 where the device has it natively
@@ -713,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     deblur.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created)")
     deblur.add_argument("--method", choices=list(methods), default="fastem-pigdm", metavar="METHOD",
                         help=f"one of: {method_lines} (default fastem-pigdm)")
-    deblur.add_argument("--sigma", type=_sigma_arg, default=10.0,
+    deblur.add_argument("--sigma", type=_sigma_arg, default=None,
                         help="noise std of the input in 8-bit levels, or 'auto' to estimate it (default 10)")
     flags = {"-o", "--output", "--method", "--sigma"}
     for name, option in all_options(methods.values()).items():
@@ -767,7 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     blur.add_argument("--turbulence", action="store_true",
                       help="tilt the image by a seeded random tilt field before blurring (saved as <OUT stem>_true_tilt.npy)")
     blur.add_argument("--max-tilt", type=float, default=None,
-                      help="largest displacement of the tilt field in pixels (default 2.5; with --turbulence)")
+                      help="cap on the displacement of the tilt field in pixels (default 2.5; with --turbulence). "
+                           "A cap, not a strength: the paper's generator makes fields of about 1.5-2 px at 64 px and "
+                           "2-3 px at 256-512 px, so values above 3 change nothing")
     blur.add_argument("--overwrite", action="store_true",
                       help="replace OUT and its kernel/JSON (and tilt) files if they exist")
     blur.set_defaults(func=cmd_blur)

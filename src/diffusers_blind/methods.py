@@ -196,6 +196,8 @@ class Method:
         info: fixed facts recorded with every result (e.g. ``{"guidance": "dps"}``).
         check: ``check(pipeline, options, kernel_given) -> list of notes``, called once before the run;
             raises ``ValueError`` for settings that cannot work.
+        uses_sigma: the method reads the noise level ``sigma`` (``deblur --sigma`` given to one that does not
+            is announced as unused).
     """
 
     name: str
@@ -209,6 +211,7 @@ class Method:
     options: tuple[Option, ...] = ()
     info: dict = field(default_factory=dict)
     check: Callable[..., list[str]] | None = None
+    uses_sigma: bool = True
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -438,7 +441,7 @@ def _register_builtins() -> None:
                            "non-blind Wiener deconvolution with the true kernel (gradient prior, no model)",
                            needs_kernel=True))
     register_method(Method("identity", _identity_run, "no restoration: the blurry input, with a Dirac kernel",
-                           options=(kernel_size,)))
+                           options=(kernel_size,), uses_sigma=False))
 
 
 def _unit_interval(value) -> float:
@@ -449,7 +452,10 @@ def _unit_interval(value) -> float:
 
 
 def _strength_arg(value) -> float:
-    number = _unit_interval(value)
+    try:
+        number = _unit_interval(value)
+    except argparse.ArgumentTypeError:
+        number = 0.0
     if number == 0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
     return number
@@ -520,7 +526,7 @@ def _register_blind_dps() -> None:
     register_method(Method(
         "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind)",
         pipeline_class=BlindDPSPipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=options,
-        info={"guidance": "dps"}, check=check,
+        info={"guidance": "dps"}, check=check, uses_sigma=False,
     ))
 
     def run_turbulence(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
@@ -538,7 +544,7 @@ def _register_blind_dps() -> None:
         "blind-dps-turbulence", run_turbulence,
         "BlindDPS through turbulence: image, kernel and tilt-field priors (y = k * T_d(x) + n; writes the tilt field)",
         pipeline_class=BlindDPSTurbulencePipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=options,
-        info={"guidance": "dps", "degradation": "tilt then blur"}, check=check,
+        info={"guidance": "dps", "degradation": "tilt then blur"}, check=check, uses_sigma=False,
     ))
 
 

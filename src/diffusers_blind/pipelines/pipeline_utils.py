@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +94,12 @@ class UNetDenoiser:
         return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
     def step_kwargs(self, generator=None, eta: float = 0.0) -> dict:
-        """The extra keyword arguments this scheduler's ``step`` accepts (``generator``, DDIM's ``eta``)."""
+        """The extra keyword arguments this scheduler's ``step`` accepts (``generator``, DDIM's ``eta``).
+
+        ``eta`` is checked whatever the scheduler (a number >= 0; DDPM ignores it), so a typo never passes silently.
+        """
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta < math.inf:
+            raise ValueError(f"eta must be a finite number >= 0 (DDIM's stochasticity; ignored by DDPM), got {eta!r}")
         params = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {}
         if "generator" in params:
@@ -166,7 +173,8 @@ def expand_generator(generator, batch: int, copies: int):
     if len(generator) == batch * copies:
         return generator
     if len(generator) != batch:
-        raise ValueError(f"generator list has {len(generator)} entries; expected {batch} or {batch * copies}")
+        expected = f"{batch}" if copies == 1 else f"{batch} (one per image) or {batch * copies} (one per copy)"
+        raise ValueError(f"generator list has {len(generator)} entries; expected {expected}")
     return [g for g in generator for _ in range(copies)]
 
 

@@ -188,7 +188,7 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("pass exactly one of num_inference_steps, sqrt_alphas_cumprod, betas")
         if num_inference_steps is not None:
             if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
             n = self.config.num_train_timesteps
             if num_inference_steps > n:
                 raise ValueError(f"num_inference_steps ({num_inference_steps}) cannot exceed num_train_timesteps ({n})")

@@ -322,7 +322,7 @@ class BlindDPSPipeline(DiffusionPipeline):
             states, params = self.denoising_step(problem, denoisers, states, t, step_kwargs)
             if callback_on_step_end is not None:
                 available = self.callback_tensors(states, problem)
-                outputs = callback_on_step_end(self, i, t, {name: available[name] for name in tensor_inputs})
+                outputs = callback_on_step_end(self, i, t, {name: available[name] for name in tensor_inputs}) or {}
                 for name, chain in self.callback_latent_names().items():
                     states[chain] = outputs.pop(name, states[chain])
             progress_bar.update()

@@ -171,7 +171,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         if measurement.shape[1] not in (1, channels):
             raise ValueError(f"image has {measurement.shape[1]} channels; the model takes {channels} (or 1, grayscale)")
         if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         if output_type not in OUTPUT_TYPES:
@@ -314,6 +314,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         if perception_distortion is not None:
             num_inference_steps, num_samples = perception_distortion_setting(perception_distortion)
         if noise_levels is not None:
+            if isinstance(noise_levels, (str, bytes)) or not hasattr(noise_levels, "__len__") or len(noise_levels) == 0:
+                raise ValueError(f"noise_levels must be a non-empty sequence of levels in (0, 1), got {noise_levels!r}")
             num_inference_steps = len(noise_levels)
         num_inference_steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
         num_samples = 1 if num_samples is None else num_samples

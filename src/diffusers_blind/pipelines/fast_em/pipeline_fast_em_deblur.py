@@ -466,7 +466,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if callback is None:
             return state
         available = {"latents": state.latents, "kernel": state.kernel, "x0": state.x0}
-        outputs = callback(self, step, t, {name: available[name] for name in tensor_inputs})
+        outputs = callback(self, step, t, {name: available[name] for name in tensor_inputs}) or {}  # None: no change
         return replace(state, latents=outputs.pop("latents", state.latents), kernel=outputs.pop("kernel", state.kernel))
 
     def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0, start_index=0,
@@ -757,6 +757,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             if kernel is not None or em_iterations is not None:
                 raise ValueError("kernel_size='auto' is for blind Fast EM: not with a known `kernel` or em_iterations")
             kernel_size = None
+        if kernel is not None and kernel_size is not None and np.ndim(kernel) >= 2 \
+                and tuple(np.shape(kernel)[-2:]) != (kernel_size, kernel_size):
+            raise ValueError(f"kernel is {tuple(np.shape(kernel)[-2:])} but kernel_size is {kernel_size}: a known "
+                             "kernel sets the size (leave kernel_size out)")
         if kernel_size is None:
             if kernel is not None:
                 kernel_size = int(np.shape(kernel)[-1])
