@@ -382,3 +382,72 @@ def test_evaluation_input_errors_are_clear(fixture_dir, tmp_path, hf_env, capsys
             "--methods", "fastem-pigdm", "--model", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="cannot load the pipeline of fastem-pigdm"):
         runner.main(args)
+
+
+def test_fallbacks_are_recorded_and_counted(fixture_dir, tmp_path, hf_env, monkeypatch):
+    """A blind run whose guard returned the input is named in its record and counted in the summary."""
+    from diffusers_blind import methods
+
+    def run(y, *, sigma, kernel, generator, pipeline, blur):
+        return methods.MethodResult(image=y.clamp(0, 1), kernel=None, fallback=True, fit=9.5)
+
+    methods.register_method(methods.Method("always-falls-back", run, returns_kernel=False))
+    try:
+        output_dir = tmp_path / "fb"
+        args = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--sigma", "5",
+                "--methods", "identity", "always-falls-back", "--output_dir", str(output_dir),
+                "--extra_metrics", "none", "--limit", "2"]
+        assert runner.main(args) == 0
+    finally:
+        methods.unregister_method("always-falls-back")
+    records = records_by_key(output_dir)
+    assert {r["fallback"] for k, r in records.items() if k[1] == "always-falls-back"} == {True}
+    assert {r["fit"] for k, r in records.items() if k[1] == "always-falls-back"} == {9.5}
+    assert {r["fallback"] for k, r in records.items() if k[1] == "identity"} == {None}
+    rows = {line.split(",")[0]: line.split(",") for line in (output_dir / "summary.csv").read_text().splitlines()}
+    header = rows["method"]
+    assert rows["always-falls-back"][header.index("fallbacks")] == "2"
+    assert rows["identity"][header.index("fallbacks")] == "0"
+    assert "| always-falls-back | 5 | 2 | 2 |" in (output_dir / "summary.md").read_text()
+
+
+def test_folders_without_results_and_subsets_of_methods(fixture_dir, tmp_path, hf_env, capsys):
+    base = ["--data_dir", str(fixture_dir / "images"), "--resolution", "24", "--kernel_size", "5", "--sigma", "5",
+            "--extra_metrics", "none", "--limit", "2"]
+    # a command that failed before its first result does not block the corrected one
+    output_dir = tmp_path / "retry"
+    with pytest.raises(SystemExit, match="cannot load the pipeline"):
+        runner.main([*base, "--methods", "fastem-pigdm", "--model", str(tmp_path / "nope"), "--output_dir", str(output_dir)])
+    assert runner.main([*base, "--methods", "identity", "--kernel_size", "3", "--output_dir", str(output_dir)]) == 0
+    assert "no result yet" in capsys.readouterr().err
+    # a later command with a subset of the methods (no model) resumes the folder of a run that used one
+    output_dir = tmp_path / "subset"
+    model = ["--model", str(fixture_dir / "model"), "--steps", "2"]
+    assert runner.main([*base, "--methods", "identity", "fastem-pigdm", *model, "--output_dir", str(output_dir)]) == 0
+    before = records_by_key(output_dir)
+    assert runner.main([*base, "--methods", "identity", "--output_dir", str(output_dir)]) == 0
+    assert records_by_key(output_dir) == before
+    assert json.loads((output_dir / "config.json").read_text())["model"] == str(fixture_dir / "model")
+    # the user's own files in a folder that is not an evaluation's are never replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.md").write_text("MY NOTES")
+    with pytest.raises(SystemExit, match="no config.json but holds files"):
+        runner.main([*base, "--methods", "identity", "--output_dir", str(mine)])
+    assert (mine / "summary.md").read_text() == "MY NOTES"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: ["--data_dir", str(tmp)], "holds no images"),
+    (lambda tmp: ["--output_dir", str(tmp / "file")], "is a file"),
+    (lambda tmp: ["--resolution", "16", "--kernel_size", "33"], "larger than --resolution"),
+])
+def test_more_argument_errors(fixture_dir, tmp_path, hf_env, capsys, make, message):
+    (tmp_path / "file").write_text("x")
+    args = {"--data_dir": str(fixture_dir / "images"), "--output_dir": str(tmp_path / "o"), "--methods": "identity"}
+    extra = make(tmp_path)
+    for flag, value in zip(extra[::2], extra[1::2]):
+        args[flag] = value
+    with pytest.raises(SystemExit):
+        runner.parse_args([item for pair in args.items() for item in pair])
+    assert message in capsys.readouterr().err

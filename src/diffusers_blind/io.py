@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -61,9 +62,23 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
 
 
 # ---------------------------------------------------------------------------- atomic writes
+def file_mode(path: str | os.PathLike) -> int:
+    """The permission bits a new file at ``path`` gets from ``open``: the existing file's, else ``0o666 & ~umask``."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``."""
+    """Open a temporary file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+
+    The file gets the permissions a plain ``open`` would give it (those of the file it replaces, else
+    ``0o666`` less the umask), not the owner-only mode of temporary files.
+    """
     path = Path(path)
     handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
@@ -71,6 +86,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(handle.name, file_mode(path))
         os.replace(handle.name, path)
     except BaseException:
         with contextlib.suppress(OSError):

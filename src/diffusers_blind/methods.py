@@ -170,13 +170,16 @@ class MethodResult:
     """What a method returns: the restored ``(1, C, H, W)`` image in ``[0, 1]``, the ``(1, 1, k, k)``
     kernel or ``None``, the noise std it used in 8-bit levels (``None`` if it uses none), a
     per-pixel std ``(1, 1, H, W)`` or ``None``, and for turbulence the estimated tilt field
-    ``(1, 2, H, W)`` in pixels (channel 0 horizontal, 1 vertical) or ``None``."""
+    ``(1, 2, H, W)`` in pixels (channel 0 horizontal, 1 vertical) or ``None``; for a method with a guard,
+    ``fallback`` (the guard returned the input instead of a failed estimate) and the re-blur ``fit``."""
 
     image: torch.Tensor
     kernel: torch.Tensor | None = None
     sigma: float | None = None
     uncertainty: torch.Tensor | None = None
     tilt: torch.Tensor | None = None
+    fallback: bool | None = None
+    fit: float | None = None
 
 
 @dataclass
@@ -329,7 +332,8 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             **options,
         )
         return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), float(out.sigma[0]),
-                            out.uncertainty)
+                            out.uncertainty, fallback=bool(out.fallback[0]) if out.fallback else None,
+                            fit=float(out.fit[0]) if out.fit else None)
 
     return run
 
@@ -392,7 +396,7 @@ def _register_builtins() -> None:
     kernel_size = Option("kernel_size", kernel_size_or_auto, None,
                          "size of the estimated kernel, or 'auto' to pick it from the extent of a sparse-prior kernel "
                          "estimate (default: the model's, 33 for the shipped one)")
-    em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3)",
+    em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3 in deblur, 10 in the evaluation)",
                            eval_default=10)
     tiling = (
         Option("tile_size", tile_size_arg, None,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..io import read_json, save_json, save_npy
+from ..io import IMAGE_EXTENSIONS, read_json, save_json, save_npy
 from ..methods import METHODS, MethodResult, all_options, get_method, with_default_steps
 from .degradations import (
     BLUR_MODES,
@@ -101,6 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--intensity must be in [0, 1]")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         p.error(f"--data_dir {args.data_dir!r} is not a folder")
+    if args.data_dir is not None and not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in Path(args.data_dir).rglob("*")):
+        p.error(f"--data_dir {args.data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        p.error(f"--output_dir {args.output_dir!r} is a file, not a folder")
+    if args.resolution is not None and args.kernel in ("motion", "gaussian") and args.kernel_size > args.resolution:
+        p.error(f"--kernel_size {args.kernel_size} is larger than --resolution {args.resolution}")
     if args.kernel not in ("motion", "gaussian") and not Path(args.kernel).is_dir():
         p.error(f"--kernel must be 'motion', 'gaussian' or an existing folder, got {args.kernel!r}")
     args.sigma = list(dict.fromkeys(float(s) for s in args.sigma))
@@ -227,17 +233,32 @@ def check_settings(args, output_dir: Path, is_main: bool) -> None:
     is otherwise a clear error.
     """
     settings = {name: getattr(args, name) for name in RESULT_SETTINGS} | method_settings(args)
+    if settings["model"] is None:  # no method of this command loads a model: a stored one still holds for its rows
+        del settings["model"]
     path = output_dir / "config.json"
     previous = None
+    has_results = any(f.stat().st_size > 0 for f in output_dir.glob("results*.jsonl"))
+    written_here = [*output_dir.glob("results*.jsonl"), *output_dir.glob("summary.*"), output_dir / "grid.png",
+                    output_dir / "perception_distortion.png"]
+    foreign = [f.name for f in written_here if f.exists()]
+    if foreign and not path.is_file() and not args.overwrite:  # not an evaluation folder: the user's own files
+        raise SystemExit(f"{output_dir} has no config.json but holds files this evaluation would write "
+                         f"({', '.join(sorted(foreign))}); use another --output_dir, or --overwrite to replace them")
     if path.is_file() and not args.overwrite:
         try:
             previous = read_json(path, "the evaluation settings file")
         except (OSError, ValueError) as error:
-            if any(output_dir.glob("results*.jsonl")):
+            if has_results:
                 raise SystemExit(f"{error}. The results in {output_dir} cannot be checked against the current "
                                  "settings: delete config.json to resume with them anyway, or pass --overwrite "
                                  "to start again.") from None
             print(f"note: {error}; no result exists yet, so it is written again", file=sys.stderr)
+    if previous is not None and not has_results:  # an earlier command stopped before its first result
+        differences = [k for k, v in settings.items() if k in previous and previous[k] != v]
+        if differences:
+            print(f"note: {output_dir} holds no result yet; its settings file is written again with this command's "
+                  f"({', '.join(differences)} changed)", file=sys.stderr)
+            previous = None
     if previous is not None:
         differences = [f"{k}: {previous[k]!r} -> {v!r}" for k, v in settings.items() if k in previous and previous[k] != v]
         if differences:
@@ -249,9 +270,7 @@ def check_settings(args, output_dir: Path, is_main: bool) -> None:
             save_json({**previous, **settings}, path)
     elif is_main:
         if args.overwrite:
-            stale = [*output_dir.glob("results*.jsonl"), *output_dir.glob("summary.*"), output_dir / "grid.png",
-                     output_dir / "perception_distortion.png"]
-            for file in stale:
+            for file in written_here:
                 file.unlink(missing_ok=True)
             images = output_dir / "images"
             if images.is_dir():
@@ -368,6 +387,9 @@ def main(argv=None) -> int:
                     "seed": args.seed, "kernel": cache["kernel_name"], "kernel_size": int(kernel.shape[-1]),
                     "blur_mode": args.blur_mode, "resolution": list(x.shape[-2:]),
                     "time_s": seconds,
+                    # the guard of a blind run returned the blurry input (its scores are the input's)
+                    "fallback": result.fallback, "fit": result.fit,
+                    "uncertainty_mean": None if result.uncertainty is None else float(result.uncertainty.float().mean()),
                     **score(x_hat, k_hat, x, y, kernel, sigma, method, args, extra),
                     "process": state.process_index,
                 }
@@ -380,6 +402,9 @@ def main(argv=None) -> int:
                     save_png(x_hat, folder / f"{method}_s{sigma:g}.png")
                     if k_hat is not None:
                         save_npy(k_hat[0, 0].numpy(), folder / f"{method}_s{sigma:g}_kernel.npy")
+                    if result.uncertainty is not None:  # --particles > 1: the per-pixel std over particles
+                        std = result.uncertainty.float().cpu().reshape(result.uncertainty.shape[-2:])
+                        save_npy(std.numpy(), folder / f"{method}_s{sigma:g}_uncertainty.npy")
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())

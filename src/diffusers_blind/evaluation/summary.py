@@ -50,14 +50,15 @@ def summarise(records: list[dict], args, output_dir: Path, missing_metrics: dict
     present = [m for m, _, _ in SUMMARY_METRICS if any(r.get(m) is not None for r in records)]
     rows = []
     for method, sigma in keys:
-        row = {"method": method, "sigma": sigma, "blur": args.blur_mode, "n": len(groups[(method, sigma)])}
+        row = {"method": method, "sigma": sigma, "blur": args.blur_mode, "n": len(groups[(method, sigma)]),
+               "fallbacks": sum(bool(r.get("fallback")) for r in groups[(method, sigma)])}
         for metric in present:
             mean, std, _ = _mean_std([r.get(metric) for r in groups[(method, sigma)]])
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
         rows.append(row)
 
     buffer = io.StringIO(newline="")
-    fields = ["method", "sigma", "blur", "n", *[f"{m}_{s}" for m in present for s in ("mean", "std")]]
+    fields = ["method", "sigma", "blur", "n", "fallbacks", *[f"{m}_{s}" for m in present for s in ("mean", "std")]]
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
@@ -85,12 +86,13 @@ def summarise(records: list[dict], args, output_dir: Path, missing_metrics: dict
                 lines.append(f"`{method}`: {values}.")
     lines += ["", "Mean ± standard deviation over images; σ in 8-bit levels. Kernel metrics are not reported for "
               "known-kernel methods nor for methods that estimate no kernel; `identity` is scored with a Dirac "
-              "kernel.", ""]
-    header = ["method", "σ", "n", *[formats[m][0] for m in present]]
+              "kernel. *fallback*: blind runs whose guard returned the blurry input (their scores are the input's; "
+              "`fallback` in `results.jsonl` names them).", ""]
+    header = ["method", "σ", "n", "fallback", *[formats[m][0] for m in present]]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in rows:
-        cells = [row["method"], f"{row['sigma']:g}", str(row["n"])]
+        cells = [row["method"], f"{row['sigma']:g}", str(row["n"]), str(row["fallbacks"])]
         for metric in present:
             mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
             fmt = formats[metric][1]
