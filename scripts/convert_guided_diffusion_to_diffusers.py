@@ -56,6 +56,8 @@ import json
 import sys
 from typing import Any
 
+from pathlib import Path
+
 import torch
 
 
@@ -487,7 +489,16 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     config = config_from_args(args)
-    state_dict = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if not Path(args.checkpoint).is_file():
+        raise ConversionError(f"checkpoint not found: {args.checkpoint}")
+    try:
+        state_dict = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # empty, truncated, not a torch file, or pickled code weights_only refuses
+        detail = "empty or truncated" if isinstance(error, EOFError) else (
+            "not plain tensors, or not a PyTorch file" if "weights only" in str(error).lower()
+            else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}")
+        raise ConversionError(f"{args.checkpoint} is not a readable PyTorch state-dict checkpoint ({detail}); "
+                              "only plain tensor checkpoints are read, never pickled code") from None
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{args.checkpoint} does not hold a state dict (got {type(state_dict).__name__})")
     for wrapper in ("state_dict", "model", "ema"):  # tolerate {"state_dict": {...}} style files

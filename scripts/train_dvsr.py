@@ -102,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--num_validation", type=int, default=8, help="fixed validation pairs (from the training data)")
     args = p.parse_args(argv)
+    for name in ("train_data_dir", "pairs_dir"):
+        folder = getattr(args, name)
+        if folder is not None and not folder.is_dir():
+            p.error(f"--{name} {folder} is not a folder")
     if args.max_kernel_size % 2 == 0 or args.max_kernel_size < 3:
         raise SystemExit("--max_kernel_size must be odd and >= 3")
     return args
@@ -261,6 +265,9 @@ def validate(predictor, denoiser, scheduler, blurry, sharp, steps: int, seed: in
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from diffusers_blind.io import check_training_folder
+
+    check_training_folder(args.output_dir, args.resume)
     t_start = time.time()
     torch.set_num_threads(args.num_threads)
 

@@ -266,6 +266,9 @@ def sample_grid(unet, scheduler, n: int, resolution: int, steps: int, seed: int,
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from diffusers_blind.io import check_training_folder
+
+    check_training_folder(args.output_dir, args.resume)
     t_start = time.time()
     torch.set_num_threads(args.num_threads)
 
@@ -282,7 +285,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(args.seed)
 
-    sampler = CropSampler(args.train_data_dir, args.resolution, args.min_crop_std, rot90=not args.no_rot90)
+    if not args.train_data_dir.is_dir():
+        raise SystemExit(f"--train_data_dir {args.train_data_dir} is not a folder")
+    try:
+        sampler = CropSampler(args.train_data_dir, args.resolution, args.min_crop_std, rot90=not args.no_rot90)
+    except ValueError as error:  # no usable image
+        raise SystemExit(str(error)) from None
     unet = UNet2DModel.from_pretrained(args.init_from) if args.init_from is not None else build_unet(args)
     if unet.config.sample_size != args.resolution:
         unet.register_to_config(sample_size=args.resolution)

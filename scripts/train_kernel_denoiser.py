@@ -238,6 +238,9 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from diffusers_blind.io import check_training_folder
+
+    check_training_folder(args.output_dir, args.resume, "checkpoints/checkpoint-*")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     accelerator = Accelerator()
@@ -255,7 +258,11 @@ def main(argv=None) -> dict:
         model.body.load_state_dict(load_body_weights(Path(args.init_from)))
         accelerator.print(f"initialised the denoiser weights from {args.init_from}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.max_steps, 1), eta_min=args.lr_min)
+    # cosine decay lr -> lr_min over --max_steps, in closed form of the step count: a run resumed with a
+    # larger --max_steps continues on the longer curve (a CosineAnnealingLR would keep the first run's period)
+    total = max(args.max_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))) / args.lr)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
 

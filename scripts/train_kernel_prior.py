@@ -44,6 +44,13 @@ from train_image_prior import latest_checkpoint, prune_checkpoints  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- args
+CHOICES = {  # the closed-set options (also those of scripts/train_tilt_prior.py)
+    "attention": ["none", "lowest"],
+    "variance": ["fixed_small", "fixed_large", "learned_range"],
+    "mixed_precision": ["no", "fp16", "bf16"],
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a BlindDPS-style kernel diffusion prior on synthetic kernels.")
     p.add_argument("--output_dir", type=Path, required=True, help="run folder: checkpoints, logs, samples, export")
@@ -59,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # model
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64, 128])
     p.add_argument("--layers_per_block", type=int, default=1)
-    p.add_argument("--attention", choices=["none", "lowest"], default="none")
+    p.add_argument("--attention", choices=CHOICES["attention"], default="none")
     p.add_argument("--norm_num_groups", type=int, default=None, help="default: min(32, smallest channel count)")
-    p.add_argument("--variance", choices=["fixed_small", "fixed_large", "learned_range"], default="fixed_small")
+    p.add_argument("--variance", choices=CHOICES["variance"], default="fixed_small")
     p.add_argument("--vlb_weight", type=float, default=1e-3, help="λ of the hybrid loss (learned_range only)")
     # optimisation
     p.add_argument("--batch_size", type=int, default=32)
@@ -71,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--max_train_steps", type=int, default=1_000_000)
     p.add_argument("--max_minutes", type=float, default=None, help="stop cleanly after this wall time (this process)")
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--mixed_precision", choices=CHOICES["mixed_precision"], default="no")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads")
     # EMA
@@ -249,6 +256,9 @@ def export_model(unet, scheduler, output_dir: Path, export_dir: Path | None, inf
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from diffusers_blind.io import check_training_folder
+
+    check_training_folder(args.output_dir, args.resume)
     sampler = KernelSampler(args.kernel_size, args.intensity_range, args.gaussian_fraction, args.gaussian_std_range)
     info = {"kernel_size": args.kernel_size, "intensity_range": args.intensity_range,
             "gaussian_fraction": args.gaussian_fraction, "gaussian_std_range": args.gaussian_std_range}

@@ -55,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(flag, action="store_true")
         elif isinstance(value, list):
             p.add_argument(flag, type=type(value[0]), nargs="+", default=value)
-        elif name in ("variance", "attention", "mixed_precision", "resume"):
+        elif name in base.CHOICES:
+            p.add_argument(flag, choices=base.CHOICES[name], default=value)
+        elif name == "resume":
             p.add_argument(flag, default=value)
         else:
             p.add_argument(flag, type=type(value) if value is not None else float, default=value)
@@ -110,6 +112,9 @@ def save_tilt_grid(fields: torch.Tensor, path: Path, scale: int = 2) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from diffusers_blind.io import check_training_folder
+
+    check_training_folder(args.output_dir, args.resume)
     sampler = TiltSampler(args.resolution, args.tilt_scale, args.max_tilt, args.source_size)
     info = {"resolution": args.resolution, "source_size": args.source_size, "tilt_scale": args.tilt_scale,
             "max_tilt": args.max_tilt}

@@ -447,3 +447,26 @@ def test_strength_out_of_range_names_the_interval(tmp_path, capsys, value):
     write_image(tmp_path / "a.png")
     assert main(["deblur", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--strength", value]) == 2
     assert "expected a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    """A new file gets 0o666 less the umask (not the temporary file's 0o600); a replaced file keeps its mode."""
+    if os.name != "posix":
+        pytest.skip("POSIX permission bits")
+    old = os.umask(0o022)
+    try:
+        io.save_json({"a": 1}, tmp_path / "new.json")
+        assert (os.stat(tmp_path / "new.json").st_mode & 0o777) == 0o644
+        os.chmod(tmp_path / "new.json", 0o640)
+        io.save_json({"a": 2}, tmp_path / "new.json")
+        assert (os.stat(tmp_path / "new.json").st_mode & 0o777) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_a_training_folder_with_checkpoints_needs_resume(tmp_path):
+    io.check_training_folder(tmp_path, None)  # empty: fine
+    (tmp_path / "checkpoint-5").mkdir()
+    with pytest.raises(SystemExit, match="checkpoint-5.*--resume latest"):
+        io.check_training_folder(tmp_path, None)
+    io.check_training_folder(tmp_path, "latest")

@@ -450,3 +450,18 @@ def test_scheduler_config():
     torch.testing.assert_close(s.betas.double(), expected, atol=1e-8, rtol=0)
     s.set_timesteps(100)
     assert s.timesteps[0] == 999 and s.timesteps[-1] == 0 and s.timesteps[1] == 989
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "checkpoint not found"),
+    (b"", "empty or truncated"),
+    (bytes(range(256)) * 2, "not plain tensors, or not a PyTorch file"),
+])
+def test_unreadable_checkpoints_are_named(tmp_path, content, message):
+    ckpt = tmp_path / "model.pt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    with pytest.raises(conv.ConversionError, match=message) as error:
+        conv.main(["--checkpoint", str(ckpt), "--config", "blinddps_kernel", "--output_dir", str(tmp_path / "out")])
+    assert "weights_only=False" not in str(error.value)  # never advise loading pickled code
+    assert not (tmp_path / "out").exists()

@@ -95,6 +95,25 @@ def test_resume_reproduces_uninterrupted_run(train_module, tiny_run):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_longer_resumed_run_follows_the_longer_schedule(train_module, tiny_run):
+    """Resuming a finished 4-step run to 8 steps: the learning rate follows the 8-step cosine from step 4 on,
+    and a new run into a folder with checkpoints needs --resume."""
+    import math
+
+    root, _ = tiny_run
+    longer_dir = root / "longer"
+    shutil.copytree(root / "run" / "checkpoints", longer_dir / "checkpoints")
+    train_module.main(tiny_args(longer_dir, root / "pool.pt", 8, "--resume", "latest"))
+    state = torch.load(longer_dir / "checkpoints" / "checkpoint-8" / "optimizer.bin", weights_only=False)
+    lr = state["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-4)  # lr_min at the end of the 8-step curve
+    state6 = torch.load(longer_dir / "checkpoints" / "checkpoint-6" / "optimizer.bin", weights_only=False)
+    expected = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 6 / 8))
+    assert state6["param_groups"][0]["lr"] == pytest.approx(expected)
+    with pytest.raises(SystemExit, match="--resume latest"):
+        train_module.main(tiny_args(longer_dir, root / "pool.pt", 2))
+
+
 def synthetic_photo(size=128, seed=0):
     """A smooth-plus-edges test image (random disks and rectangles over low-passed noise), (1, 3, s, s)."""
     gen = torch.Generator().manual_seed(seed)

@@ -183,3 +183,18 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int]:
     if size[0] == 0 or size[1] == 0:
         raise ImageReadError(f"cannot read image {path}: it is empty ({size[0]}x{size[1]} pixels)")
     return size
+
+
+def check_training_folder(output_dir: str | os.PathLike, resume, checkpoints: str = "checkpoint-*") -> None:
+    """Refuse to start a fresh training run in a folder that holds an earlier run's checkpoints.
+
+    Without ``--resume`` a new run would interleave its logs, exports and checkpoints with the old ones
+    (and the checkpoint limit could delete the new ones first). ``checkpoints``: the glob of the
+    checkpoint folders below ``output_dir``.
+    """
+    if resume:
+        return
+    found = sorted(Path(output_dir).glob(checkpoints))
+    if found:
+        raise SystemExit(f"{output_dir} holds checkpoints of an earlier run ({found[-1].name}, {len(found)} in all): "
+                         "pass --resume latest to continue it, or choose another --output_dir")
