@@ -470,3 +470,25 @@ def test_a_training_folder_with_checkpoints_needs_resume(tmp_path):
     with pytest.raises(SystemExit, match="checkpoint-5.*--resume latest"):
         io.check_training_folder(tmp_path, None)
     io.check_training_folder(tmp_path, "latest")
+
+
+def test_a_guard_fallback_is_a_note_and_is_recorded(tmp_path, capsys):
+    import warnings
+
+    from diffusers_blind import methods
+
+    def run(y, *, sigma, kernel, generator, pipeline, blur):
+        warnings.warn("the blind estimate does not explain the photo: returning the input")
+        return methods.MethodResult(image=y.clamp(0, 1), kernel=None, sigma=sigma, fallback=True, fit=7.0)
+
+    methods.register_method(methods.Method("falls-back", run, returns_kernel=False))
+    try:
+        write_image(tmp_path / "a.png")
+        assert main(["deblur", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--method", "falls-back"]) == 0
+    finally:
+        methods.unregister_method("falls-back")
+    captured = capsys.readouterr()
+    assert "note: a.png: the blind estimate does not explain the photo" in captured.err
+    assert "UserWarning" not in captured.err and "the guard returned the input]" in captured.out
+    record = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert record["fallback"] is True and record["fit"] == 7.0

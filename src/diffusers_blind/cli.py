@@ -21,6 +21,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,6 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
     The package's one decoder (``diffusers_blind.io.read_image``): EXIF rotation applied, alpha dropped,
     16-bit and float images read at full precision.
     """
-    import warnings
-
     from .io import read_image
 
     try:
@@ -434,9 +433,16 @@ def _deblur_one(path: Path, plan: dict, run: dict, args) -> None:
                                             leave=not run["several"])
     generator = torch.Generator(device="cpu").manual_seed(run["seed"])
     start = time.perf_counter()
-    result = run["method"].run(y, sigma=args.sigma, kernel=run["kernel"], generator=generator, pipeline=run["pipe"],
-                               blur=None, **run["options"])
+    with warnings.catch_warnings(record=True) as caught:  # the pipeline's warnings as one-line notes
+        warnings.simplefilter("always", UserWarning)
+        result = run["method"].run(y, sigma=args.sigma, kernel=run["kernel"], generator=generator,
+                                   pipeline=run["pipe"], blur=None, **run["options"])
     seconds = time.perf_counter() - start
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            _note(f"{path.name}: {warning.message}")
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     image = processor.numpy_or_pil(result.image.reshape(1, *result.image.shape[-3:]), "pil")[0]
     plan["record"].parent.mkdir(parents=True, exist_ok=True)
     written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE)
@@ -446,8 +452,9 @@ def _deblur_one(path: Path, plan: dict, run: dict, args) -> None:
         sigma = result.sigma
         sigma_text = "-" if sigma is None else f"{sigma:.2f} (estimated)" if args.sigma == "auto" else f"{sigma:g}"
         size = result.kernel.shape[-1] if result.kernel is not None else None
+        fallback = ", the guard returned the input" if result.fallback else ""
         _say(f"{path} -> {plan['image']}  [sigma {sigma_text}, {f'kernel {size}x{size}' if size else 'no kernel'}, "
-             f"{seconds:.1f} s]")
+             f"{seconds:.1f} s{fallback}]")
 
 
 def cmd_deblur(args) -> int:
