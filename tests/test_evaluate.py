@@ -313,9 +313,10 @@ def test_valid_scene_crops_the_same_truth_with_a_kernel_margin(tmp_path):
     Image.fromarray(array).save(tmp_path / "a.png")
     dataset = [{"image": {"path": str(tmp_path / "a.png"), "bytes": None}}]
     kernel = torch.ones(1, 1, 5, 4) / 20
-    circular = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--methods", "identity"])
-    valid = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--blur", "valid",
-                               "--methods", "identity"])
+    circular = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--kernel_size", "5",
+                                  "--methods", "identity"])
+    valid = runner.parse_args(["--data_dir", ".", "--output_dir", "x", "--resolution", "16", "--kernel_size", "5",
+                               "--blur", "valid", "--methods", "identity"])
     truth, source = degradations.load_scene(dataset, "image", 0, circular, kernel)
     assert torch.equal(truth, source) and truth.shape == (1, 3, 16, 16)
     truth_v, source_v = degradations.load_scene(dataset, "image", 0, valid, kernel)
