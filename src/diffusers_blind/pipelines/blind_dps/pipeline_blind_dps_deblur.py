@@ -192,7 +192,8 @@ class BlindDPSPipeline(DiffusionPipeline):
                              f"got {kernel_size!r}")
         height, width = measurement.shape[-2:]
         if kernel_size > height or kernel_size > width:
-            raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width})")
+            raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width}); pass a "
+                             f"kernel_size of at most {min(height, width)} (odd) for so small an image")
         self._check_variance(self.unet, "unet", 2 * unet_channels)
         self._check_variance(self.kernel_unet, "kernel_unet", 2)
 

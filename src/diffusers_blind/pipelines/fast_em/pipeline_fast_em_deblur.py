@@ -270,7 +270,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
         height, width = measurement.shape[-2:]
         if kernel_size > height or kernel_size > width:
-            raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width})")
+            raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width}); pass a "
+                             f"kernel_size of at most {min(height, width)} (odd) for so small an image")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
