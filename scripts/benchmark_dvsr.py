@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no",
                    help="DvSR networks under autocast (the pipeline's mixed_precision)")
     p.add_argument("--fastem", type=int, default=0, help="also run fastem-pigdm on the first N inputs")
+    p.add_argument("--fastem_steps", type=int, default=None,
+                   help="diffusion steps of the fastem-pigdm row (default: the model's, 50 for the shipped one)")
     p.add_argument("--rows", nargs="*", default=None,
                    help="compute only these rows (blurry, predictor, 'dvsr STEPSxSAMPLES', fastem-pigdm)")
     p.add_argument("--summarize_only", action="store_true", help="rebuild the table and plot from <output>/records.jsonl")
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
         if index < args.fastem and wanted("fastem-pigdm"):
             start, cpu = time.perf_counter(), time.process_time()
             result = fastem.run(blurry, sigma=sigma, kernel=None, generator=torch.Generator().manual_seed(seed),
-                                pipeline=fastem_pipe, blur="valid", steps=100, particles=1, guidance_scale=None,
+                                pipeline=fastem_pipe, blur="valid", steps=args.fastem_steps, particles=1, guidance_scale=None,
                                 kernel_size=None)
             outputs["fastem-pigdm"] = (result.image, time.perf_counter() - start)
             cpu_seconds["fastem-pigdm"] = time.process_time() - cpu
