@@ -467,7 +467,8 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
 def test_a_training_folder_with_checkpoints_needs_resume(tmp_path):
     io.check_training_folder(tmp_path, None)  # empty: fine
     (tmp_path / "checkpoint-5").mkdir()
-    with pytest.raises(SystemExit, match="checkpoint-5.*--resume latest"):
+    (tmp_path / "checkpoint-10").mkdir()
+    with pytest.raises(SystemExit, match="checkpoint-10, 2 in all.*--resume latest"):
         io.check_training_folder(tmp_path, None)
     io.check_training_folder(tmp_path, "latest")
 

@@ -194,7 +194,11 @@ def check_training_folder(output_dir: str | os.PathLike, resume, checkpoints: st
     """
     if resume:
         return
-    found = sorted(Path(output_dir).glob(checkpoints))
+    def step(folder: Path) -> int:
+        digits = folder.name.rpartition("-")[2]
+        return int(digits) if digits.isdigit() else -1
+
+    found = sorted(Path(output_dir).glob(checkpoints), key=step)  # checkpoint-10 after checkpoint-9
     if found:
         raise SystemExit(f"{output_dir} holds checkpoints of an earlier run ({found[-1].name}, {len(found)} in all): "
                          "pass --resume latest to continue it, or choose another --output_dir")
