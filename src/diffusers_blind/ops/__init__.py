@@ -54,6 +54,7 @@ __all__ = [
     "TiltOperator",
     "as_numpy_generator",
     "center_kernel",
+    "conjugate_gradient",
     "crop_kernel",
     "dirac_kernel",
     "dps_joint_gradient",
