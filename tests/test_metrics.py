@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,62 @@ def test_ssim_matches_torchmetrics_on_the_valid_part():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         metrics.psnr(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+
+
+def _levels(seed=0):
+    """Two 8-bit images (uint8, (2, 3, 24, 24)) that differ by noise, and the same as floats in [0, 1]."""
+    x = smooth_images(size=24, seed=seed).double()
+    noise = 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    a, b = (x * 255).round().to(torch.uint8), ((x + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    return a, b
+
+
+@pytest.mark.parametrize("metric", [metrics.psnr, metrics.ssim])
+def test_integer_images_are_rescaled_by_their_full_scale(metric):
+    a, b = _levels()
+    expected = metric(a.double() / 255, b.double() / 255)
+    assert metric(a, b).tolist() == pytest.approx(expected.tolist(), abs=1e-9)  # was clamped to {0, 1}
+    assert metric(a, b, data_range=255).tolist() == pytest.approx(expected.tolist(), abs=1e-9)
+    assert metric(a.double(), b.double(), data_range=255).tolist() == pytest.approx(expected.tolist(), abs=1e-9)
+    if hasattr(torch, "uint16"):
+        wide = [torch.from_numpy((t.numpy().astype(np.uint16) * 257)) for t in (a, b)]  # 255 * 257 = 65535
+        assert metric(*wide).tolist() == pytest.approx(expected.tolist(), abs=1e-9)
+    with pytest.raises(TypeError, match="uint8 or uint16"):
+        metric(a.long(), b.long())
+
+
+def test_psnr_uint8_matches_the_textbook_value():
+    a = torch.full((1, 1, 4, 4), 100, dtype=torch.uint8)
+    b = a.clone()
+    b[..., 0, 0] = 110  # MSE = 100 / 16 levels²
+    assert metrics.psnr(a, b).item() == pytest.approx(10 * math.log10(255**2 / (100 / 16)), abs=1e-9)
+
+
+@pytest.mark.parametrize("metric", [metrics.psnr, metrics.ssim, metrics.gmsd])
+def test_float_images_far_outside_unit_range_and_nan_are_refused(metric):
+    x = smooth_images(size=16)
+    with pytest.raises(ValueError, match="data_range=255"):
+        metric(x * 255, x)
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        metric(x, x * 2 - 1)
+    nan = x.clone()
+    nan[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        metric(x, nan)
+    metric(x + 0.2, x)  # a small overshoot is clamped, not refused
+
+
+@pytest.mark.parametrize("metric", [metrics.psnr, metrics.ssim, metrics.gmsd])
+def test_numpy_images_are_channels_last_and_batch_one_broadcasts_both_ways(metric):
+    x, y = smooth_images(size=16, seed=3).double(), smooth_images(size=16, seed=4).double()
+    expected = metric(x, y)
+    as_numpy = [t.permute(0, 2, 3, 1).numpy() for t in (x, y)]
+    assert metric(*as_numpy).tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    assert metric(as_numpy[0][0], y[:1]).item() == pytest.approx(expected[0].item(), abs=1e-12)
+    with pytest.raises(ValueError, match="channels-last"):
+        metric(x.numpy(), y.numpy())
+    assert metric(x[:1], y).tolist() == pytest.approx(metric(x[:1].expand_as(y), y).tolist(), abs=1e-12)
+    assert metric(y, x[:1]).tolist() == pytest.approx(metric(y, x[:1].expand_as(y)).tolist(), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ kernels

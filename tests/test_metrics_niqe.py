@@ -56,6 +56,13 @@ def test_niqe_rises_with_blur_and_is_channel_consistent():
         metrics.niqe(torch.rand(1, 3, 6, 6))
 
 
+def test_niqe_refuses_nan():
+    x = pink_noise(40)
+    x[0, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.niqe(x)
+
+
 def test_shipped_pristine_model():
     mean, cov, patch_size = niqe_module.load_niqe_model()
     assert mean.shape == (36,) and cov.shape == (36, 36) and patch_size == 96

@@ -1,8 +1,9 @@
 """Full-reference image metrics and the re-blur loss, per image, on ``[0, 1]`` tensors.
 
 Conventions (docs/conventions.md, "Metrics"): images are ``(B, C, H, W)`` float tensors in ``[0, 1]``
-(RGB or grayscale, no conversion to Y), both arguments are clamped to ``[0, 1]`` before a
-full-reference metric, every metric is returned **per image** as a ``(B,)`` float64 tensor and
+(RGB or grayscale, no conversion to Y); uint8 and uint16 images are rescaled by 255 and 65535, floats
+far outside ``[0, 1]`` are refused, and both arguments are clamped to ``[0, 1]`` before a
+full-reference metric. Every metric is returned **per image** as a ``(B,)`` float64 tensor and
 averaged by the caller. Noise levels are in ``[0, 1]`` units here (``10 / 255`` for "σ = 10").
 """
 
@@ -10,40 +11,98 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..ops.operators import BLUR_PADDINGS, BlurOperator
 
 
+# integer dtypes read as levels and their full scale (docs/conventions.md, "Value ranges")
+INTEGER_SCALES = {torch.uint8: 255.0, torch.uint16: 65535.0} if hasattr(torch, "uint16") else {torch.uint8: 255.0}
+# floats (in units of data_range) beyond these bounds are another range, not overshoot
+RANGE_TOLERANCE = (-0.5, 1.5)
+CHANNEL_COUNTS = (1, 3, 4)
+
+
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.ndim == 3:
-        x = x[None]
-    if y.ndim == 3:
-        y = y[None]
+    """Shapes ``(B, C, H, W)``, ``(C, H, W)`` or ``(H, W)``; a batch of 1 on either side broadcasts."""
+    x, y = (t[None, None] if t.ndim == 2 else t[None] if t.ndim == 3 else t for t in (x, y))
     if x.ndim != 4 or y.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W) or (C, H, W); got {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.shape[1:] != y.shape[1:] or y.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"images must be (B, C, H, W), (C, H, W) or (H, W); got {tuple(x.shape)} and {tuple(y.shape)}")
+    batch = max(x.shape[0], y.shape[0])
+    if x.shape[1:] != y.shape[1:] or x.shape[0] not in (1, batch) or y.shape[0] not in (1, batch):
         raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-    return x, y.expand_as(x)
+    return x.expand(batch, -1, -1, -1), y.expand(batch, -1, -1, -1)
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def _numpy_image(array: np.ndarray, name: str) -> torch.Tensor:
+    """A channels-last numpy image ``(H, W)``, ``(H, W, C)`` or ``(B, H, W, C)`` as a channels-first tensor."""
+    if array.ndim in (3, 4) and array.shape[-1] not in CHANNEL_COUNTS:
+        raise ValueError(
+            f"{name}: numpy images are channels-last, (H, W, C) or (B, H, W, C) with C in {CHANNEL_COUNTS}; "
+            f"got shape {array.shape} (for a channels-first array pass np.moveaxis(array, -3, -1), "
+            "or pass a torch tensor)"
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.movedim(-1, -3) if tensor.ndim in (3, 4) else tensor
+
+
+def _unit_range(image, name: str, data_range: float | None) -> torch.Tensor:
+    """One image argument as float64 in units of its full scale, checked (see :func:`psnr`)."""
+    if isinstance(image, np.ndarray):
+        image = _numpy_image(image, name)
+    if not torch.is_tensor(image):
+        raise TypeError(f"{name} must be a torch tensor or a numpy array, got {type(image).__name__}")
+    if not image.is_floating_point():
+        if image.dtype not in INTEGER_SCALES:
+            raise TypeError(
+                f"{name} has dtype {image.dtype}: use uint8 or uint16 levels, or a float image in [0, data_range]"
+            )
+        scale = INTEGER_SCALES[image.dtype] if data_range is None else data_range
+        return image.double() / scale
+    image = image.double()
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    scale = 1.0 if data_range is None else data_range
+    image = image / scale
+    low, high = image.min().item(), image.max().item()
+    if low < RANGE_TOLERANCE[0] or high > RANGE_TOLERANCE[1]:
+        raise ValueError(
+            f"{name} has values in [{low * scale:.4g}, {high * scale:.4g}], far outside [0, {scale:g}]: "
+            "pass data_range=255 for 8-bit levels (or divide by 255), or map a [-1, 1] image with (x + 1) / 2"
+        )
+    return image
+
+
+def _image_pair(x, y, data_range: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images as float64 in ``[0, 1]`` (full scale 1), clamped, shapes checked and broadcast."""
+    if data_range is not None and not data_range > 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+    x, y = _unit_range(x, "x", data_range), _unit_range(y, "y", data_range)
+    x, y = _check_pair(x, y.to(x.device))
+    return x.clamp(0, 1), y.clamp(0, 1)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, ``10·log10(data_range² / MSE)`` in dB.
 
     Both images are clamped to ``[0, data_range]``; the MSE is the mean over all channels and
     pixels (RGB PSNR, not Y). Identical images give ``+inf`` (no cap).
+
+    Inputs: torch ``(B, C, H, W)``, ``(C, H, W)`` or ``(H, W)``, or channels-last numpy arrays; a
+    batch of 1 broadcasts against the other. ``data_range`` (default: 1 for floats, 255 for uint8,
+    65535 for uint16, so integer images are rescaled) is the full scale of both images: floats
+    beyond ``[−0.5, 1.5] · data_range`` (a ``[0, 255]`` image read as ``[0, 1]``) and NaN are errors.
 
     Example:
         >>> x = torch.full((1, 3, 8, 8), 0.5, dtype=torch.float64)
         >>> round(float(psnr(x + 0.1, x)), 6)  # MSE = 0.01 -> 20 dB
         20.0
     """
-    x, y = _check_pair(x, y)
-    x = x.double().clamp(0, data_range)
-    y = y.double().clamp(0, data_range)
+    x, y = _image_pair(x, y, data_range)
     mse = (x - y).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse)
+    return 10 * torch.log10(1 / mse)
 
 
 def _gaussian_window(size: int = 11, std: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -53,7 +112,7 @@ def _gaussian_window(size: int = 11, std: float = 1.5, dtype=torch.float64, devi
     return g[:, None] * g[None, :]
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
     """Structural similarity per image (Wang et al. 2004), in-house, float64.
 
     Convention (KAIR ``calculate_ssim`` / scikit-image ``gaussian_weights=True`` style): images
@@ -62,10 +121,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     on the **valid** part only (no padding: a 5-pixel border is dropped) and averaged over channels
     and pixels (RGB, not Y). Identical images give exactly 1. torchmetrics'
     ``structural_similarity_index_measure`` differs only at the border (it reflect-pads and keeps it).
+    Inputs, integer images and ``data_range`` as in :func:`psnr` (computed on images divided by it).
     """
-    x, y = _check_pair(x, y)
-    x = x.double().clamp(0, data_range)
-    y = y.double().clamp(0, data_range)
+    x, y = _image_pair(x, y, data_range)
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 (window 11), got {tuple(x.shape[-2:])}")
     channels = x.shape[1]
@@ -78,7 +136,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     var_x = local_mean(x * x) - mu_x**2
     var_y = local_mean(y * y) - mu_y**2
     cov = local_mean(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    c1, c2 = 0.01**2, 0.03**2  # (0.01·data_range)² on the images divided by data_range
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(1).mean(1)
 
@@ -158,10 +216,11 @@ def gmsd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     no weights: luminance of both images (clamped to ``[0, 1]``), 2×2 average-pool downsampling,
     Prewitt gradient magnitudes ``m_x, m_y`` (3×3, divided by 3, valid part), similarity map
     ``(2 m_x m_y + c) / (m_x² + m_y² + c)`` with ``c = 170 / 255²``, and its standard deviation.
+    Inputs as in :func:`psnr` (with its default ``data_range``).
     """
-    x, y = _check_pair(x, y)
-    lum_x = F.avg_pool2d(_luminance(x.double().clamp(0, 1)), 2)
-    lum_y = F.avg_pool2d(_luminance(y.double().clamp(0, 1)), 2)
+    x, y = _image_pair(x, y, None)
+    lum_x = F.avg_pool2d(_luminance(x), 2)
+    lum_y = F.avg_pool2d(_luminance(y), 2)
     prewitt = torch.tensor([[1.0, 0.0, -1.0]] * 3, dtype=lum_x.dtype, device=lum_x.device) / 3
     filters = torch.stack([prewitt, prewitt.T]).unsqueeze(1)
 

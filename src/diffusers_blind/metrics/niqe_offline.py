@@ -155,6 +155,8 @@ def niqe(image: torch.Tensor, model_path: str | None = None) -> torch.Tensor:
         image = image[None]
     if image.ndim != 4:
         raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
+    if image.is_floating_point() and not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values")
     mean_p, cov_p, patch_size = load_niqe_model(model_path)
     scores = []
     for i in range(image.shape[0]):
