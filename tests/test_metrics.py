@@ -172,7 +172,8 @@ def test_kernel_mse_zero_for_shifted_copy_and_hand_value():
     assert metrics.kernel_mse(4 * line, dirac).item() == pytest.approx(0.5 / 9, abs=1e-12)
 
 
-def test_kernel_mse_shift_is_min_over_all_translations():
+def test_kernel_mse_shift_is_min_over_all_translations_counting_all_mass():
+    """Brute force: translate the estimate on a canvas that holds it whole, MSE normalised by the 5x5 support."""
     generator = torch.Generator().manual_seed(5)
     est = torch.rand(2, 1, 5, 5, generator=generator, dtype=torch.float64)
     true = torch.rand(2, 1, 5, 5, generator=generator, dtype=torch.float64)
@@ -181,14 +182,30 @@ def test_kernel_mse_shift_is_min_over_all_translations():
     for i in range(2):
         best = math.inf
         for dr in range(-4, 5):
-            for dc in range(-4, 5):  # zero-filled translation of the estimate
-                moved = torch.zeros(5, 5, dtype=torch.float64)
-                src = est[i, 0].double()
-                r0, r1, c0, c1 = max(0, dr), min(5, 5 + dr), max(0, dc), min(5, 5 + dc)
-                moved[r0:r1, c0:c1] = src[r0 - dr : r1 - dr, c0 - dc : c1 - dc]
-                best = min(best, ((moved - true[i, 0].double()) ** 2).mean().item())
+            for dc in range(-4, 5):
+                canvas = torch.zeros(13, 13, dtype=torch.float64)
+                canvas[4:9, 4:9] -= true[i, 0]
+                canvas[4 + dr : 9 + dr, 4 + dc : 9 + dc] += est[i, 0]
+                best = min(best, canvas.pow(2).sum().item() / 25)
         expected.append(best)
-    assert metrics.kernel_mse(est, true).tolist() == pytest.approx(expected, rel=1e-6)
+    assert metrics.kernel_mse(est, true).tolist() == pytest.approx(expected, rel=1e-9)
+    assert metrics.kernel_mse(true, est).tolist() == pytest.approx(expected, rel=1e-9)  # symmetric
+
+
+def test_kernel_mse_cannot_be_lowered_by_shifting_mass_out_of_the_support():
+    true = gaussian_kernel(15, 3.0).double()
+    dirac = torch.zeros(1, 1, 15, 15, dtype=torch.float64)
+    dirac[..., 7, 7] = 1
+    line = torch.zeros(1, 1, 15, 15, dtype=torch.float64)
+    line[..., 7, :] = 1
+    near = torch.roll(true, (1, -1), (-2, -1))  # the truth one pixel off (a sliver wraps around)
+    bad = [metrics.kernel_mse(k, true).item() for k in (dirac, line)]
+    # both used to score ‖k‖²/225 (all mass shifted out of the support)
+    floor = true.pow(2).sum().item() / 225
+    assert metrics.kernel_mse(near, true).item() < 1e-6
+    assert min(bad) > 5 * floor and abs(bad[0] - bad[1]) > floor
+    # the Dirac at the Gaussian's peak: (1 + ‖k‖² − 2 max k) / 225
+    assert bad[0] == pytest.approx((1 + true.pow(2).sum().item() - 2 * true.max().item()) / 225, rel=1e-12)
 
 
 def test_kernel_metrics_accept_different_sizes():

@@ -3,7 +3,7 @@
 * image: :func:`psnr`, :func:`ssim` (``[0, 1]`` RGB, data range 1, per image), :func:`gmsd`
   (analytic perceptual full-reference), :func:`laplacian_sharpness` (no-reference sharpness proxy),
   :func:`reblur_loss` (Fast EM Eq. 34);
-* kernel: :func:`kernel_mse` (sum-1 kernels, aligned by the best integer shift), :func:`mnc`;
+* kernel: :func:`kernel_mse` (sum-1 kernels, aligned at the peak of their cross-correlation), :func:`mnc`;
 * no-reference, offline: :func:`niqe` (pristine model fitted on the training photographs);
 * optional (extra packages / downloaded weights): :func:`lpips`, :func:`fid`, :func:`niqe_pyiqa`,
   :func:`brisque`; they raise :class:`MetricUnavailableError` when they cannot run, and

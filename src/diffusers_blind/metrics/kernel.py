@@ -100,10 +100,12 @@ def kernel_mse(k_est, k_true, align: str = "shift") -> torch.Tensor:
     kernels), then zero-padded, centres kept, to the larger of the two sizes ``H × W``, and the
     MSE is the mean over that ``H × W`` support. ``align``:
 
-    * ``"shift"`` (default): the minimum of the MSE over every integer translation of the estimate
-      (zero fill; mass shifted out of the support counts as lost). When no mass leaves the support,
-      this is the translation that maximises the cross-correlation, as in :func:`mnc`.
-      A shifted copy of the true kernel gives 0.
+    * ``"shift"`` (default): the estimate is translated by the integer shift that maximises the
+      cross-correlation (as in :func:`mnc`), and the error counts all of its mass, also what the
+      shift moves out of the ``H × W`` support: ``(‖k̂‖² + ‖k‖² − 2 max_s c(s)) / (H·W)``. This is the
+      minimum of the MSE over every translation on a canvas large enough to hold both kernels, so
+      discarding mass cannot lower the error, and it is symmetric in the two kernels. A shifted
+      copy of the true kernel gives 0.
     * ``"center_of_mass"``: translate the estimate by the rounded difference of the centres of mass.
     * ``"none"``: compare the kernels as they are (centre ``k // 2`` on both).
 
@@ -129,10 +131,7 @@ def kernel_mse(k_est, k_true, align: str = "shift") -> torch.Tensor:
         delta = (centre(b) - centre(a)).round().long()
         aligned = torch.cat([_translate(a[i : i + 1], tuple(delta[i].tolist())) for i in range(a.shape[0])])
         return (aligned - b).pow(2).flatten(1).mean(1)
-    # MSE(s) = (E(s) + ‖b‖² − 2 c(s)) / (H·W), with E(s) the energy of the estimate left inside the
-    # support after the shift and c(s) the cross-correlation; minimised over all shifts.
-    correlation = full_cross_correlation(a, b)
-    kept_energy = full_cross_correlation(a.pow(2), torch.ones_like(b))
-    energy_b = b.pow(2).flatten(1).sum(1).view(-1, 1, 1, 1)
-    mse = (kept_energy + energy_b - 2 * correlation) / size
-    return mse.flatten(1).amin(1).clamp_min(0)
+    # MSE(s) = (‖a‖² + ‖b‖² − 2 c(s)) / (H·W), c(s) the cross-correlation: minimal at its peak.
+    peak = full_cross_correlation(a, b).flatten(1).amax(1)
+    energy = a.pow(2).flatten(1).sum(1) + b.pow(2).flatten(1).sum(1)
+    return ((energy - 2 * peak) / size).clamp_min(0)
