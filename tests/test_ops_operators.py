@@ -265,3 +265,28 @@ def test_operator_errors():
         BlurOperator("zeros").A_adjoint(x, torch.ones(1, 1, 7, 7) / 49)
     with pytest.raises(ValueError, match="kernel"):
         BlurOperator("reflect")(x, torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("padding", ["circular", "reflect", "zeros"])
+def test_integer_images_are_refused(padding):
+    """An integer image used to get an integer kernel (all zeros) and a black result."""
+    x = (torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    k = torch.ones(1, 1, 3, 3) / 9
+    for apply in (BlurOperator(padding).A, BlurOperator(padding).A_adjoint):
+        with pytest.raises(TypeError, match="floating-point"):
+            apply(x, k)
+
+
+@pytest.mark.parametrize("padding", ["circular", "reflect", "zeros"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_images_in_every_padding(padding, dtype):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 3, 12, 10, generator=g), torch.rand(2, 3, 12, 10, generator=g)
+    k = torch.rand(1, 1, 5, 4, generator=g)
+    k = k / k.sum()
+    op = BlurOperator(padding)
+    for apply, image in ((op.A, x), (op.A_adjoint, y)):
+        out = apply(image.to(dtype), k)
+        assert out.dtype == dtype
+        tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+        assert torch.allclose(out.float(), apply(image.to(dtype).float(), k), atol=tolerance)

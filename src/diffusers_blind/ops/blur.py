@@ -1,6 +1,7 @@
 """Blur operators on image tensors.
 
-Conventions (docs/conventions.md, "Kernels and blur"): images are float tensors ``(B, C, H, W)``; kernels are
+Conventions (docs/conventions.md, "Kernels and blur"): images are float tensors ``(B, C, H, W)`` (an integer
+image is a TypeError; float16 and bfloat16 work in every mode); kernels are
 ``(B or 1, 1, kh, kw)`` non-negative with sum 1 and their centre at index ``(kh // 2, kw // 2)``.
 
 * :func:`fft_blur` is a **circular, true convolution** ``y = k ⊛ x`` computed in Fourier
@@ -62,6 +63,11 @@ def o2p(otf: torch.Tensor, kernel_size: int | tuple[int, int]) -> torch.Tensor:
 def _check_image_kernel(image: torch.Tensor, kernel: torch.Tensor) -> None:
     if image.ndim != 4:
         raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise TypeError(
+            f"image must be a floating-point tensor, got {image.dtype}: convert it first, e.g. image.float() / 255 "
+            "for 8-bit levels"
+        )
     if kernel.ndim != 4 or kernel.shape[1] != 1:
         raise ValueError(f"kernel must be (B or 1, 1, kh, kw), got shape {tuple(kernel.shape)}")
     if kernel.shape[0] not in (1, image.shape[0]):
@@ -78,15 +84,22 @@ def fft_blur(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         True
     """
     _check_image_kernel(image, kernel)
-    otf = p2o(kernel.to(image.dtype), image.shape[-2:])
-    return torch.fft.ifft2(torch.fft.fft2(image) * otf).real
+    work = _fft_dtype(image.dtype)
+    otf = p2o(kernel.to(work), image.shape[-2:])
+    return torch.fft.ifft2(torch.fft.fft2(image.to(work)) * otf).real.to(image.dtype)
 
 
 def fft_blur_adjoint(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Adjoint of :func:`fft_blur` (circular correlation): ``IFFT(FFT(x) · conj(p2o(k)))``."""
     _check_image_kernel(image, kernel)
-    otf = p2o(kernel.to(image.dtype), image.shape[-2:])
-    return torch.fft.ifft2(torch.fft.fft2(image) * otf.conj()).real
+    work = _fft_dtype(image.dtype)
+    otf = p2o(kernel.to(work), image.shape[-2:])
+    return torch.fft.ifft2(torch.fft.fft2(image.to(work)) * otf.conj()).real.to(image.dtype)
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 images are transformed in float32 (torch.fft has no half kernels); the result is cast back."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def spatial_blur(image: torch.Tensor, kernel: torch.Tensor, padding: str = "zeros") -> torch.Tensor:

@@ -56,6 +56,9 @@ class BlurOperator(LinearOperator):
         kernel_convention: ``"convolution"`` (this package's kernels) or ``"correlation"`` (kernels stored
             180° rotated, as BlindDPS / DPS do; they are flipped here, once).
 
+    Images must be floating point (an integer image is a ``TypeError``, not rounded to zeros); float16
+    and bfloat16 work in every padding (the circular blur's FFT runs in float32).
+
     Example:
         >>> x = torch.zeros(1, 1, 7, 7); x[..., 3, 3] = 1
         >>> k = torch.arange(9.0).reshape(1, 1, 3, 3) / 36
