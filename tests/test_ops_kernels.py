@@ -331,3 +331,14 @@ def test_shake_kernels_are_seeded_sum_one_kernels_whose_extent_follows_the_setti
         shake_kernel(33, 1.5)
     with pytest.raises(ValueError, match="kernel_size"):
         shake_kernel(2, 0.5)
+
+
+@pytest.mark.parametrize("extent", [0.8, 0.9, 1.0])
+def test_long_shake_kernels_are_centred(extent):
+    """The centring used to cut light at the border: centre of mass up to 2.97 px off at extent 1."""
+    from diffusers_blind.ops import kernel_center_of_mass, shake_kernel
+
+    kernels = torch.cat([shake_kernel(33, extent, seed) for seed in range(20)])
+    assert (kernels >= 0).all()
+    torch.testing.assert_close(kernels.sum(dim=(-2, -1)), torch.ones(20, 1))
+    assert (kernel_center_of_mass(kernels) - 16).abs().max() < 0.05

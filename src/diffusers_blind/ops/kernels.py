@@ -197,6 +197,10 @@ def motion_kernel(
     return center_kernel(project_kernel(kernel), mode="bilinear")
 
 
+# pixels: a shake kernel whose centre of mass is farther from k // 2 is re-placed (see shake_kernel)
+SHAKE_CENTRING_TOLERANCE = 0.05
+
+
 def shake_kernel(
     kernel_size: int = 33,
     extent: float = 0.7,
@@ -211,7 +215,11 @@ def shake_kernel(
     brightness, as measured camera shake looks. In a third of the kernels the light also ramps up or
     down along the exposure (a shutter that opens or closes over the stroke). The path is scaled so
     its larger side spans ``extent · k`` pixels (``extent`` in ``(0, 1]``), splatted bilinearly on a
-    2× canvas, smoothed by half a pixel, area-downsampled, normalised and centred.
+    2× canvas, smoothed by half a pixel, area-downsampled, normalised and centred. Where centring
+    cuts light at the border and leaves the centre of mass more than 0.05 px off ``k // 2`` (long
+    paths whose light sits off the middle of their bounding box, mostly at ``extent ≥ 0.8``), the path
+    is placed again with its light's centroid at the centre and scaled down as far as needed to fit:
+    every kernel is centred, and such a kernel's larger side spans less than ``extent · k``.
     """
     if not 0 < extent <= 1:
         raise ValueError(f"extent must be in (0, 1], got {extent}")
@@ -235,8 +243,25 @@ def shake_kernel(
         weights = weights + (ramp if rng.uniform() < 0.5 else ramp[::-1])
     canvas = 2 * kernel_size
     span = (path.max(0) - path.min(0)).max()
-    target = extent * (canvas - 4)
-    path = (path - (path.max(0) + path.min(0)) / 2) * (target / span if span > 1e-9 else 0.0) + (canvas - 1) / 2
+    scale = extent * (canvas - 4) / span if span > 1e-9 else 0.0
+    kernel = center_kernel(
+        _splat_path((path - (path.max(0) + path.min(0)) / 2) * scale + (canvas - 1) / 2, weights, canvas), mode="bilinear"
+    )
+    middle = torch.tensor([kernel_size // 2, kernel_size // 2], dtype=kernel.dtype)
+    if (kernel_center_of_mass(kernel)[0] - middle).abs().max() <= SHAKE_CENTRING_TOLERANCE:
+        return kernel
+    # Centring cut light at the border (a long path whose light sits off the middle of its bounding
+    # box): place the light's centroid at the centre instead, scaled down as far as needed to fit.
+    centroid = (weights[:, None] * path).sum(0) / weights.sum()
+    centre = 2 * (kernel_size // 2) + 0.5  # the canvas point that 2x2 pooling maps to index k // 2
+    room = min(centre - 1.5, canvas - 2.5 - centre)  # the margin the placement above keeps
+    reach = np.abs(path - centroid).max()
+    scale = min(scale, room / reach) if reach > 1e-9 else 0.0
+    return center_kernel(_splat_path((path - centroid) * scale + centre, weights, canvas), mode="bilinear")
+
+
+def _splat_path(path: np.ndarray, weights: np.ndarray, canvas: int) -> torch.Tensor:
+    """Bilinear splat of ``path`` (canvas pixels) on a ``canvas²`` grid, smoothed, 2x2-pooled and projected."""
     grid = np.zeros((canvas, canvas))
     base = np.floor(path).astype(int)
     frac = path - base
@@ -246,8 +271,8 @@ def shake_kernel(
         np.add.at(grid, (rows, cols), weights * share)
     trace = torch.from_numpy(grid.astype(np.float32)).view(1, 1, canvas, canvas)
     smoothing = gaussian_kernel(5, 1.0)  # half a pixel at the kernel's scale
-    trace = F.avg_pool2d(F.conv2d(trace, smoothing, padding=2), 2)
-    return center_kernel(project_kernel(trace), mode="bilinear")
+    return project_kernel(F.avg_pool2d(F.conv2d(trace, smoothing, padding=2), 2))
+
 
 
 def _draw_kernels(draw, kernel_size: int, setting, batch_size: int, generator) -> torch.Tensor:
