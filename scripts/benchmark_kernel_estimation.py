@@ -17,7 +17,8 @@ diffusion is replaced by the TRUE sharp image (``--ceiling_steps`` M-steps from 
 after each, solved as the pipeline solves it: under the photograph's mask with the true scene in the
 margin, or through the measurement window with ``--kernel_cg_iterations 0``). The ceiling separates
 what the M-step can do from what the E-step's estimates let it do. The JSON rows also carry the blind
-run's re-blur ``fit`` (``out.fit``).
+run's re-blur ``fit`` (``out.fit``) and the guard's collapse signs: ``contrast_gain`` (and the true sharp
+image's, ``true_contrast_gain``) and ``midtone_saturation``.
 
 Example::
 
@@ -42,7 +43,7 @@ from diffusers_blind.kernel_init import SparseKernelInitializer
 from diffusers_blind.pipelines.fast_em.pipeline_fast_em_deblur import DEFAULT_STEPS, MASKED_KERNEL_ITERATIONS
 from diffusers_blind.metrics import mnc, psnr
 from diffusers_blind.ops import center_kernel, dirac_kernel, edge_taper_window, motion_kernel, shake_kernel
-from diffusers_blind.ops.fit import reblur_fit
+from diffusers_blind.ops.fit import contrast_gain, midtone_saturation, reblur_fit
 from diffusers_blind.ops.operators import BlurOperator
 
 
@@ -216,6 +217,9 @@ def main(argv=None) -> int:
             row["blind_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
             row["blind_mnc"] = float(mnc(out.kernels, kernel))
             row["blind_size"] = int(out.kernels.shape[-1])
+            row["contrast_gain"] = float(contrast_gain(blurry, out.images.clamp(0, 1))[0])
+            row["true_contrast_gain"] = float(contrast_gain(blurry, sharp)[0])
+            row["midtone_saturation"] = float(midtone_saturation(blurry, out.images.clamp(0, 1))[0])
             if args.kernel_init == "sparse":
                 size = row["blind_size"]
                 start = SparseKernelInitializer(pipe.kernel_estimator)(blurry, size, out.sigma[0] / 255.0)

@@ -36,6 +36,7 @@ def test_prints_every_photo_and_a_mean_and_writes_json(tmp_path, capsys):
         assert row["kernel_size"] in (5, 7)
         assert 0 < row["ceiling_mnc"] <= 1 + 1e-6 and 0 < row["blind_mnc"] <= 1 + 1e-6
         assert all(np.isfinite(row[key]) for key in ("blurry_psnr", "blind_psnr", "oracle_psnr"))
+        assert 0 <= row["midtone_saturation"] <= 1 and row["contrast_gain"] > 0 and row["true_contrast_gain"] > 0
 
 
 def test_valid_protocol_blurs_beyond_the_crop():

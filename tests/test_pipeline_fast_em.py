@@ -697,7 +697,7 @@ def test_guard_returns_the_input_when_the_estimate_does_not_explain_it():
             latents[0] = torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(1)) * 3
         return {"latents": latents}
 
-    with pytest.warns(UserWarning, match=r"image\(s\) \[0[],].*does not explain the photo"):
+    with pytest.warns(UserWarning, match=r"image 0 does not explain the photo"):
         out = run(pipe, image, sigma=5, output_type="pt", callback_on_step_end=wreck_first_image, guard=True)
     assert out.fallback[0] is True and out.fit[0] > 4 and len(out.fit) == 2
     torch.testing.assert_close(out.images[0], image[0])
@@ -706,6 +706,47 @@ def test_guard_returns_the_input_when_the_estimate_does_not_explain_it():
     assert off.fit is None and off.fallback is None and not torch.allclose(off.images[0], image[0])
     known = run(pipe, image, sigma=5, output_type="pt", kernel=gaussian_kernel(5, 1.0), guard=True)
     assert known.fit is None  # the guard is for blind estimates
+
+
+def test_guard_returns_the_input_when_the_estimate_collapsed_into_stripes():
+    """A wrong kernel with a zero (a 2-pixel box) fitted by full-contrast stripes: the fit is perfect, the
+    image is not; the collapse test (saturated mid-tones and a contrast far above the photo's) drops it."""
+    pipe = coarse_pipe(kernel_size=5)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 5 / 255
+    flat = torch.full((1, 3, 32, 32), 0.5) + noise
+    box = torch.zeros(1, 1, 5, 5)
+    box[0, 0, 2, 2:4] = 0.5  # averages two neighbouring columns: alternating 0/1 columns blur to 0.5
+
+    def stripes_for_image_0(p, i, t, kw):
+        if i < p.num_timesteps - 1:
+            return {}
+        latents = kw["latents"].clone()
+        columns = torch.arange(latents.shape[-1]) % 2
+        latents[0] = (columns.float() * 2 - 1).expand_as(latents[0])
+        return {"latents": latents, "kernel": box}
+
+    with pytest.warns(UserWarning, match=r"image 0 collapsed into stripes \(100 % of the mid-tones saturated"):
+        out = pipe(flat, sigma=5, num_inference_steps=3, output_type="pt", generator=torch.manual_seed(0),
+                   callback_on_step_end=stripes_for_image_0, callback_on_step_end_tensor_inputs=["latents", "kernel"])
+    assert out.fit[0] < 1.5  # it explains the photo...
+    assert out.fallback == [True]  # ...and is dropped all the same
+    torch.testing.assert_close(out.images[0], flat[0])
+
+
+def test_collapse_signs_are_small_for_a_true_pair_and_large_for_stripes():
+    from diffusers_blind.ops import contrast_gain, midtone_saturation, motion_kernel, spatial_blur, flip_kernel
+
+    sharp = smooth_images(2, height=64, width=64)
+    blurry = spatial_blur(sharp, flip_kernel(motion_kernel(9, 0.6, generator=0)))
+    assert torch.all(midtone_saturation(blurry, sharp) < 0.05) and torch.all(contrast_gain(blurry, sharp) < 2)
+    assert torch.all(contrast_gain(blurry, blurry) == 1) and contrast_gain(blurry, sharp).shape == (2,)
+    stripes = (torch.arange(64) % 2).float().expand_as(sharp)
+    gray = torch.full_like(sharp, 0.5) + 0.01 * torch.randn(sharp.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.all(midtone_saturation(gray, stripes) == 1) and torch.all(contrast_gain(gray, stripes) > 10)
+    assert torch.all(midtone_saturation(torch.zeros_like(sharp), stripes) == 0)  # dark photo: saturation is normal
+    with pytest.raises(ValueError, match="differ"):
+        midtone_saturation(gray, stripes[..., :32])
 
 
 def test_guard_keeps_an_estimate_that_explains_the_photo():

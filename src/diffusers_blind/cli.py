@@ -399,7 +399,7 @@ def _record(path, mode, array, image, result, written, seconds, run: dict, args)
         "sigma": result.sigma,
         "sigma_estimated": args.sigma == "auto",
         "kernel_size": int(result.kernel.shape[-1]) if result.kernel is not None else None,
-        "fallback": result.fallback,  # the guard returned the input: the blind estimate did not explain the photo
+        "fallback": result.fallback,  # the guard returned the input: the blind estimate did not explain the photo or collapsed
         "fit": result.fit,
         "settings": {
             "method": method.name,

@@ -408,8 +408,8 @@ def _register_builtins() -> None:
         PRECISION_OPTION,
     )
     guard = Option("guard", on_off, True,
-                   "on (default): a blind estimate that explains the photo worse than the photo itself is "
-                   "replaced by the input, with a warning; off: keep it")
+                   "on (default): a blind estimate that explains the photo worse than the photo itself, or "
+                   "that collapsed into saturated stripes, is replaced by the input, with a warning; off: keep it")
     kernel_init = Option("kernel_init", kernel_init_arg, None,
                          "how a blind run starts its kernel: sparse (default: a coarse-to-fine estimate under an L0 "
                          "gradient prior) or dirac (the paper)")

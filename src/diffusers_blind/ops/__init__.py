@@ -35,7 +35,7 @@ from .kernels import (
     shake_kernel,
     shift_kernel,
 )
-from .fit import reblur_fit
+from .fit import contrast_gain, midtone_saturation, reblur_fit
 from .noise import estimate_noise_sigma
 from .operators import BlurOperator, LinearOperator, TiltBlurOperator, TiltOperator
 from .tilt import TiltMapGenerator, simulate_turbulence, tilt_map
@@ -55,6 +55,7 @@ __all__ = [
     "as_numpy_generator",
     "center_kernel",
     "conjugate_gradient",
+    "contrast_gain",
     "crop_kernel",
     "dirac_kernel",
     "dps_joint_gradient",
@@ -69,6 +70,7 @@ __all__ = [
     "kernel_extent",
     "kernel_l1",
     "kernel_to_model_range",
+    "midtone_saturation",
     "motion_kernel",
     "model_range_to_kernel",
     "o2p",
