@@ -75,6 +75,32 @@ def test_project_kernel_all_zero_or_negative_becomes_dirac(shape, device):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_project_kernel_refuses_non_finite_kernels(bad):
+    """A NaN kernel used to become a Dirac silently (its NaN sum fails ``total > 0``)."""
+    kernels = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    kernels[1, 0, 1, 3] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        project_kernel(kernels)
+    # the sync-free recentring lets the NaN through instead of hiding it behind a Dirac
+    centred = center_kernel(kernels)
+    assert torch.isnan(centred[1]).all() and torch.isfinite(centred[0]).all()
+
+
+def test_dirac_kernel_and_generators_refuse_empty_sizes():
+    from diffusers_blind.ops import ShakeKernelGenerator
+
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="kernel_size"):
+            dirac_kernel(size)
+    with pytest.raises(ValueError, match="batch_size"):
+        dirac_kernel(5, batch_size=0)
+    for generator in (MotionKernelGenerator(9), GaussianKernelGenerator(9), ShakeKernelGenerator(9)):
+        with pytest.raises(ValueError, match="batch_size"):
+            generator(0, generator=0)
+        assert generator(2.0, generator=0).shape == (2, 1, 9, 9)  # an integral float is a count
+
+
 def test_project_kernel_keeps_the_shape_of_unbatched_kernels():
     out = project_kernel(torch.zeros(4, 5))
     assert out.shape == (4, 5) and out[2, 2] == 1 and out.sum() == 1
@@ -202,6 +228,17 @@ def test_gaussian_kernel_errors():
         gaussian_kernel(9, 0.0)
     with pytest.raises(ValueError):
         gaussian_kernel(9, (1.0, -1.0))
+    # these used to return an empty or all-NaN kernel, or fail with an unrelated torch error
+    for size in (0, -3, 3.5, float("nan"), True):
+        with pytest.raises(ValueError, match="kernel_size"):
+            gaussian_kernel(size, 1.0)
+    for std in (float("nan"), float("inf"), (1.0, float("nan")), "wide"):
+        with pytest.raises(ValueError, match="std"):
+            gaussian_kernel(5, std)
+    with pytest.raises(ValueError, match="angle"):
+        gaussian_kernel(5, 1.0, angle=float("nan"))
+    torch.testing.assert_close(gaussian_kernel(5.0, 1.0), gaussian_kernel(5, 1.0))
+    torch.testing.assert_close(gaussian_kernel(5, np.float32(1.0)), gaussian_kernel(5, 1.0))
 
 
 def test_random_gaussian_kernel_and_generator():
@@ -310,6 +347,10 @@ def test_kernel_extent_measures_the_centred_support_above_a_level():
     kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True)
     assert kernel_extent(kernel).tolist() == [7, 1]
     assert kernel_extent(kernel, level=0.01).tolist() == [7, 13]
+    # even sizes: a pixel in the first row or column used to give k + 1
+    assert kernel_extent(gaussian_kernel(4, 1.0)).tolist() == [3]
+    assert kernel_extent(torch.ones(1, 1, 6, 6)).tolist() == [5]
+    assert kernel_extent(torch.ones(1, 1, 5, 5)).tolist() == [5]
     with pytest.raises(ValueError, match="level"):
         kernel_extent(kernel, level=0)
 

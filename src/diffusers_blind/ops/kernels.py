@@ -13,8 +13,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (integral floats and numpy ints accepted), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+        math.isfinite(value) and float(value).is_integer() and value >= minimum
+    ):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def dirac_kernel(kernel_size: int, batch_size: int = 1, device=None, dtype=torch.float32) -> torch.Tensor:
     """A Dirac at index ``(k//2, k//2)``: the identity blur (Fast EM's initial kernel)."""
+    kernel_size, batch_size = _check_count("kernel_size", kernel_size), _check_count("batch_size", batch_size)
     kernel = torch.zeros(batch_size, 1, kernel_size, kernel_size, device=device, dtype=dtype)
     kernel[..., kernel_size // 2, kernel_size // 2] = 1.0
     return kernel
@@ -24,13 +34,23 @@ def project_kernel(kernel: torch.Tensor) -> torch.Tensor:
     """Clip to ``k >= 0`` and divide by the sum (per kernel). An all-zero kernel becomes a Dirac.
 
     This is the projection of the M-step (docs/conventions.md, "M-step (kernel update)", step 2).
+    A NaN or infinite entry is a ValueError (one host sync), not a Dirac.
     """
+    if not torch.isfinite(kernel).all():
+        raise ValueError("kernel contains NaN or infinite values; cannot project it to a sum-1 kernel")
+    return _project(kernel)
+
+
+def _project(kernel: torch.Tensor) -> torch.Tensor:
+    """:func:`project_kernel` without the finiteness check (no host sync); a non-finite kernel gives NaN, not a Dirac."""
+    finite = torch.isfinite(kernel).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    kernel = torch.where(finite, kernel, torch.full_like(kernel, float("nan")))
     kernel = kernel.clamp_min(0)
     total = kernel.sum(dim=(-2, -1), keepdim=True)
     # a (kh, kw) Dirac broadcasts against kernels of any leading shape and keeps the input's shape
     dirac = torch.zeros(kernel.shape[-2:], device=kernel.device, dtype=kernel.dtype)
     dirac[kernel.shape[-2] // 2, kernel.shape[-1] // 2] = 1.0
-    return torch.where(total > 0, kernel / total.clamp_min(torch.finfo(kernel.dtype).tiny), dirac)
+    return torch.where((total > 0) | total.isnan(), kernel / total.clamp_min(torch.finfo(kernel.dtype).tiny), dirac)
 
 
 def kernel_center_of_mass(kernel: torch.Tensor) -> torch.Tensor:
@@ -48,17 +68,20 @@ def kernel_extent(kernel: torch.Tensor, level: float = 0.1) -> torch.Tensor:
     """Side of the smallest centred odd square that holds every pixel ``≥ level · max`` of each kernel.
 
     A support measure that ignores the faint haze an estimated kernel spreads over its whole support.
-    ``kernel``: ``(B, 1, k, k)``; returns a ``(B,)`` long tensor of odd sizes in ``[1, k]``.
+    ``kernel``: ``(B, 1, k, k)``; returns a ``(B,)`` long tensor of odd sizes in ``[1, k]``. For an even
+    ``k`` the largest is ``k − 1``: the first row and column lie outside every centred odd square
+    that fits the support, and a kernel reaching them is reported at that cap.
     """
     if not 0 < level <= 1:
         raise ValueError(f"level must be in (0, 1], got {level}")
+    largest = max(kernel.shape[-2:]) - 1 + max(kernel.shape[-2:]) % 2  # the largest odd size <= k
     weights = kernel[:, 0]
     peak = weights.amax(dim=(-2, -1), keepdim=True)
     inside = weights >= level * peak
     rows = torch.arange(kernel.shape[-2], device=kernel.device) - kernel.shape[-2] // 2
     cols = torch.arange(kernel.shape[-1], device=kernel.device) - kernel.shape[-1] // 2
     radius = torch.maximum(rows.abs()[:, None], cols.abs()[None, :]).expand_as(inside)
-    return 2 * torch.where(inside, radius, torch.zeros_like(radius)).amax(dim=(-2, -1)) + 1
+    return (2 * torch.where(inside, radius, torch.zeros_like(radius)).amax(dim=(-2, -1)) + 1).clamp_max(largest)
 
 
 def shift_kernel(kernel: torch.Tensor, shift: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
@@ -78,7 +101,8 @@ def shift_kernel(kernel: torch.Tensor, shift: torch.Tensor, mode: str = "bicubic
 def center_kernel(kernel: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
     """Move each kernel's centre of mass to index ``(k//2, k//2)`` and re-project (Fast EM §4.2 "recentre").
 
-    Runs in torch on the kernel's device (no host sync). Differences from the reference
+    Runs in torch on the kernel's device (no host sync; a non-finite kernel comes out NaN, never as a
+    Dirac). Differences from the reference
     ``kernel_shift`` (a scipy cubic spline): the target is the FFT centre
     ``k//2`` for every size, whereas the reference aims at ``k//2 + 0.5`` for even sizes (32.5 for
     64×64, half a pixel off the ``p2o`` centre); interpolation is bicubic ``grid_sample`` instead of
@@ -91,9 +115,9 @@ def center_kernel(kernel: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
     non-negative weights) removes that small residual; it is skipped when ``mode="bilinear"``.
     """
     target = torch.tensor([kernel.shape[-2] // 2, kernel.shape[-1] // 2], device=kernel.device, dtype=kernel.dtype)
-    centred = project_kernel(shift_kernel(kernel, target - kernel_center_of_mass(kernel), mode=mode))
+    centred = _project(shift_kernel(kernel, target - kernel_center_of_mass(kernel), mode=mode))
     if mode != "bilinear":
-        centred = project_kernel(shift_kernel(centred, target - kernel_center_of_mass(centred), mode="bilinear"))
+        centred = _project(shift_kernel(centred, target - kernel_center_of_mass(centred), mode="bilinear"))
     return centred
 
 
@@ -119,10 +143,23 @@ def rescale_kernel(kernel: torch.Tensor, factor: float, kernel_size: int) -> tor
 
 
 def gaussian_kernel(kernel_size: int, std: float | tuple[float, float], angle: float = 0.0) -> torch.Tensor:
-    """A (possibly anisotropic, rotated by ``angle`` radians) Gaussian kernel ``(1, 1, k, k)``, sum 1."""
-    std_r, std_c = (std, std) if isinstance(std, (int, float)) else std
-    if std_r <= 0 or std_c <= 0:
-        raise ValueError(f"Gaussian std must be positive, got {std}")
+    """A (possibly anisotropic, rotated by ``angle`` radians) Gaussian kernel ``(1, 1, k, k)``, sum 1.
+
+    ``kernel_size`` is an integer ``>= 1``; ``std`` (one value or ``(std_row, std_col)``) and ``angle``
+    are finite, the stds positive.
+    """
+    kernel_size = _check_count("kernel_size", kernel_size)
+    try:
+        values = np.asarray(std, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        values = np.empty(0)
+    if values.size not in (1, 2):
+        raise ValueError(f"Gaussian std must be a number or a pair of numbers, got {std!r}")
+    std_r, std_c = float(values[0]), float(values[-1])
+    if not (math.isfinite(std_r) and math.isfinite(std_c) and std_r > 0 and std_c > 0):
+        raise ValueError(f"Gaussian std must be positive and finite, got {std}")
+    if not isinstance(angle, (int, float, np.number)) or not math.isfinite(angle):
+        raise ValueError(f"angle must be a finite number of radians, got {angle!r}")
     coords = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
     r, c = torch.meshgrid(coords, coords, indexing="ij")
     cos, sin = math.cos(angle), math.sin(angle)
@@ -157,8 +194,7 @@ def motion_kernel(
     """
     if not 0 <= intensity <= 1:
         raise ValueError(f"intensity must be in [0, 1], got {intensity}")
-    if kernel_size < 3:
-        raise ValueError(f"kernel_size must be >= 3, got {kernel_size}")
+    kernel_size = _check_count("kernel_size", kernel_size, 3)
     rng = as_numpy_generator(generator)
     canvas = 2 * kernel_size
     diagonal = math.sqrt(2) * canvas
@@ -223,8 +259,7 @@ def shake_kernel(
     """
     if not 0 < extent <= 1:
         raise ValueError(f"extent must be in (0, 1], got {extent}")
-    if kernel_size < 3:
-        raise ValueError(f"kernel_size must be >= 3, got {kernel_size}")
+    kernel_size = _check_count("kernel_size", kernel_size, 3)
     rng = as_numpy_generator(generator)
     steps, dt = 1000, 1e-3
     pull, jerk_rate = rng.uniform(0, 40), rng.uniform(0, 0.01)
@@ -278,6 +313,7 @@ def _splat_path(path: np.ndarray, weights: np.ndarray, canvas: int) -> torch.Ten
 def _draw_kernels(draw, kernel_size: int, setting, batch_size: int, generator) -> torch.Tensor:
     """``batch_size`` kernels ``draw(kernel_size, value, rng)``; ``setting`` is a float or a ``(low, high)`` range
     drawn uniformly per kernel from the same seeded stream."""
+    batch_size = _check_count("batch_size", batch_size)
     rng = as_numpy_generator(generator)
     kernels = []
     for _ in range(batch_size):
@@ -327,5 +363,6 @@ class GaussianKernelGenerator:
         self.std_range = std_range
 
     def __call__(self, batch_size: int = 1, generator=None) -> torch.Tensor:
+        batch_size = _check_count("batch_size", batch_size)
         rng = as_numpy_generator(generator)
         return torch.cat([random_gaussian_kernel(self.kernel_size, self.std_range, rng) for _ in range(batch_size)])
