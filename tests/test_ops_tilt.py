@@ -16,14 +16,26 @@ def test_shape_range_and_seeding():
 
 
 def test_statistics_do_not_depend_on_the_size():
-    """Patch density is kept: the per-pixel std is about the same at 64² and 256² (≈0.4 px), mean about 0."""
+    """Patch density is kept: the per-pixel std is about the same from 32² to 256² (≈0.4 px), mean about 0.
+
+    Below the 64-px patch the patches are cut to the map; 32² maps used to have half the spread (0.21 px).
+    """
     stds = []
-    for size, count in ((64, 16), (256, 2)):
+    for size, count in ((32, 32), (48, 16), (64, 16), (256, 2)):
         fields = TiltMapGenerator(size)(count, generator=np.random.default_rng(0))
         assert fields.shape == (count, 2, size, size)
         assert abs(fields.mean()) < 0.05
         stds.append(float(fields.std()))
-    assert 0.3 < stds[0] < 0.55 and 0.3 < stds[1] < 0.55 and abs(stds[0] - stds[1]) < 0.1
+    assert all(0.3 < std < 0.55 for std in stds) and max(stds) - min(stds) < 0.1
+    assert abs(float(tilt_map(32, 128, generator=0).std()) - stds[-1]) < 0.1  # one side below the patch
+
+
+def test_maps_of_at_least_the_patch_size_keep_their_patch_count():
+    """The count is raised only for maps smaller than the patch: 64 x 80 draws round(500·64·80/256²) = 39 patches."""
+    default, explicit = tilt_map(64, 80, generator=5), tilt_map(64, 80, num_patches=39, generator=5)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    small = tilt_map(32, 32, generator=5)
+    torch.testing.assert_close(small, tilt_map(32, 32, num_patches=31, generator=5), rtol=0, atol=0)  # 7.8 · (64/32)²
 
 
 def test_fields_are_smooth_and_both_channels_are_independent():
@@ -41,6 +53,7 @@ def test_a_generated_field_warps_an_image():
 
 
 @pytest.mark.parametrize("kwargs", [dict(height=0, width=8), dict(height=8, width=8, max_tilt=0),
+                                    dict(height=8, width=8, max_tilt=float("nan")), dict(height=8, width=8, patch_size=0),
                                     dict(height=8, width=8, strength_range=(0.5, 0.1))])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):

@@ -83,7 +83,8 @@ def test_tilt_prior_trains_and_exports_a_two_channel_unet(tilt_script, tmp_path)
 
 
 def test_tilt_sampler_tiles_fields_drawn_at_the_source_size(tilt_script):
-    """Tiles of 64-px fields keep the per-pixel spread of large maps; 32-px maps drawn directly have half of it."""
+    """Tiles of 64-px fields keep the per-pixel spread of large maps; so do 32-px maps drawn directly (their
+    patch count is raised, ops.tilt_map), though their seeded fields differ."""
     tiles = tilt_script.TiltSampler(32, 2.5, 2.5, source_size=64).batch(24, np.random.default_rng(0))
     direct = tilt_script.TiltSampler(32, 2.5, 2.5).batch(24, np.random.default_rng(0))
     assert tiles.shape == direct.shape == (24, 2, 32, 32)
@@ -92,7 +93,7 @@ def test_tilt_sampler_tiles_fields_drawn_at_the_source_size(tilt_script):
 
     large = torch.cat([tilt_map(256, 256, generator=i) for i in range(2)]) / 2.5
     assert abs(float(tiles.std()) / float(large.std()) - 1) < 0.15
-    assert float(direct.std()) < 0.7 * float(large.std())
+    assert abs(float(direct.std()) / float(large.std()) - 1) < 0.15
     args = tilt_script.parse_args(["--output_dir", "x", "--resolution", "32"])
     assert args.source_size == 64
     with pytest.raises(SystemExit):

@@ -6,7 +6,8 @@ simulation (docs/conventions.md, "Tilt fields"): ``M`` random square patches of 
 two white-noise fields smoothed by a ``7 × 7`` Gaussian (std 1, zero "same" padding) and scaled by
 ``S ~ U(0.1, 0.4)`` are added to the two channels; the sum is clipped to ``±max_tilt`` (2.5 px).
 ``M = 500`` on a 256 × 256 image; other sizes keep the patch density (``M ∝ H·W``), so the
-statistics per pixel do not depend on the size.
+statistics per pixel do not depend on the size. On a map smaller than ``P`` the patches are cut to
+it, and ``M`` grows by ``(P / side)²`` to keep the same number of patches over each pixel.
 """
 
 from __future__ import annotations
@@ -31,20 +32,24 @@ def tilt_map(
 ) -> torch.Tensor:
     """One random tilt field ``(1, 2, height, width)`` in pixels, ``|d| <= max_tilt`` (see module docstring).
 
-    ``num_patches`` defaults to ``round(500 · H·W / 256²)`` (at least 1); ``patch_size`` is capped at the
-    image's smaller side.
+    ``num_patches`` defaults to ``round(500 · H·W / 256² · (patch_size / side)²)`` (at least 1), where
+    ``side`` is ``patch_size`` capped at the image's smaller side: the factor is 1 on maps of at least
+    ``patch_size`` pixels a side and keeps the per-pixel spread (≈ 0.4 px) on smaller ones.
     """
     if height < 1 or width < 1:
         raise ValueError(f"tilt map size must be positive, got {height}x{width}")
     low, high = strength_range
     if not 0 <= low <= high:
         raise ValueError(f"strength_range must be (low, high) with 0 <= low <= high, got {strength_range}")
-    if max_tilt <= 0:
+    if not max_tilt > 0:  # also refuses NaN
         raise ValueError(f"max_tilt must be positive, got {max_tilt}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     rng = as_numpy_generator(generator)
+    side = min(patch_size, height, width)
     if num_patches is None:
-        num_patches = max(1, round(500 * height * width / 256**2))
-    side = max(1, min(patch_size, height, width))
+        # a patch cut to a small map covers fewer pixels: more patches keep each pixel's coverage
+        num_patches = max(1, round(500 * height * width / 256**2 * (patch_size / side) ** 2))
     noise = torch.from_numpy(rng.standard_normal((num_patches * 2, 1, side, side)).astype(np.float32))
     smoothing = gaussian_kernel(smoothing_size, smoothing_std)
     pads = ((smoothing_size - 1) // 2, smoothing_size // 2) * 2
