@@ -79,6 +79,35 @@ def test_step_with_true_noise_lands_on_the_forward_process():
     assert torch.allclose(last.prev_sample, z0, atol=1e-5)  # ᾱ_prev = 1: no noise added at the end
 
 
+def test_step_counts_its_position_when_timesteps_coincide():
+    """Levels 1e-6 and 1e-5 both clip to log-SNR −20 (timestep 1000): the second step used to reuse the first's levels."""
+    scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100, clip_sample=False)
+    levels = [1e-6, 1e-5, 0.5]
+    scheduler.set_timesteps(sqrt_alphas_cumprod=levels)
+    assert scheduler.timesteps[0] == scheduler.timesteps[1]
+    g = torch.Generator().manual_seed(0)  # float64: ẑ0 divides by √ᾱ = 1e-6
+    z0, eps = (torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    z = scheduler.add_noise_at_level(z0, eps, torch.tensor([levels[0]]))
+    seen = []
+    for i, t in enumerate(scheduler.timesteps):
+        level = torch.tensor([levels[i]])
+        output = scheduler.predict_epsilon(eps, z, level)  # the true ε at this level
+        z = scheduler.step(output, t, z, eta=0.0).prev_sample
+        seen.append(scheduler.step_index)
+        following = levels[i + 1] if i + 1 < len(levels) else 1.0
+        assert torch.allclose(z, scheduler.add_noise_at_level(z0, eps, torch.tensor([following])), atol=1e-6)
+    assert seen == [1, 2, 3]
+    # set_timesteps resets the counter; set_begin_index starts the chain at the second of the equal timesteps
+    scheduler.set_timesteps(sqrt_alphas_cumprod=levels)
+    assert scheduler.step_index is None and scheduler.begin_index is None
+    scheduler.set_begin_index(1)
+    z = scheduler.add_noise_at_level(z0, eps, torch.tensor([levels[1]]))
+    out = scheduler.step(eps, scheduler.timesteps[1], z, eta=0.0).prev_sample
+    assert torch.allclose(out, scheduler.add_noise_at_level(z0, eps, torch.tensor([0.5])), atol=1e-6)
+    with pytest.raises(ValueError, match="begin_index"):
+        scheduler.set_begin_index(3)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_prediction_types_are_read_consistently(prediction_type):
     scheduler = ContinuousNoiseLevelScheduler(num_train_timesteps=100, clip_sample=False, prediction_type=prediction_type)

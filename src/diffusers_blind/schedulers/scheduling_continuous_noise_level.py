@@ -45,7 +45,10 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
     ``σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)``,
     ``z_prev = √ᾱ_prev ẑ_0 + √(1−ᾱ_prev−σ_t²) ε̂ + σ_t ξ``;
     ``η = 1`` is the ancestral DDPM step of DvSR Alg. 1 (posterior variance), ``η = 0`` is deterministic.
-    The last step goes to ``ᾱ = 1`` and returns ``ẑ_0``.
+    The last step goes to ``ᾱ = 1`` and returns ``ẑ_0``. :meth:`step` keeps its position in the chain
+    with a counter (:attr:`step_index`, reset by :meth:`set_timesteps`; :meth:`set_begin_index` starts
+    it later), so two levels whose conditioning values coincide (log-SNR clipped at ``±L``) still take
+    their own step; a timestep that does not match the counter's position is looked up by value.
 
     **Model output** (``prediction_type``): ``"epsilon"`` (``ε̂``), ``"sample"`` (``ẑ_0``) or
     ``"v_prediction"`` (``v = √ᾱ ε − √(1−ᾱ) z_0``, so ``ε̂ = √ᾱ v̂ + √(1−ᾱ) z_t`` and
@@ -90,6 +93,7 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
         self.sqrt_alphas_cumprod = None
         self.timesteps = None
         self._step_index = None
+        self._begin_index = None
         self.set_timesteps(min(num_train_timesteps, 50))
 
     # ------------------------------------------------------------------ noise level <-> conditioning
@@ -209,19 +213,43 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
         self.sqrt_alphas_cumprod = levels
         self.timesteps = self.noise_level_to_timestep(levels).to(device)
         self._step_index = None
+        self._begin_index = None
 
     @property
     def step_index(self) -> int | None:
+        """Position in :attr:`timesteps` of the next :meth:`step` (``None`` before the first step)."""
         return self._step_index
 
+    @property
+    def begin_index(self) -> int | None:
+        """Position of the first :meth:`step`, set by :meth:`set_begin_index` (``None``: found from the timestep)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the chain at position ``begin_index`` of :attr:`timesteps` (diffusers' img2img hook); call after set_timesteps."""
+        if self.timesteps is None or not 0 <= int(begin_index) < self.num_inference_steps:
+            raise ValueError(f"begin_index must be in [0, {self.num_inference_steps}), got {begin_index}")
+        self._begin_index = int(begin_index)
+
     def index_for_timestep(self, timestep: torch.Tensor | float) -> int:
-        """Position of ``timestep`` in :attr:`timesteps` (matched to the nearest value)."""
+        """Position of ``timestep`` in :attr:`timesteps` (matched to the nearest value; the first of equal values)."""
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()[0].cpu()
         distance = (self.timesteps.cpu() - t).abs()
         index = int(distance.argmin())
         if distance[index] > 1e-3 * max(1.0, abs(float(t))):
             raise ValueError(f"timestep {float(t)} is not in the current schedule; call set_timesteps first")
         return index
+
+    def _init_step_index(self, timestep: torch.Tensor | float) -> None:
+        """Set :attr:`step_index` for a step at ``timestep``: the counter (or :attr:`begin_index`) when its
+        timestep is ``timestep``, else the position found by value."""
+        index = self._step_index if self._step_index is not None else self._begin_index
+        if index is not None and index < self.num_inference_steps:
+            t = float(torch.as_tensor(timestep, dtype=torch.float32).flatten()[0])
+            if abs(float(self.timesteps[index]) - t) <= 1e-3 * max(1.0, abs(t)):
+                self._step_index = index
+                return
+        self._step_index = self.index_for_timestep(timestep)
 
     def step(
         self,
@@ -238,7 +266,8 @@ class ContinuousNoiseLevelScheduler(SchedulerMixin, ConfigMixin):
         eta = self.config.eta if eta is None else eta
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        index = self.index_for_timestep(timestep)
+        self._init_step_index(timestep)
+        index = self._step_index
         a_t = float(self.sqrt_alphas_cumprod[index]) ** 2
         a_prev = float(self.sqrt_alphas_cumprod[index + 1]) ** 2 if index + 1 < self.num_inference_steps else 1.0
 
