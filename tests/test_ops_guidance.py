@@ -106,6 +106,23 @@ def test_pigdm_guidance_both_zero_is_an_error():
     assert torch.isfinite(pigdm_guidance(y, y * 0.5, kernel, 0.1, torch.tensor([0.0]))).all()
 
 
+@pytest.mark.parametrize("sigma, r", [(-0.1, 0.2), (0.1, -0.2), (float("nan"), 0.2), (torch.tensor([0.1, -0.1]), 0.2),
+                                      (0.1, torch.tensor([0.2, float("nan")]))])
+def test_pigdm_guidance_refuses_negative_or_nan_sigma_and_r(sigma, r):
+    """A negative sigma used to be clamped to 1e-8 silently (a near-noiseless guidance)."""
+    y = torch.rand(2, 1, 6, 6)
+    with pytest.raises(ValueError, match="sigma >= 0 and r >= 0"):
+        pigdm_guidance(y, y * 0.5, torch.ones(1, 1, 3, 3) / 9, sigma, r)
+
+
+def test_conjugate_gradient_is_exported():
+    from diffusers_blind import ops
+    from diffusers_blind.ops.cg import conjugate_gradient
+
+    assert "conjugate_gradient" in ops.__all__ and ops.conjugate_gradient is conjugate_gradient
+    assert all(hasattr(ops, name) for name in ops.__all__)
+
+
 def test_pigdm_guidance_per_batch_sigma_and_r(problem, device):
     y, x0, kernel = (t.to(device) for t in problem)
     sigma = torch.tensor([0.05, 0.2], dtype=torch.float64, device=device)

@@ -46,14 +46,23 @@ def pigdm_guidance(
     *valid* convolution (pixels outside the photograph are unknowns the blur reaches, not data).
 
     ``r == 0`` gives the plain ``Kᴴ(y − Kx̂0)/σ²``; ``σ == 0`` is replaced by ``1e-8`` (as in the
-    reference code), giving ``Kᴴ(y − Kx̂0)/(r²|K|²)``. Both zero is an error (no finite guidance).
+    reference code), giving ``Kᴴ(y − Kx̂0)/(r²|K|²)``. Both zero is an error (no finite guidance), and so
+    is a negative or NaN ``sigma`` or ``r`` (checked per sample: one host sync when either is a tensor).
     """
     message = "pigdm_guidance needs sigma > 0 or r > 0: with both zero the guidance is infinite"
     if not torch.is_tensor(sigma) and not torch.is_tensor(r):
+        if not (sigma >= 0 and r >= 0):
+            raise ValueError(f"pigdm_guidance needs sigma >= 0 and r >= 0, got sigma={sigma}, r={r}")
         if sigma == 0 and r == 0:
             raise ValueError(message)
-    elif torch.is_tensor(r) or r == 0:  # tensors: check per sample (a host sync, skipped when r is a float > 0)
-        if ((torch.as_tensor(sigma) == 0) & (torch.as_tensor(r) == 0)).any():
+    else:  # tensors: check per sample, in one host sync
+        device = sigma.device if torch.is_tensor(sigma) else r.device
+        sigma_t, r_t = torch.as_tensor(sigma, device=device), torch.as_tensor(r, device=device)
+        negative = (~(sigma_t >= 0)).any() | (~(r_t >= 0)).any()
+        negative, both_zero = torch.stack([negative, ((sigma_t == 0) & (r_t == 0)).any()]).tolist()
+        if negative:
+            raise ValueError(f"pigdm_guidance needs sigma >= 0 and r >= 0, got sigma={sigma}, r={r}")
+        if both_zero:
             raise ValueError(message)
     sigma = _as_batch_scalar(sigma, x0).clamp_min(1e-8)
     r = _as_batch_scalar(r, x0)
