@@ -550,7 +550,7 @@ def test_coarse_to_fine_runs_a_half_size_problem_first_and_seeds_the_fine_run(mo
     # 64x72 with a 9 px kernel: one coarser level (32x36, kernel 5); a 5 px kernel stops the pyramid
     assert calls == [((64, 72), None), ((32, 36), 5)]
     assert out.images.shape == (1, 3, 64, 72) and out.kernels.shape == (1, 1, 9, 9)
-    assert steps == list(range(5, 10))  # the fine level replays the last half of the schedule
+    assert steps == list(range(5))  # the fine level replays the last half of the schedule, counted from 0
     assert torch.isfinite(out.images).all() and abs(float(out.kernels.sum()) - 1) < 1e-5
 
 
@@ -860,7 +860,7 @@ def test_strength_runs_the_last_fraction_of_the_schedule_from_the_wiener_start(m
 
     monkeypatch.setattr(FastEMDeblurPipeline, "initial_image", staticmethod(spy))
     out = run(pipe, image, num_inference_steps=10, strength=0.3, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {})
-    assert steps == [7, 8, 9] and pipe.num_timesteps == 3
+    assert steps == [0, 1, 2] and pipe.num_timesteps == 3  # diffusers' img2img: the steps that run, from 0
     assert len(starts) == 1 and np.isfinite(out.images).all()
     full = run(pipe, image, num_inference_steps=10)
     assert not np.allclose(full.images, out.images)  # a different start, not the default run
@@ -894,3 +894,71 @@ def test_a_callback_returning_none_changes_nothing(pipe):
     expected = run(pipe, smooth_images(1)).images
     got = run(pipe, smooth_images(1), callback_on_step_end=lambda p, step, t, tensors: None).images
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_strength_callback_counts_the_steps_that_run_and_keeps_the_m_step_start():
+    """``strength < 1``: the callback's index runs 0..num_timesteps−1; ``m_step_start`` stays a fraction of the full schedule."""
+    pipe = make_pipe()
+    seen = []
+
+    def record(p, i, t, tensors):
+        seen.append((i, int(t), i == p.num_timesteps - 1, tensors["kernel"].clone()))
+        return tensors
+
+    run(pipe, smooth_images(1), num_inference_steps=4, strength=0.5, m_step_start=0.75, kernel_init="dirac",
+        kernel_anchor=0.0, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["kernel"])
+    assert [s[0] for s in seen] == [0, 1] and pipe.num_timesteps == 2
+    assert [s[1] for s in seen] == [int(t) for t in pipe.scheduler.timesteps[2:]]
+    assert [s[2] for s in seen] == [False, True]
+    # M-step from full-schedule step round(0.75 · 4) = 3: the first step that runs (full index 2) keeps the start
+    torch.testing.assert_close(seen[0][3], dirac_kernel(5, 1))
+    assert not torch.allclose(seen[1][3], dirac_kernel(5, 1))
+
+
+def test_interrupt_from_the_full_size_callback_stops_a_coarse_to_fine_run():
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    steps, stopped = [], {}
+
+    def stop(p, i, t, tensors):
+        steps.append(i)
+        stopped.update(latents=tensors["latents"].clone())
+        p._interrupt = True
+        return tensors
+
+    out = run(pipe, smooth_images(1, height=64, width=64), num_scales=2, num_inference_steps=4, output_type="latent",
+              callback_on_step_end=stop)
+    assert steps == [0] and pipe.interrupt
+    torch.testing.assert_close(out.images, stopped["latents"])
+
+
+def test_interrupt_during_a_coarser_level_returns_its_image_without_running_the_full_size_level(monkeypatch):
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    original = FastEMDeblurPipeline.denoising_step
+    sizes = []
+
+    def step(self, denoiser, problem, state, step_index, t, step_kwargs):
+        sizes.append(tuple(state.latents.shape[-2:]))
+        self._interrupt = True  # as a stop button would, during the first (coarse) step
+        return original(self, denoiser, problem, state, step_index, t, step_kwargs)
+
+    coarse = {}
+    original_coarse = FastEMDeblurPipeline.coarse_estimate
+
+    def spy(self, *args):
+        coarse["image"], coarse["kernel"] = original_coarse(self, *args)
+        return coarse["image"], coarse["kernel"]
+
+    monkeypatch.setattr(FastEMDeblurPipeline, "denoising_step", step)
+    monkeypatch.setattr(FastEMDeblurPipeline, "coarse_estimate", spy)
+    steps = []
+    out = run(pipe, smooth_images(1, height=64, width=64), num_scales=2, num_inference_steps=4, output_type="pt",
+              callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
+    assert len(sizes) == 1 and sizes[0][0] < 64  # one coarse step, nothing at full size
+    assert steps == [] and pipe.interrupt
+    assert out.images.shape == (1, 3, 64, 64) and out.kernels.shape == (1, 1, 9, 9)
+    assert torch.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
+    # the coarse level's (interrupted) image upsampled and its kernel, not a noised start of the full-size level
+    torch.testing.assert_close(out.images, coarse["image"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.kernels, coarse["kernel"])

@@ -477,12 +477,17 @@ class FastEMDeblurPipeline(DiffusionPipeline):
 
     def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0, start_index=0,
                           callback_on_step_end=None, callback_on_step_end_tensor_inputs=()) -> FastEMState:
-        """One guided reverse diffusion from ``state.latents = x_t`` at ``t = timesteps[start_index]`` (``x_T``: 0)."""
+        """One guided reverse diffusion from ``state.latents = x_t`` at ``t = timesteps[start_index]`` (``x_T``: 0).
+
+        ``i`` indexes the full schedule (guidance coefficients, ``m_step_from``); the callback sees the steps that
+        run, counted from ``step_offset``: ``step_offset + i − start_index`` (diffusers' img2img convention).
+        """
         for i, t in enumerate(self.scheduler.timesteps):
             if self.interrupt or i < start_index:
                 continue
             state = self.denoising_step(denoiser, problem, state, i, t, step_kwargs)
-            state = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, state, step_offset + i, t)
+            state = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, state,
+                                   step_offset + i - start_index, t)
             progress_bar.update()
         return state
 
@@ -500,8 +505,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         """A blind run (no guard, ``"pt"`` output) on the 2×2-averaged image, σ scaled to match.
 
         Averaging 2×2 pixels halves the noise std and the blur's extent. The nested call's per-call
-        state (guidance scale, step count, interrupt flag) is restored afterwards.
-        Returns ``(output, downscaled measurement, its σ, scale factor)``.
+        state (guidance scale, step count) is restored afterwards; an interrupt set during it stays set,
+        so the calling level stops too. Returns ``(output, downscaled measurement, its σ, scale factor)``.
         """
         height, width = measurement.shape[-2:]
         coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
@@ -509,7 +514,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         state = (self._guidance_scale, self._num_timesteps, self._interrupt)
         out = self(coarse, sigma=(sigma * 255 / factor).tolist(), output_type="pt", return_dict=True, guard=False,
                    **kwargs)
+        interrupted = self._interrupt
         self._guidance_scale, self._num_timesteps, self._interrupt = state
+        self._interrupt = self._interrupt or interrupted
         return out, coarse, sigma / factor, factor
 
     def coarse_estimate(self, measurement: torch.Tensor, sigma: torch.Tensor, kernel_size: int, num_scales: int,
@@ -758,7 +765,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a [`FastEMDeblurPipelineOutput`] instead of a tuple.
             callback_on_step_end: called after each step as ``fn(pipe, step, timestep, tensors)``; may return
-                replacements for ``latents`` and ``kernel``.
+                replacements for ``latents`` and ``kernel``. ``step`` counts the steps that run, ``0`` to
+                ``pipe.num_timesteps − 1`` (with ``strength < 1`` the skipped start of the schedule is not counted;
+                with ``em_iterations`` the runs follow each other). With ``num_scales > 1`` it sees the full-size
+                level only (the coarser levels run before it, without callback); setting ``pipe._interrupt``
+                stops the call, and an interrupt during a coarser level returns that level's image and kernel,
+                upsampled.
             callback_on_step_end_tensor_inputs: which of ``latents``, ``kernel``, ``x0`` the callback receives.
 
         Examples:
@@ -893,12 +905,14 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for run in range(runs):
                 noise = self.prepare_latents(shape, generator, device, self.unet.dtype, latents if run == 0 else None)
-                if init_image is not None:
+                if init_image is not None and self.interrupt:  # stopped in a coarser level: its image, no step here
+                    noise = init_image.to(noise.dtype) * 2 - 1
+                elif init_image is not None:
                     noise = self.refine_latents(init_image.to(noise.dtype), noise, start_index)
                 state = FastEMState(latents=noise, kernel=kernel)
                 state = self.reverse_diffusion(
                     denoiser, problem, state, step_kwargs=step_kwargs, progress_bar=progress_bar, start_index=start_index,
-                    step_offset=run * len(self.scheduler.timesteps), callback_on_step_end=callback_on_step_end,
+                    step_offset=run * (len(self.scheduler.timesteps) - start_index), callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 )
                 kernel = state.kernel
