@@ -493,3 +493,21 @@ def test_a_guard_fallback_is_a_note_and_is_recorded(tmp_path, capsys):
     assert "UserWarning" not in captured.err and "the guard returned the input]" in captured.out
     record = json.loads((tmp_path / "o" / "a.json").read_text())
     assert record["fallback"] is True and record["fit"] == 7.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "dvsr", "--dvsr-steps", "1", "--perception-distortion", "0.5"], "--perception-distortion"),
+    (["--method", "diffusion-em", "--kernel-size", "auto"], "--kernel-size auto"),
+])
+def test_options_that_cannot_go_together_fail_before_overwrite_touches_a_file(tmp_path, capsys, monkeypatch, flags,
+                                                                               message):
+    image = write_image(tmp_path / "b.png")
+    out = tmp_path / "od"
+    assert identity([image], out) == 0, errors(capsys)
+    np.save(out / "b_uncertainty.npy", np.zeros((2, 2)))  # an earlier run's file that --overwrite would remove
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = main(["deblur", str(image), "-o", str(out), *flags, "--overwrite", "--quiet"])
+    err = errors(capsys)
+    assert code == 2 and message in err and err.count("error:") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # od/ untouched

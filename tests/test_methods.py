@@ -285,3 +285,21 @@ def test_unset_steps_run_each_methods_own_default():
     assert with_default_steps(METHODS["identity"], {"kernel_size": None}) == {"kernel_size": None}
     if "blind-dps" in METHODS:
         assert default_steps(METHODS["blind-dps"]) == 250
+
+
+def test_the_evaluation_refuses_dvsr_options_that_cannot_go_together(tmp_path, capsys):
+    PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as exit_:
+        runner.parse_args(["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "ev"), "--methods", "dvsr",
+                           "--dvsr_steps", "1", "--perception_distortion", "0.5"])
+    assert exit_.value.code == 2 and "not both" in capsys.readouterr().err
+
+
+def test_fastem_check_refuses_a_tile_size_below_the_unets_multiple():
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(kernel_estimator=object(),
+                           unet=SimpleNamespace(config=SimpleNamespace(block_out_channels=(8, 8, 8, 8, 8))))
+    with pytest.raises(ValueError, match="at least 16"):
+        methods._fastem_check(pipe, {"tile_size": 8}, kernel_given=False)
+    assert methods._fastem_check(pipe, {"tile_size": 16}, kernel_given=False) == []

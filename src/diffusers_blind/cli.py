@@ -296,6 +296,11 @@ def method_options(method, args) -> dict:
     from .methods import with_default_steps
 
     values = {o.name: (o.default if getattr(args, o.name) is None else getattr(args, o.name)) for o in method.options}
+    if method.check_options is not None:  # combinations that cannot run: refused before any file is touched
+        try:
+            method.check_options(values)
+        except ValueError as error:
+            raise CLIError(f"--method {method.name}: {error}") from None
     return with_default_steps(method, values)
 
 

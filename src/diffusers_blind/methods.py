@@ -201,6 +201,9 @@ class Method:
             raises ``ValueError`` for settings that cannot work.
         uses_sigma: the method reads the noise level ``sigma`` (``deblur --sigma`` given to one that does not
             is announced as unused).
+        check_options: ``check_options(options)``, called with the option values when the arguments are
+            checked (before any model is loaded or file touched); raises ``ValueError`` for values that
+            cannot go together.
     """
 
     name: str
@@ -215,6 +218,7 @@ class Method:
     info: dict = field(default_factory=dict)
     check: Callable[..., list[str]] | None = None
     uses_sigma: bool = True
+    check_options: Callable[[dict], None] | None = None
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -345,7 +349,18 @@ def _fastem_check(pipeline, options, kernel_given) -> list[str]:
     if not kernel_given and getattr(pipeline, "kernel_estimator", None) is None:
         raise ValueError("the model has no kernel_estimator, so it can only deblur with a known kernel "
                          "(pass --kernel FILE, or use a known-kernel method)")
+    tile_size = options.get("tile_size")
+    unet = getattr(pipeline, "unet", None)
+    if tile_size is not None and unet is not None:
+        multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+        if tile_size < multiple:
+            raise ValueError(f"--tile-size must be at least {multiple} for this model (its UNet's size multiple)")
     return []
+
+
+def _diffusion_em_options_check(options) -> None:
+    if options.get("kernel_size") == "auto":
+        raise ValueError("--kernel-size auto is for the Fast EM methods; give diffusion-em a size (e.g. 33)")
 
 
 def _dps_check(pipeline, options, kernel_given) -> list[str]:
@@ -436,11 +451,11 @@ def _register_builtins() -> None:
                            "Diffusion EM: several full Pi-GDM runs, one kernel update after each (slower)",
                            options=(*(o for o in pipeline_options if o not in (m_step_start, strength)), em_iterations),
                            info={"guidance": "pigdm"},
-                           check=_fastem_check, **common))
+                           check=_fastem_check, check_options=_diffusion_em_options_check, **common))
     for name, guidance in (("pigdm-known-kernel", "pigdm"), ("dps-known-kernel", "dps")):
         register_method(Method(name, _fastem_run(guidance), f"non-blind {guidance} guidance with the true kernel",
                                needs_kernel=True, options=(steps, particles, guidance_scale, strength, *tiling),
-                               info={"guidance": guidance}, **common))
+                               info={"guidance": guidance}, check=_fastem_check, **common))
     register_method(Method("wiener-known-kernel", _wiener_run,
                            "non-blind Wiener deconvolution with the true kernel (gradient prior, no model)",
                            needs_kernel=True))
@@ -474,12 +489,17 @@ def _register_dvsr() -> None:
     except ImportError:
         return
 
+    def check_options(options) -> None:
+        # the knob and the explicit (steps, samples) pair are exclusive: send one or the other
+        explicit = options.get("dvsr_steps") is not None or options.get("dvsr_samples") is not None
+        if explicit and options.get("perception_distortion") is not None:
+            raise ValueError("give either --perception-distortion or --dvsr-steps/--dvsr-samples, not both")
+
     def run(y, *, sigma, kernel, generator, pipeline, blur, perception_distortion, dvsr_steps, dvsr_samples,
             precision=None):
-        # the knob and the explicit (steps, samples) pair are exclusive: send one or the other
+        check_options({"perception_distortion": perception_distortion, "dvsr_steps": dvsr_steps,
+                       "dvsr_samples": dvsr_samples})
         if dvsr_steps is not None or dvsr_samples is not None:
-            if perception_distortion is not None:
-                raise ValueError("give either --perception-distortion or --dvsr-steps/--dvsr-samples, not both")
             settings = {"num_inference_steps": dvsr_steps or 10, "num_samples": dvsr_samples or 1}
         else:
             settings = {"perception_distortion": perception_distortion}
@@ -491,6 +511,7 @@ def _register_dvsr() -> None:
     register_method(Method(
         "dvsr", run, "deblurring via stochastic refinement (predictor + conditional diffusion on the residual; no kernel)",
         pipeline_class=StochasticRefinementDeblurPipeline, default_model=DVSR_DEFAULT_MODEL, returns_kernel=False,
+        check_options=check_options,
         options=(
             Option("perception_distortion", _unit_interval, None,
                    "DvSR knob in [0, 1]: 0 = sharpest (100 steps, 1 sample), 1 = lowest distortion "

@@ -111,6 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--kernel must be 'motion', 'gaussian' or an existing folder, got {args.kernel!r}")
     args.sigma = list(dict.fromkeys(float(s) for s in args.sigma))
     args.methods = list(dict.fromkeys(args.methods))
+    for name in args.methods:  # option values that cannot go together fail here, not once per image
+        method = METHODS[name]
+        if method.check_options is not None:
+            try:
+                method.check_options({option.name: getattr(args, option.name) for option in method.options})
+            except ValueError as error:
+                p.error(f"{name}: {error}")
     try:
         args.models = resolve_models(args.methods, args.model or [])
     except ValueError as error:
