@@ -303,3 +303,33 @@ def test_fastem_check_refuses_a_tile_size_below_the_unets_multiple():
     with pytest.raises(ValueError, match="at least 16"):
         methods._fastem_check(pipe, {"tile_size": 8}, kernel_given=False)
     assert methods._fastem_check(pipe, {"tile_size": 16}, kernel_given=False) == []
+
+
+def test_blind_fastem_methods_default_to_an_automatic_kernel_size_where_the_image_has_room():
+    from types import SimpleNamespace
+
+    from diffusers_blind.methods import default_kernel_size
+
+    class Recorder:  # a pipeline stand-in that records the kernel size it is called with
+        kernel_estimator = SimpleNamespace(config=SimpleNamespace(kernel_size=9))
+
+        def __call__(self, y, **kwargs):
+            self.kernel_size = kwargs["kernel_size"]
+            kernel = torch.zeros(1, 1, 9, 9)
+            kernel[..., 4, 4] = 1
+            return SimpleNamespace(images=y, kernels=kernel, sigma=[5.0], uncertainty=None, fallback=None, fit=None)
+
+    pipe = Recorder()
+    assert default_kernel_size(pipe, torch.zeros(1, 3, 18, 30)) == "auto"  # room for two 9 px supports
+    assert default_kernel_size(pipe, torch.zeros(1, 3, 17, 30)) is None  # auto could go below the model's size
+    y = torch.rand(1, 3, 24, 24)
+    call = dict(sigma=5.0, generator=None, pipeline=pipe, blur="valid", steps=None, particles=1, guidance_scale=None)
+    for name, expected in (("fastem-pigdm", "auto"), ("fastem-dps", "auto"), ("diffusion-em", None)):
+        METHODS[name].run(y, kernel=None, **call)
+        assert pipe.kernel_size == expected, name
+    METHODS["fastem-pigdm"].run(y, kernel=None, kernel_size=15, **call)
+    assert pipe.kernel_size == 15  # an explicit size is kept
+    METHODS["fastem-pigdm"].run(y, kernel=torch.ones(1, 1, 3, 3) / 9, **call)
+    assert pipe.kernel_size is None  # a known kernel has its own size
+    pipe.kernel_estimator.config.kernel_size = 7  # a size "auto" cannot choose: keep the model's
+    assert default_kernel_size(pipe, torch.zeros(1, 3, 64, 64)) is None

@@ -306,6 +306,21 @@ def _steps_kwarg(steps) -> dict:
     return {} if steps is None else {"num_inference_steps": steps}
 
 
+def default_kernel_size(pipeline, y: torch.Tensor):
+    """The blind Fast EM methods' kernel size when none is given: ``"auto"`` where the image has room for
+    two supports of the model's size ``P`` (the automatic choice then never goes below ``P``; it only
+    grows the support when a sparse-prior probe sees a longer blur), else ``None`` (the model's size).
+
+    On synthetic camera shake the probe keeps ``P`` (33 for the shipped model) on every benchmark input,
+    up to 47 px kernels; on a real horizontal streak (scikit-image's ``clock_motion``) it picks 45 and the
+    ghost arcs a 33 px support leaves go away (docs/kernel_estimation.md).
+    """
+    from .pipelines.fast_em.pipeline_fast_em_deblur import KERNEL_SIZE_CANDIDATES
+
+    size = pipeline.kernel_estimator.config.kernel_size
+    return "auto" if size in KERNEL_SIZE_CANDIDATES and min(y.shape[-2:]) >= 2 * size else None
+
+
 def _fastem_run(guidance: str, diffusion_em: bool = False):
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_size=None,
             em_iterations=None, guard=True, tile_size=None, max_memory=None, precision=None, kernel_init=None,
@@ -317,6 +332,8 @@ def _fastem_run(guidance: str, diffusion_em: bool = False):
             options["m_step_start"] = m_step_start
         if kernel is None and kernel_anchor is not None:
             options["kernel_anchor"] = kernel_anchor
+        if kernel is None and kernel_size is None and not diffusion_em:
+            kernel_size = default_kernel_size(pipeline, y)
         out = pipeline(
             y,
             sigma=sigma,
@@ -410,7 +427,8 @@ def _register_builtins() -> None:
                             "Fast EM with Pi-GDM, 1.25 with DPS, 10 for BlindDPS)")
     kernel_size = Option("kernel_size", kernel_size_or_auto, None,
                          "size of the estimated kernel, or 'auto' to pick it from the extent of a sparse-prior kernel "
-                         "estimate (default: the model's, 33 for the shipped one)")
+                         "estimate (default: auto for fastem-pigdm/-dps on images of at least twice the model's size, "
+                         "never below the model's 33 then; the model's size otherwise and for diffusion-em)")
     em_iterations = Option("em_iterations", positive_int, 3, "full runs of --method diffusion-em (default 3 in deblur, 10 in the evaluation)",
                            eval_default=10)
     tiling = (
