@@ -51,6 +51,12 @@ class TestFastEMDeblurPipeline(PipelineTesterMixin):
         (dict(image=torch.rand(1, 3, 16, 16) * 2 - 1), ValueError, r"\[0, 1\]"),
         (dict(guidance="magic"), ValueError, "guidance"),
         (dict(sigma=None), ValueError, "sigma"),
+        (dict(sigma=True), ValueError, "sigma"),  # bools are not noise levels
+        (dict(sigma=[True]), ValueError, "sigma"),
+        (dict(num_particles=True), ValueError, "num_particles"),
+        (dict(kernel_size=True), ValueError, "kernel_size"),
+        (dict(boundary_margin=True), ValueError, "boundary_margin"),
+        (dict(boundary_margin=2.5), ValueError, "boundary_margin"),
     ]
 
     def get_dummy_components(self):
@@ -962,3 +968,11 @@ def test_interrupt_during_a_coarser_level_returns_its_image_without_running_the_
     # the coarse level's (interrupted) image upsampled and its kernel, not a noised start of the full-size level
     torch.testing.assert_close(out.images, coarse["image"], atol=1e-6, rtol=0)
     torch.testing.assert_close(out.kernels, coarse["kernel"])
+
+
+def test_even_and_non_square_kernels_follow_the_centre_convention(pipe):
+    """docs/conventions.md: a (kh, kw) kernel has its centre at (kh // 2, kw // 2), odd or even; FastEM accepts them."""
+    blind = run(pipe, smooth_images(1), kernel_size=4, boundary_margin=np.int64(4))
+    assert blind.kernels.shape == (1, 4, 4) and abs(float(blind.kernels.sum()) - 1) < 1e-5
+    known = run(pipe, smooth_images(1), kernel=np.ones((3, 5)) / 15)
+    assert known.kernels.shape == (1, 3, 5) and np.isfinite(known.images).all()

@@ -261,22 +261,23 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             raise ValueError(f"r_schedule must be one of {R_SCHEDULES}, got {r_schedule!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        if not isinstance(num_particles, int) or num_particles < 1:
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
-        if em_iterations is not None and (not isinstance(em_iterations, int) or em_iterations < 1):
+        if em_iterations is not None and (isinstance(em_iterations, bool) or not isinstance(em_iterations, int)
+                                          or em_iterations < 1):
             raise ValueError(f"em_iterations must be None or a positive int, got {em_iterations!r}")
         if kernel is None and self.kernel_estimator is None:
             raise ValueError("Blind deblurring needs a kernel_estimator; pass one or give the true `kernel`.")
         if em_iterations is not None and kernel is not None:
             raise ValueError("em_iterations (Diffusion EM) estimates the kernel: do not pass `kernel` too.")
-        if not isinstance(kernel_size, int) or kernel_size < 1:
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
         height, width = measurement.shape[-2:]
         if kernel_size > height or kernel_size > width:
             raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width}); pass a "
-                             f"kernel_size of at most {min(height, width)} (odd) for so small an image")
+                             f"kernel_size of at most {min(height, width)} for so small an image")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -316,6 +317,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                     stacklevel=4,
                 )
             return estimate
+        raw = sigma if torch.is_tensor(sigma) else np.asarray(sigma) if isinstance(sigma, (list, tuple, np.ndarray)) else None
+        if isinstance(sigma, (bool, np.bool_)) or (torch.is_tensor(raw) and raw.dtype == torch.bool) or (
+                isinstance(raw, np.ndarray) and raw.dtype == np.bool_):
+            raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}")
         try:
             values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
         except (TypeError, ValueError, RuntimeError):
@@ -815,6 +820,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if isinstance(blind_sigma_floor, bool) or not isinstance(blind_sigma_floor, (int, float, np.number)) \
                 or not math.isfinite(float(blind_sigma_floor)) or blind_sigma_floor < 0:
             raise ValueError(f"blind_sigma_floor must be a finite number >= 0 (8-bit levels), got {blind_sigma_floor!r}")
+        if boundary_margin is not None and (isinstance(boundary_margin, (bool, np.bool_))
+                                            or not isinstance(boundary_margin, (int, np.integer)) or boundary_margin < 0):
+            raise ValueError(f"boundary_margin must be None or an int >= 0, got {boundary_margin!r}")
         if strength < 1 and em_iterations is not None:
             raise ValueError("strength < 1 is for Fast EM and the known-kernel baselines, not with em_iterations")
         kernel_anchor = KERNEL_ANCHOR if kernel_anchor is None else kernel_anchor
