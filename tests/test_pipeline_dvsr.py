@@ -254,11 +254,20 @@ def test_mixed_precision_runs_the_networks_in_bf16_and_keeps_the_chain(pipe):
         ({"noise_levels": []}, "noise_levels must be a non-empty"),
         ({"num_inference_steps": "3"}, "got '3'"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"eta": "x"}, "eta must be None or a finite number"),
+        ({"perception_distortion": "a", "num_inference_steps": None}, "perception_distortion must be a number"),
+        ({"perception_distortion": True, "num_inference_steps": None}, "perception_distortion must be a number"),
+        ({"num_samples": True}, "num_samples"),
+        ({"sigma": -1}, "sigma"),
+        ({"sigma": "high"}, "sigma"),
+        ({"sigma": True}, "sigma"),
+        ({"sigma": None}, "sigma"),
+        ({"sigma": [1.0, 2.0]}, "one value per image"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, match):
     kwargs = {"image": torch.rand(1, 3, 8, 8), "num_inference_steps": 2, **kwargs}
-    if "noise_levels" in kwargs:
+    if "noise_levels" in kwargs or kwargs["num_inference_steps"] is None:
         kwargs.pop("num_inference_steps")
     with pytest.raises((ValueError, TypeError), match=match):
         pipe(**kwargs)
@@ -318,3 +327,43 @@ def test_kernel_from_a_photograph_with_linear_borders():
     blurry, sharp = fft_blur(scene, true)[..., 8:-8, 8:-8], scene[..., 8:-8, 8:-8]
     estimate = pipe.estimate_kernel(blurry, sharp, torch.tensor([1e-3]), iterations=2)
     assert float(((estimate - true) ** 2).sum() / (true**2).sum()) < 1e-3
+
+
+def test_sigma_is_checked_before_the_diffusion_with_a_kernel_estimator():
+    pipe = make_pipe(estimator=True)
+    calls = []
+    handle = pipe.denoiser.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for bad in ("high", -3, True):
+            with pytest.raises(ValueError, match="sigma"):
+                run(pipe, images(1), sigma=bad)
+        assert calls == []  # refused up front, not after the whole chain
+        for good in ("auto", 3, [3, 20], torch.tensor([3.0, 20.0]), np.array(7.0)):
+            out = run(pipe, images(2), sigma=good, num_inference_steps=1)
+            assert out.kernels.shape == (2, 1, 5, 5) and len(out.sigma) == 2
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("size", [(2, 2), (4, 7), (8, 8)])
+def test_kernel_of_an_image_smaller_than_the_kernel_uses_the_tapered_fourier_fallback(size):
+    pipe = make_pipe(estimator=True)
+    pipe.kernel_estimator = KernelEstimator(kernel_size=9, num_iterations=2)  # (8, 8) pads to 22 < 33 likewise
+    out = run(pipe, images(1, height=size[0], width=size[1]), sigma=5)
+    assert out.images.shape == (1, 3, *size) and out.kernels.shape == (1, 1, 9, 9)
+    assert torch.isfinite(out.kernels).all() and (out.kernels >= 0).all()
+    assert float(out.kernels.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_latent_output_keeps_the_kernel_and_sigma():
+    pipe = make_pipe(estimator=True)
+    pt = run(pipe, images(2), sigma=[4, 6])
+    latent = run(pipe, images(2), sigma=[4, 6], output_type="latent")
+    assert latent.images.shape == (2, 3, 12, 20)
+    assert torch.is_tensor(latent.kernels) and latent.kernels.shape == (2, 1, 5, 5)
+    torch.testing.assert_close(latent.kernels, pt.kernels)
+    assert latent.sigma == pytest.approx([4.0, 6.0])
+    images_, kernels, uncertainty = run(pipe, images(2), sigma=[4, 6], output_type="latent", return_dict=False)
+    torch.testing.assert_close(kernels, pt.kernels)
+    assert uncertainty is None
+    assert run(make_pipe(), images(1), output_type="latent").kernels is None  # no estimator: no kernel

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
@@ -40,6 +42,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # autocast dtype of the two networks; the long names are those of the package's other pipelines (`precision=`)
 MIXED_PRECISION = {None: None, "no": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                    "fp16": torch.float16, "float16": torch.float16}
@@ -61,7 +64,8 @@ class StochasticRefinementDeblurPipelineOutput(DeblurPipelineOutput):
             ``(B, H, W, C)`` array (``"np"``) or a ``(B, C, H, W)`` tensor (``"pt"``); for ``"latent"``
             the raw padded samples ``(B·n, C, H', W')`` in ``[-1, 1]``.
         kernels: ``None``, or when the pipeline has a ``kernel_estimator``, the kernel that the M-step
-            finds from the input and the restored image, ``(B, k, k)`` array (``(B, 1, k, k)`` tensor for ``"pt"``).
+            finds from the input and the restored image, ``(B, k, k)`` array (``(B, 1, k, k)`` tensor for ``"pt"``
+            and ``"latent"``).
         uncertainty: per-pixel std over the samples (mean over channels), ``(B, H, W)`` (``(B, 1, H, W)``
             for ``"pt"``), or ``None`` with one sample.
         particles: every sample, ``(B, n, H, W, C)`` array (``(B, n, C, H, W)`` tensor for ``"pt"``);
@@ -78,6 +82,18 @@ class StochasticRefinementDeblurPipelineOutput(DeblurPipelineOutput):
         return self.particles
 
 
+def _is_number(value) -> bool:
+    """A real number (numpy scalars and 0-d arrays too), not a bool."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:
+        value = value.item()
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_whole(value) -> bool:
+    """An integer (or an integral float such as ``2.0``), not a bool."""
+    return _is_number(value) and math.isfinite(float(value)) and float(value) == int(value)
+
+
 def perception_distortion_setting(value: float) -> tuple[int, int]:
     """Map the knob ``p ∈ [0, 1]`` to ``(num_inference_steps, num_samples)`` by geometric interpolation.
 
@@ -86,9 +102,9 @@ def perception_distortion_setting(value: float) -> tuple[int, int]:
     estimates, closest to the MMSE estimate, i.e. highest PSNR): ``steps = 100^(1−p)``, ``samples = 16^p``,
     rounded; ``p = 0.5`` is the paper's "Ours-SA" (10 steps × 4 samples).
     """
+    if not _is_number(value) or not math.isfinite(float(value)) or not 0 <= float(value) <= 1:
+        raise ValueError(f"perception_distortion must be a number in [0, 1], got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or not 0 <= value <= 1:
-        raise ValueError(f"perception_distortion must be in [0, 1], got {value}")
     steps = math.exp((1 - value) * math.log(PERCEPTION_END[0]) + value * math.log(DISTORTION_END[0]))
     samples = math.exp((1 - value) * math.log(PERCEPTION_END[1]) + value * math.log(DISTORTION_END[1]))
     return int(round(steps)), int(round(samples))
@@ -140,6 +156,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             raise ValueError("predictor and denoiser must have the same number of image channels")
         self.register_modules(predictor=predictor, denoiser=denoiser, scheduler=scheduler, kernel_estimator=kernel_estimator)
         self.register_to_config(residual_scale=residual_scale)
+        self._num_timesteps = 0
+        self._interrupt = False
 
     @property
     def num_timesteps(self) -> int:
@@ -170,18 +188,18 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         channels = self.predictor.config.in_channels
         if measurement.shape[1] not in (1, channels):
             raise ValueError(f"image has {measurement.shape[1]} channels; the model takes {channels} (or 1, grayscale)")
-        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+        if not _is_whole(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        if not _is_whole(num_samples) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if eta is not None and (not math.isfinite(eta) or eta < 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-        if int(boundary_margin) != boundary_margin or boundary_margin < 0:
-            raise ValueError(f"boundary_margin must be an integer >= 0, got {boundary_margin}")
-        if int(kernel_iterations) != kernel_iterations or kernel_iterations < 1:
-            raise ValueError(f"kernel_iterations must be a positive integer, got {kernel_iterations}")
+        if eta is not None and (not _is_number(eta) or not math.isfinite(float(eta)) or eta < 0):
+            raise ValueError(f"eta must be None or a finite number >= 0, got {eta!r}")
+        if not _is_whole(boundary_margin) or boundary_margin < 0:
+            raise ValueError(f"boundary_margin must be an integer >= 0, got {boundary_margin!r}")
+        if not _is_whole(kernel_iterations) or kernel_iterations < 1:
+            raise ValueError(f"kernel_iterations must be a positive integer, got {kernel_iterations!r}")
         if min(measurement.shape[-2:]) < 2:
             raise ValueError(f"image must be at least 2x2, got {tuple(measurement.shape[-2:])}")
         if mixed_precision not in MIXED_PRECISION:
@@ -208,7 +226,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         squares counts only the pixels of ``y`` whose whole kernel neighbourhood lies in the photograph
         (``ops.valid_mask``), where ``y = k ⊛ x̂`` holds exactly, and is solved on the kernel support
         by conjugate gradients. A photograph smaller than the kernel has no such pixel: then both
-        images are multiplied by an edge taper and the circular Fourier solve is used instead.
+        images are multiplied by an edge taper, zero-padded to at least the kernel size where the
+        reflection cannot reach it, and the circular Fourier solve is used instead.
         """
         if self.kernel_estimator is None:
             raise ValueError("this pipeline has no kernel_estimator")
@@ -217,25 +236,37 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         margin = min(size, min(height, width) - 1)
         y_pad, window = pad_to_multiple(measurement, 1, margin)
         x_pad, _ = pad_to_multiple(restored, 1, margin)
-        if size > min(y_pad.shape[-2:]):
-            raise ValueError(f"kernel_size {size} is larger than the padded image {tuple(y_pad.shape[-2:])}")
         options = {}
         if min(height, width) > 2 * (size // 2):
             options["mask"] = valid_mask(y_pad.shape[-2:], window, size, device=y_pad.device)
         else:
-            taper = edge_taper_window(y_pad.shape[-2:], min(size, min(y_pad.shape[-2:]) // 2), device=y_pad.device)
-            y_pad, x_pad = taper * y_pad, taper * x_pad
+            # the taper falls to 0 inside the reflected image; zeros beyond it (up to the kernel size) add no jump
+            padded_h, padded_w = y_pad.shape[-2:]
+            grid = (max(padded_h, size), max(padded_w, size))
+            taper = edge_taper_window(grid, min(size, min(padded_h, padded_w) // 2), device=y_pad.device,
+                                      region=(0, 0, padded_h, padded_w))
+            extra = (0, grid[1] - padded_w, 0, grid[0] - padded_h)
+            y_pad, x_pad = taper * F.pad(y_pad, extra), taper * F.pad(x_pad, extra)
         kernel = dirac_kernel(size, measurement.shape[0], measurement.device)
         for _ in range(iterations):
             kernel = center_kernel(self.kernel_estimator(y_pad, x_pad, sigma, kernel, **options))
         return kernel
 
-    def _prepare_sigma(self, sigma, measurement: torch.Tensor) -> torch.Tensor:
+    def _prepare_sigma(self, sigma, measurement: torch.Tensor, estimate: bool = True) -> torch.Tensor | None:
+        """Noise std per image in ``[0, 1]`` units from 8-bit levels or ``"auto"``; ``estimate=False`` only checks
+        ``sigma`` (``"auto"`` then returns ``None``)."""
         if isinstance(sigma, str):
             if sigma != "auto":
                 raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
-            return estimate_noise_sigma(measurement).float()
-        values = torch.as_tensor(sigma, dtype=torch.float32).flatten()
+            return estimate_noise_sigma(measurement).float() if estimate else None
+        try:
+            values = torch.as_tensor(sigma if torch.is_tensor(sigma) else np.asarray(sigma)).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            values = None
+        if sigma is None or values is None or values.dtype == torch.bool or not (values.is_floating_point() or
+                                                                                   values.dtype in INTEGER_DTYPES):
+            raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}")
+        values = values.float()
         if values.numel() not in (1, measurement.shape[0]):
             raise ValueError(f"sigma must be a scalar or one value per image ({measurement.shape[0]}), got {values.numel()}")
         if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
@@ -282,8 +313,9 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             noise_levels: an explicit chain ``√ᾱ`` (noisiest first, increasing in ``(0, 1)``) instead of
                 ``num_inference_steps``.
             boundary_margin: reflect padding added around the image before the networks (cropped after).
-            sigma: noise level in 8-bit levels for the kernel M-step, or ``"auto"`` (estimated); only
-                used with a ``kernel_estimator``.
+            sigma: noise level in 8-bit levels for the kernel M-step (a number, or one per image as a list,
+                array or tensor, in ``[0, 255]``), or ``"auto"`` (estimated); checked always, used only with a
+                ``kernel_estimator``.
             kernel_iterations: M-step rounds for the returned kernel.
             mixed_precision: ``"bf16"`` / ``"bfloat16"`` or ``"fp16"`` / ``"float16"`` runs the two networks
                 under ``torch.autocast`` (on a CPU with bf16 matrix units about 2.5× faster); the chain itself
@@ -328,6 +360,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         dtype = self.denoiser.dtype
         batch, n = measurement.shape[0], int(num_samples)
         measurement = measurement.to(device)
+        sigma_t = self._prepare_sigma(sigma, measurement, estimate=self.kernel_estimator is not None)  # checked first
         grayscale = measurement.shape[1] == 1 and self.predictor.config.in_channels != 1
         rgb = measurement.expand(-1, self.predictor.config.in_channels, -1, -1) if grayscale else measurement
         padded, window = pad_to_multiple(rgb, self.pad_multiple, int(boundary_margin))
@@ -384,7 +417,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         restored = x_init_rep + self.config.residual_scale * z  # x̂ = x_init + s·z_0, in [-1, 1]
 
         # 6. Outputs: crop, average the samples, optional kernel
-        if output_type == "latent":
+        if output_type == "latent" and self.kernel_estimator is None:
             if not return_dict:
                 return restored, None, None
             return StochasticRefinementDeblurPipelineOutput(images=restored, x_init=x_init)
@@ -399,9 +432,13 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         std = samples.std(1, unbiased=False).mean(1, keepdim=True) if n > 1 else None
         kernels, sigma_255 = None, None
         if self.kernel_estimator is not None:
-            sigma_t = self._prepare_sigma(sigma, measurement)
             kernels = self.estimate_kernel(measurement.float(), mean, sigma_t, int(kernel_iterations))
             sigma_255 = (sigma_t * 255).cpu().tolist()
+        if output_type == "latent":  # the raw samples, with the kernel as a (B, 1, k, k) tensor (as "pt")
+            if not return_dict:
+                return restored, kernels, None
+            return StochasticRefinementDeblurPipelineOutput(images=restored, kernels=kernels, sigma=sigma_255,
+                                                            x_init=x_init)
         images, x_init_out = tensor_to_output(mean, output_type), tensor_to_output(init, output_type)
         if output_type == "pt":
             samples_out = samples.cpu()
