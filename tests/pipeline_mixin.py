@@ -26,6 +26,7 @@ from diffusers_blind import DeblurPipelineOutput
 GENERIC_BAD_INPUTS = [
     (dict(output_type="jpeg"), ValueError, "output_type"),
     (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+    (dict(num_inference_steps=True), ValueError, "num_inference_steps"),  # a bool is not a step count
     (dict(callback_on_step_end_tensor_inputs=["not_a_tensor"]), ValueError, "callback_on_step_end_tensor_inputs"),
     (dict(image=torch.full((1, 3, 16, 16), float("nan"))), ValueError, "NaN"),
     (dict(image=torch.rand(1, 3, 16, 16) * 255), ValueError, r"\[0, 1\]"),
@@ -88,6 +89,16 @@ class PipelineTesterMixin:
             return
         assert out.kernels.ndim == 3 and out.kernels.shape[0] == 1 and np.isfinite(out.kernels).all()
         np.testing.assert_allclose(out.kernels.sum((-2, -1)), 1.0, atol=1e-4)
+
+    def test_latent_output_gives_kernels_as_a_b_1_k_k_tensor_like_pt(self):
+        pipe = self.get_pipeline()
+        latent, pt = self.call(pipe, batch=2, output_type="latent"), self.call(pipe, batch=2, output_type="pt")
+        assert torch.is_tensor(latent.images)
+        if not self.returns_kernel:
+            assert latent.kernels is None
+            return
+        assert torch.is_tensor(latent.kernels) and latent.kernels.ndim == 4 and latent.kernels.shape[:2] == (2, 1)
+        torch.testing.assert_close(latent.kernels.detach().float().cpu(), pt.kernels.float())
 
     def test_tuple_output_matches_the_dataclass(self):
         pipe = self.get_pipeline()
@@ -180,6 +191,10 @@ class PipelineTesterMixin:
         pipe = self.get_pipeline()
         self.call(pipe, callback_on_step_end=record)
         assert record.seen == pipe.num_timesteps
+
+    def test_interrupt_and_num_timesteps_are_readable_before_the_first_call(self):
+        pipe = self.get_pipeline()
+        assert pipe.interrupt is False and pipe.num_timesteps == 0
 
     def test_interrupt_skips_the_remaining_steps(self):
         steps = []

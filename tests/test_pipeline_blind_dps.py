@@ -23,7 +23,10 @@ class TestBlindDPSContract(PipelineTesterMixin):
         (dict(blur_model="gaussian"), ValueError, "blur_model"),
         (dict(step_size="linear"), ValueError, "step_size"),
         (dict(kernel_size=7), ValueError, "kernel_size"),
-        (dict(kernel_size=32), ValueError, "larger than the image"),
+        (dict(kernel_size=32), ValueError, r"larger than the image \(16x16\); pass a kernel_size that is a multiple "
+                                          r"of 2 and at most 16 \(e.g. 16\)"),
+        (dict(boundary_margin=True), ValueError, "boundary_margin"),
+        (dict(boundary_margin=2.0), ValueError, "boundary_margin"),
         (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
         (dict(sparsity_weight=float("nan")), ValueError, "sparsity_weight"),
         (dict(num_particles=0), ValueError, "num_particles"),
@@ -198,3 +201,22 @@ def test_save_load_keeps_both_unets_and_the_config(tmp_path):
     assert loaded.kernel_unet.config.in_channels == 1
     for a, b in zip(pipe.kernel_unet.parameters(), loaded.kernel_unet.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_numpy_integer_margin_runs_like_an_int():
+    pipe = pipe_with()
+    kwargs = dict(num_inference_steps=2, kernel_size=8, output_type="np")
+    a = pipe(smooth_images(1, 3, 16, 16), boundary_margin=np.int64(4), generator=torch.Generator().manual_seed(0), **kwargs)
+    b = pipe(smooth_images(1, 3, 16, 16), boundary_margin=4, generator=torch.Generator().manual_seed(0), **kwargs)
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_an_image_smaller_than_the_size_multiple_says_how_large_it_must_be():
+    from diffusers import UNet2DModel
+
+    kernel_unet = UNet2DModel(block_out_channels=(4, 4, 4, 4), layers_per_block=1, norm_num_groups=4, sample_size=8,
+                              in_channels=1, out_channels=1, down_block_types=("DownBlock2D",) * 4,
+                              up_block_types=("UpBlock2D",) * 4)  # 3 downsamplings: sizes are multiples of 8
+    pipe = BlindDPSPipeline(tiny_unet(), kernel_unet, tiny_ddpm())
+    with pytest.raises(ValueError, match="the image must be at least 8 px a side"):
+        pipe(smooth_images(1, 3, 6, 6), num_inference_steps=2, output_type="np")

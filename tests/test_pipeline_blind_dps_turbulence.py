@@ -122,3 +122,14 @@ def test_loads_from_a_blind_dps_folder_with_a_tilt_unet_subfolder(tmp_path):
         torch.testing.assert_close(pipe.tilt_unet.state_dict()[name], param)
     assert BlindDPSTurbulencePipeline.from_pretrained(tmp_path, tilt_scale=1.0).config.tilt_scale == 1.0
     assert type(BlindDPSPipeline.from_pretrained(tmp_path)) is BlindDPSPipeline
+
+
+def test_latent_output_gives_kernels_and_tilts_as_tensors():
+    pipe = make_pipe()
+    kwargs = dict(num_inference_steps=2, kernel_size=8, boundary_margin=1)
+    latent = pipe(smooth_images(1, 3, 16, 16), output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs)
+    pt = pipe(smooth_images(1, 3, 16, 16), output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs)
+    assert latent.kernels.shape == (1, 1, 8, 8) and torch.is_tensor(latent.kernels)
+    torch.testing.assert_close(latent.kernels, pt.kernels)
+    assert torch.is_tensor(latent.tilts) and latent.tilts.shape == (1, 2, *latent.images.shape[-2:])
+    torch.testing.assert_close(latent.tilts[..., 1:17, 1:17], pt.tilts)

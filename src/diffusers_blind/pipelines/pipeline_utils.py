@@ -32,8 +32,8 @@ class DeblurPipelineOutput(BaseOutput):
         images: restored images, one per input (the mean over particles): a list of PIL images,
             a ``(B, H, W, C)`` array (``"np"``) or a ``(B, C, H, W)`` tensor (``"pt"``); for
             ``"latent"`` the raw final diffusion state in ``[-1, 1]``.
-        kernels: the estimated (or given) kernels, a ``(B, k, k)`` array or a ``(B, 1, k, k)`` tensor for
-            ``"pt"``; ``None`` for a method that estimates no kernel.
+        kernels: the estimated (or given) kernels, a ``(B, k, k)`` array, or a ``(B, 1, k, k)`` tensor for
+            ``"pt"`` and ``"latent"``; ``None`` for a method that estimates no kernel.
         uncertainty: per-pixel standard deviation across particles, ``(B, H, W)`` (``(B, 1, H, W)`` for
             ``"pt"``), or ``None`` with a single particle.
         particles: every posterior sample (particle), ``(B, n, H, W, C)`` array (``(B, n, C, H, W)``

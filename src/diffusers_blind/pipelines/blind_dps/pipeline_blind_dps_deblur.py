@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -176,7 +177,8 @@ class BlindDPSPipeline(DiffusionPipeline):
         background = getattr(self.config, "kernel_background", "median")
         if background not in KERNEL_BACKGROUNDS:
             raise ValueError(f"kernel_background must be one of {KERNEL_BACKGROUNDS}, got {background!r}")
-        if not isinstance(boundary_margin, int) or boundary_margin < 0:
+        if isinstance(boundary_margin, (bool, np.bool_)) or not isinstance(boundary_margin, (int, np.integer)) \
+                or boundary_margin < 0:
             raise ValueError(f"boundary_margin must be an int >= 0, got {boundary_margin!r}")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
@@ -192,8 +194,10 @@ class BlindDPSPipeline(DiffusionPipeline):
                              f"got {kernel_size!r}")
         height, width = measurement.shape[-2:]
         if kernel_size > height or kernel_size > width:
-            raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width}); pass a "
-                             f"kernel_size of at most {min(height, width)} (odd) for so small an image")
+            largest = min(height, width) // multiple * multiple
+            remedy = (f"pass a kernel_size that is a multiple of {multiple} and at most {min(height, width)} (e.g. "
+                      f"{largest})" if largest else f"the image must be at least {multiple} px a side")
+            raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width}); {remedy}")
         self._check_variance(self.unet, "unet", 2 * unet_channels)
         self._check_variance(self.kernel_unet, "kernel_unet", 2)
 
@@ -282,9 +286,10 @@ class BlindDPSPipeline(DiffusionPipeline):
 
     @staticmethod
     def postprocess_kernel(kernel: torch.Tensor, batch: int, num_particles: int, output_type: str):
-        """Average the particles' sum-1 kernels: ``(B, 1, k, k)`` tensor for ``"pt"``, else a ``(B, k, k)`` array."""
+        """Average the particles' sum-1 kernels: ``(B, 1, k, k)`` tensor for ``"pt"`` and ``"latent"``, else a
+        ``(B, k, k)`` array."""
         kernel = kernel.reshape(batch, num_particles, *kernel.shape[1:]).mean(1).detach().float().cpu()
-        return kernel if output_type == "pt" else kernel[:, 0].numpy()
+        return kernel if output_type in ("pt", "latent") else kernel[:, 0].numpy()
 
     # ------------------------------------------------------------------ shared call machinery
     def _prepare(self, image, kernel_size, blur_model, step_size, num_inference_steps, num_particles, output_type,
@@ -386,7 +391,8 @@ class BlindDPSPipeline(DiffusionPipeline):
             generator: a ``torch.Generator``, or a list with one per image (or per particle).
             latents: the image chain's initial noise, ``(B·n, C, H', W')`` on the padded canvas.
             kernel_latents: the kernel chain's initial noise, ``(B·n, 1, k, k)``.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (raw image-chain state in ``[−1, 1]``).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (raw image-chain state in ``[−1, 1]``; the
+                kernels then come as a ``(B, 1, k, k)`` tensor, as for ``"pt"``).
             return_dict: return a [`DeblurPipelineOutput`] instead of a tuple ``(images, kernels)``.
             callback_on_step_end: ``fn(pipe, step, timestep, tensors)`` after each step; may return new ``latents`` and
                 ``kernel_latents`` (``kernel``, the current sum-1 estimate, is read-only).
@@ -445,6 +451,7 @@ class BlindDPSPipeline(DiffusionPipeline):
             guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs)
 
         # 2. The measurement on the padded canvas in [-1, 1], and the (masked) measurement model
+        boundary_margin = int(boundary_margin)
         device = self._execution_device
         batch = measurement.shape[0]
         y, operator, window, grayscale = self._canvas(measurement.to(device), num_particles, boundary_margin,

@@ -24,7 +24,8 @@ class BlindDPSTurbulencePipelineOutput(DeblurPipelineOutput):
 
     Args:
         tilts: the tilt field per image in pixels (channel 0 horizontal, 1 vertical), averaged over particles:
-            ``(B, 2, H, W)`` tensor for ``"pt"``, else a numpy array of that shape.
+            ``(B, 2, H, W)`` tensor for ``"pt"``, else a numpy array of that shape; for ``"latent"`` a
+            ``(B, 2, H', W')`` tensor on the padded canvas.
     """
 
     tilts: np.ndarray | torch.Tensor | None = None
@@ -152,7 +153,7 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         tilts = self.tilt_field(states["tilt"]) if output_type == "latent" else crop_window(
             self.tilt_field(states["tilt"]), window)
         tilts = tilts.reshape(batch, num_particles, *tilts.shape[1:]).mean(1).detach().float().cpu()
-        if output_type != "pt":
+        if output_type not in ("pt", "latent"):
             tilts = tilts.numpy()
         if not return_dict:
             return images, kernels, tilts
