@@ -333,3 +333,18 @@ def test_blind_fastem_methods_default_to_an_automatic_kernel_size_where_the_imag
     assert pipe.kernel_size is None  # a known kernel has its own size
     pipe.kernel_estimator.config.kernel_size = 7  # a size "auto" cannot choose: keep the model's
     assert default_kernel_size(pipe, torch.zeros(1, 3, 64, 64)) is None
+
+
+@pytest.mark.parametrize("method", ["blind-dps", "blind-dps-turbulence"])
+def test_blind_dps_on_an_image_below_its_kernel_size_says_how_large_the_image_must_be(tmp_path, capsys, method):
+    if method == "blind-dps":
+        from test_pipeline_blind_dps import pipe_with as make
+    else:
+        from test_pipeline_blind_dps_turbulence import make_pipe as make
+    make().save_pretrained(tmp_path / "model")  # kernel prior of 8 px
+    PIL.Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(tmp_path / "small.png")
+    code = main(["deblur", str(tmp_path / "small.png"), "-o", str(tmp_path / "out"), "--method", method,
+                 "--model", str(tmp_path / "model"), "--steps", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{method} needs at least 8 px a side" in err and "7x6" in err
+    assert "kernel_size" not in err  # not an option of the command line

@@ -549,7 +549,15 @@ def _register_blind_dps() -> None:
     except ImportError:
         return
 
+    def check_size(name, y, pipeline) -> None:
+        # the kernel size is the prior's own (no option sets it): say what a user can change, the image
+        size = int(pipeline.kernel_unet.config.sample_size)
+        if min(y.shape[-2:]) < size:
+            raise ValueError(f"the image is {y.shape[-1]}x{y.shape[-2]} px, but {name} needs at least {size} px a side "
+                             f"(its kernel prior's size, {size}x{size}); use a larger image or a Fast EM method")
+
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
+        check_size("blind-dps", y, pipeline)
         # circular data: the periodic model, no margin; a photograph: a mirrored margin of half the kernel,
         # which makes the result independent of the boundary model (the data term sees the image only)
         margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
@@ -573,6 +581,7 @@ def _register_blind_dps() -> None:
     ))
 
     def run_turbulence(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
+        check_size("blind-dps-turbulence", y, pipeline)
         # the same boundary handling as blind-dps; the tilt chain covers the whole padded canvas
         margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
         out = pipeline(y, **_steps_kwarg(steps), blur_model="circular" if blur == "circular" else "reflect",
