@@ -516,12 +516,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         height, width = measurement.shape[-2:]
         coarse = F.interpolate(measurement, size=(height // 2, width // 2), mode="area")
         factor = height / coarse.shape[-2]
-        state = (self._guidance_scale, self._num_timesteps, self._interrupt)
+        state = (self._guidance_scale, self._num_timesteps)
         out = self(coarse, sigma=(sigma * 255 / factor).tolist(), output_type="pt", return_dict=True, guard=False,
                    **kwargs)
-        interrupted = self._interrupt
-        self._guidance_scale, self._num_timesteps, self._interrupt = state
-        self._interrupt = self._interrupt or interrupted
+        self._guidance_scale, self._num_timesteps = state  # self._interrupt keeps the nested call's value
         return out, coarse, sigma / factor, factor
 
     def coarse_estimate(self, measurement: torch.Tensor, sigma: torch.Tensor, kernel_size: int, num_scales: int,
