@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.print("[train_dvsr] --resume latest: no checkpoint, starting from scratch")
         else:
             accelerator.load_state(str(ckpt))
+            ema.to(accelerator.device)  # the EMA state is loaded on the CPU
             global_step = int(ckpt.name.split("-")[1])
             accelerator.print(f"[train_dvsr] resumed from {ckpt} at step {global_step}")
     accelerator.print(f"[train_dvsr] {data.description} | params {n_params} | batch {args.batch_size} "

@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.print("[train] --resume latest: no checkpoint found, starting from scratch")
         else:
             accelerator.load_state(str(ckpt))
+            ema.to(accelerator.device)  # the EMA state is loaded on the CPU
             global_step = int(ckpt.name.split("-")[1])
             accelerator.print(f"[train] resumed from {ckpt} at step {global_step}")
 

@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=CHOICES["mixed_precision"], default="no")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--num_workers", type=int, default=0,
+                   help="data-loader processes that draw the batches (0: in the training process); the batches "
+                        "are the same for any value, since each is seeded by its step")
     # EMA
     p.add_argument("--ema_max_decay", type=float, default=0.9999)
     p.add_argument("--ema_power", type=float, default=0.75)
@@ -160,6 +163,31 @@ class KernelSampler:
         from diffusers_blind.ops import kernel_to_model_range
 
         return kernel_to_model_range(self.kernels(n, rng))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is the training batch of that step, drawn with the seed ``(seed, step)``.
+
+    Indexing by step keeps the data reproducible and resumable for any number of loader workers.
+    """
+
+    def __init__(self, sampler, batch_size: int, seed: int, num_steps: int):
+        self.sampler, self.batch_size, self.seed, self.num_steps = sampler, batch_size, seed, num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        return self.sampler.batch(self.batch_size, np.random.default_rng([self.seed, step]))
+
+
+def step_batch_loader(sampler, args, start_step: int):
+    """Batches for steps ``start_step, start_step + 1, ...`` (in order), from ``args.num_workers`` processes."""
+    dataset = StepBatches(sampler, args.batch_size, args.seed, args.max_train_steps)
+    workers = getattr(args, "num_workers", 0)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start_step, args.max_train_steps), num_workers=workers,
+        persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------- learned variance
@@ -303,6 +331,7 @@ def train(args, sampler, channels: int, sample_size: int, component: str, save_g
             accelerator.print("[train] --resume latest: no checkpoint found, starting from scratch")
         else:
             accelerator.load_state(str(ckpt))
+            ema.to(accelerator.device)  # the EMA state is loaded on the CPU
             global_step = int(ckpt.name.split("-")[1])
             accelerator.print(f"[train] resumed from {ckpt} at step {global_step}")
 
@@ -337,12 +366,11 @@ def train(args, sampler, channels: int, sample_size: int, component: str, save_g
     unet.train()
     t_log = t_last_export = time.time()
     steps_this_run, stop_reason = 0, "max_train_steps"
-    while global_step < args.max_train_steps:
+    for clean in step_batch_loader(sampler, args, global_step):  # batch of step global_step, seeded by it
         if args.max_minutes is not None and (time.time() - t_start) / 60 >= args.max_minutes:
             stop_reason = "max_minutes"
             break
-        rng = np.random.default_rng([args.seed, global_step])  # reproducible and resumable data
-        clean = sampler.batch(args.batch_size, rng).to(accelerator.device)
+        clean = clean.to(accelerator.device, non_blocking=True)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
         noise = torch.randn(clean.shape, generator=g).to(clean.device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=g)
