@@ -274,7 +274,6 @@ def main(argv=None) -> dict:
             accelerator.print("no checkpoint found, starting from scratch")
         else:
             accelerator.load_state(str(ckpt))
-            ema.to(accelerator.device)  # the EMA state is loaded on the CPU
             meta = json.loads((ckpt / "train_state.json").read_text())
             step, history = meta["step"], meta["history"]
             accelerator.print(f"resumed from {ckpt} at step {step}")
