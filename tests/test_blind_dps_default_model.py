@@ -51,3 +51,18 @@ def test_turbulence_pipeline_loads_from_the_same_folder_and_runs():
     assert out.images.shape == (1, 3, 40, 40) and out.tilts.shape == (1, 2, 40, 40)
     assert out.tilts.abs().max() <= 2.5 and torch.isfinite(out.tilts).all()
     assert "tilt_samples_32.png" in (FOLDER / "README.md").read_text()
+
+
+def test_the_64_px_kernel_prior_loads_as_a_replacement_kernel_unet():
+    from diffusers import UNet2DModel
+
+    kernel_unet = UNet2DModel.from_pretrained(FOLDER, subfolder="kernel_unet_64")
+    info = json.loads((FOLDER / "kernel_unet_64" / "training_info.json").read_text())
+    assert kernel_unet.config.sample_size == info["kernel_size"] == 64 and kernel_unet.dtype == torch.float32
+    pipe = BlindDPSPipeline.from_pretrained(FOLDER, kernel_unet=kernel_unet)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 72, 72, generator=torch.Generator().manual_seed(0))
+    out = pipe(image, num_inference_steps=2, blur_model="reflect", output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    assert out.kernels.shape == (1, 1, 64, 64) and abs(float(out.kernels.sum()) - 1) < 1e-4
+    assert "samples_64.png" in (FOLDER / "README.md").read_text()
