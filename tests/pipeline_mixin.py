@@ -40,6 +40,9 @@ class PipelineTesterMixin:
     pipeline_class = None
     returns_kernel = True
     batch_tolerance = 1e-4  # float32 batched convolutions differ from single ones in the last bits
+    # save -> load gives bit-identical weights, but the loaded tensors live at other addresses, so the CPU
+    # kernels may take other vector paths; a guided run amplifies those last-bit differences a little
+    round_trip_tolerance = 1e-5
     extra_bad_inputs: list = []
 
     def get_dummy_components(self) -> dict:
@@ -140,7 +143,8 @@ class PipelineTesterMixin:
         loaded.set_progress_bar_config(disable=True)
         public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
         assert public(loaded.config) == public(pipe.config)
-        np.testing.assert_allclose(self.as_array(self.call(loaded).images), self.as_array(expected.images), atol=1e-5)
+        np.testing.assert_allclose(self.as_array(self.call(loaded).images), self.as_array(expected.images),
+                                   atol=self.round_trip_tolerance)
 
     def test_components_rebuild_the_same_pipeline(self):
         pipe = self.get_pipeline()

@@ -17,6 +17,7 @@ def components():
 
 class TestBlindDPSTurbulenceContract(PipelineTesterMixin):
     pipeline_class = BlindDPSTurbulencePipeline
+    round_trip_tolerance = 1e-4  # three chains, each step a gradient through the bilinear warp (3.6e-5 seen)
     extra_bad_inputs = [
         (dict(tilt_latents=torch.zeros(1, 2, 8, 8)), ValueError, "tilt_latents must"),
         (dict(blur_model="gaussian"), ValueError, "blur_model"),
