@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--num_workers", type=int, default=0,
+                   help="data-loader processes that cut the crops (0: in the training process); the batches are "
+                        "the same for any value, since each is seeded by its step")
     # EMA
     p.add_argument("--ema_max_decay", type=float, default=0.9999)
     p.add_argument("--ema_inv_gamma", type=float, default=1.0)
@@ -186,6 +189,28 @@ class CropSampler:
             if c.std() >= self.min_std or tries > 50 * n:
                 out.append(c)
         return torch.stack(out).mul_(2.0).sub_(1.0)  # [-1, 1]
+
+
+class StepCropBatches(torch.utils.data.Dataset):
+    """Item ``step`` is the crop batch of that training step, drawn with the seed ``seed·1000003 + step``."""
+
+    def __init__(self, sampler: CropSampler, batch_size: int, seed: int, num_steps: int):
+        self.sampler, self.batch_size, self.seed, self.num_steps = sampler, batch_size, seed, num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        return self.sampler.batch(self.batch_size, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+
+
+def step_crop_loader(sampler: CropSampler, args, start_step: int):
+    """Crop batches for steps ``start_step, start_step + 1, ...`` in order, from ``args.num_workers`` processes."""
+    dataset = StepCropBatches(sampler, args.batch_size, args.seed, args.max_train_steps)
+    workers = args.num_workers
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start_step, args.max_train_steps),
+                                       num_workers=workers, prefetch_factor=4 if workers else None,
+                                       pin_memory=torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -371,12 +396,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_last_export = time.time()
     steps_this_run = 0
     stop_reason = "max_train_steps"
-    while global_step < args.max_train_steps:
+    for clean in step_crop_loader(sampler, args, global_step):  # the batch of step global_step, seeded by it
         if args.max_minutes is not None and (time.time() - t_start) / 60 >= args.max_minutes:
             stop_reason = "max_minutes"
             break
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
-        clean = sampler.batch(args.batch_size, g).to(accelerator.device)
+        clean = clean.to(accelerator.device, non_blocking=True)
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)

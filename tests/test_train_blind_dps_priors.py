@@ -135,3 +135,16 @@ def test_kernel_prior_init_from_starts_at_the_given_weights(kernel_script, tmp_p
     with pytest.raises(RuntimeError, match="size mismatch"):
         kernel_script.main(["--output_dir", str(tmp_path / "third"), "--kernel_size", "16", *TINY, "--max_train_steps", "1",
                             "--no_final_samples", "--block_out_channels", "16", "32", "--init_from", str(first / "export" / "unet")])
+
+
+def test_kernel_loader_workers_give_the_step_seeded_batches(kernel_script):
+    sampler = kernel_script.KernelSampler(16, (0.1, 1.0), 0.5, (0.5, 2.0))
+    args = kernel_script.parse_args(["--output_dir", "unused", "--kernel_size", "16", "--block_out_channels", "8", "16",
+                                     "--batch_size", "3", "--max_train_steps", "5", "--seed", "7"])
+    direct = [sampler.batch(3, np.random.default_rng([7, step])) for step in (1, 2, 3, 4)]
+    for workers in (0, 2):
+        args.num_workers = workers
+        batches = list(kernel_script.step_batch_loader(sampler, args, start_step=1))
+        assert len(batches) == 4
+        for got, want in zip(batches, direct):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -125,3 +125,17 @@ def test_init_from_starts_at_the_given_weights(script, tmp_path):
     script.main(_argv(data, tmp_path / "run1", 2, ["--init_from", str(tmp_path / "start")]))
     moved = UNet2DModel.from_pretrained(tmp_path / "run1" / "export" / "unet")
     assert any(not torch.equal(moved.state_dict()[n], v) for n, v in start.state_dict().items())
+
+
+def test_loader_workers_give_the_batches_of_the_training_process(script, tmp_path):
+    data = tmp_path / "data"
+    _make_images(data, n=3)
+    sampler = script.CropSampler(data, 16, min_std=0.0)
+    args = script.parse_args(_argv(data, tmp_path / "out", steps=6, extra=["--batch_size", "3"]))
+    direct = [sampler.batch(3, torch.Generator().manual_seed(args.seed * 1_000_003 + step)) for step in (2, 3, 4, 5)]
+    for workers in (0, 2):
+        args.num_workers = workers
+        batches = list(script.step_crop_loader(sampler, args, start_step=2))  # a resumed run starts mid-way
+        assert len(batches) == 4
+        for got, want in zip(batches, direct):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
