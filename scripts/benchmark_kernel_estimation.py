@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", type=lambda v: [int(i) for i in v.split(",")], default=None,
                    help="comma-separated photo indices to run (kernels stay seeded by the index), to split a run")
     p.add_argument("--num_scales", type=int, default=1, help="coarse-to-fine levels of the blind run")
-    p.add_argument("--refine_strength", type=float, default=0.6, help="with --num_scales > 1")
+    p.add_argument("--refine_strength", type=float, default=None, help="with --num_scales > 1 (default: the pipeline's)")
     p.add_argument("--kernel_init", choices=("sparse", "dirac"), default="sparse", help="how the blind run starts its kernel")
     p.add_argument("--kernel_size", type=_kernel_size, default=None,
                    help="support of the blind kernel: an odd int or 'auto' (default: the estimator's)")
@@ -202,8 +202,9 @@ def main(argv=None) -> int:
         row = {"photo": path.stem, "kernel_size": kernel.shape[-1], "blurry_psnr": float(psnr(blurry, sharp))}
         if "blind" not in args.skip:
             start = time.perf_counter()
-            blind_call = dict(kernel_init=args.kernel_init, num_scales=args.num_scales, refine_strength=args.refine_strength,
-                              kernel_size=args.kernel_size)
+            blind_call = dict(kernel_init=args.kernel_init, num_scales=args.num_scales, kernel_size=args.kernel_size)
+            if args.refine_strength is not None:
+                blind_call["refine_strength"] = args.refine_strength
             if args.m_step_start is not None:
                 blind_call["m_step_start"] = args.m_step_start
             if args.kernel_anchor is not None:

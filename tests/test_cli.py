@@ -369,3 +369,24 @@ def test_deblur_kernel_init_and_m_step_start_reach_the_pipeline(inputs, model_di
     assert seen == [("dirac", 0.5)]
     assert deblur(image, model_dir, tmp_path / "b", "--m-step-start", "1.5") == 2
     assert deblur(image, model_dir, tmp_path / "c", "--kernel-init", "box") == 2
+
+
+def test_deblur_num_scales_reaches_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
+    from diffusers_blind import FastEMDeblurPipeline
+
+    seen = []
+    original = FastEMDeblurPipeline.__call__
+
+    def spy(self, image, **kwargs):
+        seen.append(kwargs.get("num_scales", "unset"))
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(FastEMDeblurPipeline, "__call__", spy)
+    image = [str(inputs / "blurry" / "rgb.png")]
+    assert deblur(image, model_dir, tmp_path / "a", "--num-scales", "2") == 0
+    assert json.loads((tmp_path / "a" / "rgb.json").read_text())["settings"]["num_scales"] == 2
+    assert deblur(image, model_dir, tmp_path / "b") == 0
+    assert seen == [2, "unset"]  # unset: the pipeline's default (1)
+    for bad in ("0", "9", "two"):
+        assert deblur(image, model_dir, tmp_path / "c", "--num-scales", bad) == 2
+    assert deblur(image, model_dir, tmp_path / "d", "--method", "diffusion-em", "--num-scales", "2") == 2

@@ -576,6 +576,19 @@ def test_one_scale_and_known_kernel_ignore_the_pyramid():
     np.testing.assert_array_equal(a.images, b.images)
 
 
+def test_two_scales_replay_the_last_30_percent_at_full_size_by_default():
+    pipe = coarse_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_images(1, height=64, width=64)
+    steps = []
+    default = run(pipe, image, num_scales=2, num_inference_steps=10,
+                  callback_on_step_end=lambda p, i, t, kw: steps.append(int(t)) or {})
+    pipe.scheduler.set_timesteps(10)
+    assert steps == pipe.scheduler.timesteps[7:].tolist()  # DEFAULT_REFINE_STRENGTH = 0.3 of 10 steps
+    explicit = run(pipe, image, num_scales=2, num_inference_steps=10, refine_strength=0.3)
+    np.testing.assert_array_equal(default.images, explicit.images)
+
+
 def test_coarse_to_fine_is_reproducible_and_full_strength_only_keeps_the_kernel():
     pipe = coarse_pipe()
     pipe.set_progress_bar_config(disable=True)

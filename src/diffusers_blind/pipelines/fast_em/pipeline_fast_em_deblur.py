@@ -60,6 +60,8 @@ KERNEL_SIZE_LEVEL = 0.1  # "auto": kernel pixels >= 10 % of the peak count as th
 KERNEL_SIZE_MARGIN = 2  # "auto": pixels added to the measured extent before rounding up to a candidate
 MIN_COARSE_KERNEL = 9  # below this a kernel is too small to gain from a coarser scale
 MIN_COARSE_IMAGE = 32  # smallest side of a coarse image
+# with num_scales=2, the share of the schedule the full-size level replays after the coarse one (docs/scale.md)
+DEFAULT_REFINE_STRENGTH = 0.3
 KERNEL_INITS = ("sparse", "dirac")  # how a blind run starts its kernel
 BLIND_SIGMA_FLOOR = 5.0  # 8-bit levels: a blind run's noise level is at least this (docs/kernel_estimation.md)
 # CG iterations of Pi-GDM's valid-blur solve (docs/conventions.md, "Boundary handling of the pipeline")
@@ -629,7 +631,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             )
             warnings.warn(
                 f"the blind estimate of image {index} {reason}: returning the input unchanged with a Dirac "
-                "kernel. Check sigma, try num_scales=2, another seed or kernel_size.",
+                "kernel. Check sigma, try another seed, num_scales (1 or 2) or kernel_size.",
                 stacklevel=4,
             )
         if failed.any():
@@ -664,7 +666,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         num_particles: int = 1,
         em_iterations: int | None = None,
         num_scales: int = 1,
-        refine_strength: float = 0.6,
+        refine_strength: float = DEFAULT_REFINE_STRENGTH,
         strength: float = 1.0,
         kernel_init: str | torch.Tensor | np.ndarray = "sparse",
         m_step_start: float = 0.8,
@@ -709,9 +711,11 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 coarser level runs the whole method on the 2×-downscaled image with a half-size kernel;
                 its kernel and image seed the next finer level. Levels stop early when the kernel would
                 fall below 9 px or the image below 32 px. Ignored with a known ``kernel`` or ``em_iterations``.
+                2 takes about 0.55× the time of one level; its quality is mixed (better on the tuning crops,
+                0.4–0.8 dB lower on the evaluation photographs; docs/scale.md), so it is not the default.
             refine_strength: with ``num_scales > 1``, the fraction of the schedule each finer level runs,
                 starting from the upsampled coarser image noised to that level (img2img's ``strength``);
-                1 starts from pure noise and keeps only the kernel.
+                1 starts from pure noise and keeps only the kernel (default ``DEFAULT_REFINE_STRENGTH`` = 0.3).
             strength: the fraction of the schedule that runs (img2img's ``strength``): ``x_t`` at
                 ``t = timesteps[(1 − strength)·N]`` is the photo noised to that level (:meth:`initial_image`), and
                 only the last ``strength·N`` steps run, so the time falls in proportion. 1 (default) starts from
@@ -839,11 +843,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         sigma = self.prepare_sigma(sigma, measurement, warn_low=not floored).to(device)
         if kernel is None and blind_sigma_floor > 0:
             sigma = sigma.clamp_min(float(blind_sigma_floor) / 255)
+        probe = None
         if auto_kernel_size:
             kernel_size, extent, probe = self._kernel_size_and_probe(measurement, sigma)
-            if isinstance(kernel_init, str) and kernel_init == "sparse" and probe.shape[-1] == kernel_size and num_scales == 1:
-                kernel_init = probe  # the sparse start at this size: already computed by the probe
             logger.info("kernel_size='auto': estimated blur extent %d px -> kernel_size %d", extent, kernel_size)
+        if probe is not None and isinstance(kernel_init, str) and kernel_init == "sparse" \
+                and probe.shape[-1] == kernel_size and num_scales == 1:
+            kernel_init = probe  # the sparse start at this size: already computed by the probe
 
         # 3. Pad (reflect) so that FFT wrap-around falls in a margin that is cropped away, and to the UNet
         #    multiple. The M-step weighs its data term by a window that is zero on the invented margin
