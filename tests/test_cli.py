@@ -326,17 +326,23 @@ def test_deblur_kernel_size_auto_records_the_chosen_size(model_dir, tmp_path):
     assert deblur([str(tmp_path / "big.png")], model_dir, tmp_path / "out2", "--kernel-size", "large") == 2
 
 
-def test_deblur_strength_reaches_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
+def record_fastem_calls(monkeypatch, pick):
+    """Spy on ``FastEMDeblurPipeline.__call__``: the list gets ``pick(kwargs)`` for every call, which still runs."""
     from diffusers_blind import FastEMDeblurPipeline
 
     seen = []
     original = FastEMDeblurPipeline.__call__
 
     def spy(self, image, **kwargs):
-        seen.append(kwargs.get("strength"))
+        seen.append(pick(kwargs))
         return original(self, image, **kwargs)
 
     monkeypatch.setattr(FastEMDeblurPipeline, "__call__", spy)
+    return seen
+
+
+def test_deblur_strength_reaches_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
+    seen = record_fastem_calls(monkeypatch, lambda kwargs: kwargs.get("strength"))
     image = [str(inputs / "blurry" / "rgb.png")]
     assert deblur(image, model_dir, tmp_path / "a", "--strength", "0.5") == 0
     assert json.loads((tmp_path / "a" / "rgb.json").read_text())["settings"]["strength"] == 0.5
@@ -352,16 +358,7 @@ def test_deblur_strength_reaches_the_pipeline(inputs, model_dir, tmp_path, monke
 
 
 def test_deblur_kernel_init_and_m_step_start_reach_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
-    from diffusers_blind import FastEMDeblurPipeline
-
-    seen = []
-    original = FastEMDeblurPipeline.__call__
-
-    def spy(self, image, **kwargs):
-        seen.append((kwargs.get("kernel_init"), kwargs.get("m_step_start")))
-        return original(self, image, **kwargs)
-
-    monkeypatch.setattr(FastEMDeblurPipeline, "__call__", spy)
+    seen = record_fastem_calls(monkeypatch, lambda kwargs: (kwargs.get("kernel_init"), kwargs.get("m_step_start")))
     image = [str(inputs / "blurry" / "rgb.png")]
     assert deblur(image, model_dir, tmp_path / "a", "--kernel-init", "dirac", "--m-step-start", "0.5") == 0
     record = json.loads((tmp_path / "a" / "rgb.json").read_text())
@@ -372,16 +369,7 @@ def test_deblur_kernel_init_and_m_step_start_reach_the_pipeline(inputs, model_di
 
 
 def test_deblur_num_scales_reaches_the_pipeline(inputs, model_dir, tmp_path, monkeypatch):
-    from diffusers_blind import FastEMDeblurPipeline
-
-    seen = []
-    original = FastEMDeblurPipeline.__call__
-
-    def spy(self, image, **kwargs):
-        seen.append(kwargs.get("num_scales", "unset"))
-        return original(self, image, **kwargs)
-
-    monkeypatch.setattr(FastEMDeblurPipeline, "__call__", spy)
+    seen = record_fastem_calls(monkeypatch, lambda kwargs: kwargs.get("num_scales", "unset"))
     image = [str(inputs / "blurry" / "rgb.png")]
     assert deblur(image, model_dir, tmp_path / "a", "--num-scales", "2") == 0
     assert json.loads((tmp_path / "a" / "rgb.json").read_text())["settings"]["num_scales"] == 2
