@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--guidance_scale", type=float, default=None, help="BlindDPS step size (default: the folder's)")
     p.add_argument("--step_size", default="sqrt_alpha_bar", choices=("sqrt_alpha_bar", "constant"))
     p.add_argument("--sparsity_weight", type=float, default=None)
+    p.add_argument("--kernel_init", choices=("noise", "sparse"), default=None,
+                   help="start of BlindDPS's kernel chain (default: the folder's; noise = the paper)")
+    p.add_argument("--kernel_strength", type=float, default=None,
+                   help="fraction of the steps BlindDPS's kernel chain runs after a sparse start (default: the folder's)")
     p.add_argument("--boundary_margin", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1)
@@ -130,7 +134,9 @@ def run_method(method: str, steps: int, y, kernel, pipes, args, generator):
         out = pipes[method](y, num_inference_steps=steps, blur_model=args.blur_mode, step_size=args.step_size,
                             guidance_scale=args.guidance_scale, boundary_margin=args.boundary_margin,
                             generator=generator, output_type="pt",
-                            **({} if method == "blind-dps-turbulence" else {"sparsity_weight": args.sparsity_weight}))
+                            **({} if method == "blind-dps-turbulence" else {
+                                "sparsity_weight": args.sparsity_weight, "kernel_init": args.kernel_init,
+                                "kernel_strength": args.kernel_strength, "sigma": args.sigma}))
         return out.images, out.kernels, getattr(out, "tilts", None)
     out = pipes["fastem"](y, sigma=args.sigma, num_inference_steps=steps, generator=generator, output_type="pt",
                           kernel=kernel if method == "oracle" else None,

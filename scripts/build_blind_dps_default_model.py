@@ -6,9 +6,10 @@
 
 Writes ``src/diffusers_blind/blind_dps_default_model/`` with ``model_index.json``, ``kernel_unet/``
 (config, weights stored in float16, training_info.json), ``scheduler/`` (the image prior's DDPM schedule, which the
-kernel prior was trained on too) and ``unet`` as a **relative symbolic link** to the Fast EM default
-model's ``unet/`` (the same image prior; the link keeps 17 MB of weights out of the repository twice).
-Pipeline defaults (``guidance_scale``, ``sparsity_weight``) go to ``model_index.json``. With ``--tilt_unet`` the
+kernel prior was trained on too), and ``unet`` and ``kernel_estimator`` as **relative symbolic links** to the
+Fast EM default model's folders (the same image prior, and the kernel M-step whose plug-and-play prior the
+sparse start kernel uses; the links keep 17 MB of weights out of the repository twice). Pipeline defaults
+(``guidance_scale``, ``sparsity_weight``, ``kernel_init``, ``kernel_strength``) go to ``model_index.json``. With ``--tilt_unet`` the
 tilt prior is stored as ``tilt_unet/`` (float16 on disk, with its training_info.json); it is not listed in
 ``model_index.json``, so the folder loads as a ``BlindDPSPipeline``, and
 ``BlindDPSTurbulencePipeline.from_pretrained`` picks ``tilt_unet/`` up. Without ``--tilt_unet`` an existing
@@ -34,10 +35,15 @@ def main(argv=None) -> Path:
     p.add_argument("--tilt_unet", type=Path, default=None, help="exported tilt UNet folder (turbulence prior)")
     p.add_argument("--output", type=Path, default=PACKAGE / "blind_dps_default_model")
     p.add_argument("--image_model", type=Path, default=PACKAGE / "default_model", help="folder with unet/ and scheduler/")
-    p.add_argument("--guidance_scale", type=float, default=10.0,
+    p.add_argument("--guidance_scale", type=float, default=5.0,
                    help="shipped default step multiplier (for the default 250 respaced steps, see the model card)")
     p.add_argument("--sparsity_weight", type=float, default=0.0)
-    p.add_argument("--copy_unet", action="store_true", help="copy the image UNet instead of linking it")
+    p.add_argument("--kernel_init", choices=("noise", "sparse"), default="sparse",
+                   help="shipped default start of the kernel chain (noise: the paper)")
+    p.add_argument("--kernel_strength", type=float, default=0.5,
+                   help="shipped default fraction of the steps the kernel chain runs after a sparse start")
+    p.add_argument("--copy_unet", action="store_true",
+                   help="copy the image UNet and the kernel estimator instead of linking them")
     p.add_argument("--float32", action="store_true",
                    help="store the kernel and tilt UNets in float32 (default: float16 on disk, 2x smaller; loads as float32)")
     args = p.parse_args(argv)
@@ -45,6 +51,7 @@ def main(argv=None) -> Path:
     import diffusers_blind  # noqa: F401  (registers the pipeline classes)
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers_blind import BlindDPSPipeline
+    from diffusers_blind.models import KernelEstimator
 
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
@@ -55,8 +62,11 @@ def main(argv=None) -> Path:
     # model_index.json written by diffusers itself (with a throw-away copy of the image UNet)
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
+    estimator = KernelEstimator.from_pretrained(args.image_model / "kernel_estimator") if args.kernel_init == "sparse" else None
     pipe = BlindDPSPipeline(UNet2DModel.from_pretrained(args.image_model / "unet"), kernel_unet, scheduler,
-                            guidance_scale=args.guidance_scale, sparsity_weight=args.sparsity_weight)
+                            kernel_estimator=estimator, guidance_scale=args.guidance_scale,
+                            sparsity_weight=args.sparsity_weight, kernel_init=args.kernel_init,
+                            kernel_strength=args.kernel_strength)
     pipe.save_pretrained(staging)
     for name in ("model_index.json",):
         shutil.copy2(staging / name, out / name)
@@ -78,15 +88,18 @@ def main(argv=None) -> Path:
     for f in out.rglob("*"):
         if f.is_file() and not f.is_symlink():
             os.chmod(f, 0o644)
-    link = out / "unet"
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        shutil.rmtree(link)
-    if args.copy_unet:
-        shutil.copytree(args.image_model / "unet", link)
-    else:
-        os.symlink(os.path.relpath(args.image_model / "unet", out), link)
+    for name in ("unet", "kernel_estimator"):
+        link = out / name
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        if name == "kernel_estimator" and estimator is None:
+            continue
+        if args.copy_unet:
+            shutil.copytree(args.image_model / name, link)
+        else:
+            os.symlink(os.path.relpath(args.image_model / name, out), link)
     print(json.dumps(json.loads((out / "model_index.json").read_text()), indent=1))
     return out
 

@@ -348,3 +348,39 @@ def test_blind_dps_on_an_image_below_its_kernel_size_says_how_large_the_image_mu
     err = capsys.readouterr().err
     assert code == 2 and f"{method} needs at least 8 px a side" in err and "7x6" in err
     assert "kernel_size" not in err  # not an option of the command line
+
+
+def test_blind_dps_start_options_reach_the_pipeline_and_wrong_starts_are_refused(tmp_path, capsys, monkeypatch):
+    """``--kernel-init``, ``--kernel-strength`` and ``--sigma`` reach BlindDPS; each method refuses the other's start."""
+    pytest.importorskip("diffusers_blind.pipelines.blind_dps")
+    from test_pipeline_blind_dps import pipe_with
+
+    from diffusers_blind import BlindDPSPipeline
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    pipe_with().save_pretrained(tmp_path / "bdps")
+    image = tmp_path / "a.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(image)
+    seen, original = [], BlindDPSPipeline.__call__
+
+    def spy(self, img, **kwargs):
+        seen.append((kwargs.get("kernel_init"), kwargs.get("kernel_strength"), kwargs.get("sigma")))
+        return original(self, img, **{**kwargs, "kernel_init": "noise", "kernel_strength": None})  # no estimator
+
+    monkeypatch.setattr(BlindDPSPipeline, "__call__", spy)
+    common = ["--method", "blind-dps", "--model", str(tmp_path / "bdps"), "--steps", "2", "--quiet", "--seed", "0"]
+    assert main(["deblur", str(image), "-o", str(tmp_path / "o1"), *common, "--kernel-init", "sparse",
+                 "--kernel-strength", "0.25", "--sigma", "7"]) == 0, capsys.readouterr().err
+    assert main(["deblur", str(image), "-o", str(tmp_path / "o2"), *common]) == 0
+    assert seen == [("sparse", 0.25, 7.0), (None, None, 10.0)]  # unset: the model's start, the CLI's default sigma
+    record = json.loads((tmp_path / "o1" / "a.json").read_text())
+    assert record["settings"]["kernel_init"] == "sparse" and record["settings"]["kernel_strength"] == 0.25
+    capsys.readouterr()
+    assert main(["deblur", str(image), "-o", str(tmp_path / "o3"), *common, "--kernel-init", "dirac"]) == 2
+    assert "not a start of blind-dps" in capsys.readouterr().err
+    assert main(["deblur", str(image), "-o", str(tmp_path / "o4"), "--method", "fastem-pigdm", "--kernel-init",
+                 "noise", "--quiet"]) == 2
+    assert "not a start of fastem-pigdm" in capsys.readouterr().err
+    for bad in ("0", "1.5"):
+        assert main(["deblur", str(image), "-o", str(tmp_path / "o5"), *common, "--kernel-strength", bad]) == 2
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o5").exists()

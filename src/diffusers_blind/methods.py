@@ -62,14 +62,27 @@ def on_off(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
 
 
-def kernel_init_arg(value) -> str:
-    """One of the pipeline's string starts, ``sparse`` or ``dirac`` (argparse type of ``--kernel-init``)."""
-    from .pipelines.fast_em.pipeline_fast_em_deblur import KERNEL_INITS
+FASTEM_KERNEL_INITS = ("sparse", "dirac")  # the Fast EM pipeline's string starts (its KERNEL_INITS)
+BLIND_DPS_KERNEL_INITS = ("noise", "sparse")  # the BlindDPS pipeline's (its KERNEL_INITS)
+KERNEL_START_NAMES = ("sparse", "dirac", "noise")
 
+
+def kernel_init_arg(value) -> str:
+    """A string start of a blind method's kernel, ``sparse``, ``dirac`` or ``noise`` (argparse type of
+    ``--kernel-init``; which ones a method takes is checked with the method's options)."""
     text = str(value).strip().lower()
-    if text not in KERNEL_INITS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(KERNEL_INITS)}, got {value!r}")
+    if text not in KERNEL_START_NAMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(KERNEL_START_NAMES)}, got {value!r}")
     return text
+
+
+def _kernel_init_check(method: str, allowed: tuple[str, ...]):
+    """A ``check_options`` that refuses a ``--kernel-init`` the method has no use for."""
+    def check(options) -> None:
+        value = options.get("kernel_init")
+        if value is not None and value not in allowed:
+            raise ValueError(f"--kernel-init {value} is not a start of {method} (it takes {' or '.join(allowed)})")
+    return check
 
 
 def tile_size_arg(value):
@@ -378,6 +391,7 @@ def _fastem_check(pipeline, options, kernel_given) -> list[str]:
 
 
 def _diffusion_em_options_check(options) -> None:
+    _kernel_init_check("diffusion-em", FASTEM_KERNEL_INITS)(options)
     if options.get("kernel_size") == "auto":
         raise ValueError("--kernel-size auto is for the Fast EM methods; give diffusion-em a size (e.g. 33)")
 
@@ -447,7 +461,7 @@ def _register_builtins() -> None:
                    "that collapsed into saturated stripes, is replaced by the input, with a warning; off: keep it")
     kernel_init = Option("kernel_init", kernel_init_arg, None,
                          "how a blind run starts its kernel: sparse (default: a coarse-to-fine estimate under an L0 "
-                         "gradient prior) or dirac (the paper)")
+                         "gradient prior), dirac (Fast EM's paper) or noise (blind-dps: BlindDPS's paper)")
     m_step_start = Option("m_step_start", _unit_interval, None,
                           "fraction of the steps that keep the starting kernel before the M-step runs (default 0.8; "
                           "0 = every step, the paper; 1 = never)")
@@ -470,7 +484,8 @@ def _register_builtins() -> None:
     ):
         register_method(Method(name, _fastem_run(guidance), description, accepts_kernel=True,
                                options=pipeline_options, info={"guidance": guidance},
-                               check=_dps_check if guidance == "dps" else _fastem_check, **common))
+                               check=_dps_check if guidance == "dps" else _fastem_check,
+                               check_options=_kernel_init_check(name, FASTEM_KERNEL_INITS), **common))
     register_method(Method("diffusion-em", _fastem_run("pigdm", diffusion_em=True),
                            "Diffusion EM: several full Pi-GDM runs, one kernel update after each (slower)",
                            options=(*(o for o in pipeline_options if o not in (m_step_start, strength, num_scales)),
@@ -492,6 +507,13 @@ def _unit_interval(value) -> float:
     number = non_negative_float(value)
     if number > 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def _open_unit_interval(value) -> float:
+    number = _unit_interval(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
     return number
 
 
@@ -570,15 +592,18 @@ def _register_blind_dps() -> None:
             raise ValueError(f"the image is {y.shape[-1]}x{y.shape[-2]} px, but {name} needs at least {size} px a side "
                              f"(its kernel prior's size, {size}x{size}); use a larger image or a Fast EM method")
 
-    def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
+    def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_init=None,
+            kernel_strength=None):
         check_size("blind-dps", y, pipeline)
         # circular data: the periodic model, no margin; a photograph: a mirrored margin of half the kernel,
         # which makes the result independent of the boundary model (the data term sees the image only)
         margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
         out = pipeline(y, **_steps_kwarg(steps), blur_model="circular" if blur == "circular" else "reflect",
                        guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
-                       generator=generator, output_type="pt")
-        return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), None, out.uncertainty)
+                       generator=generator, output_type="pt", kernel_init=kernel_init,
+                       kernel_strength=kernel_strength, sigma="auto" if sigma is None else sigma)
+        used_sigma = float(out.sigma[0]) if out.sigma else None  # the level the sparse start read
+        return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), used_sigma, out.uncertainty)
 
     def check(pipeline, options, kernel_given) -> list[str]:
         steps = options.get("steps")
@@ -588,10 +613,15 @@ def _register_blind_dps() -> None:
 
     shared = all_options([METHODS["fastem-pigdm"]])
     options = (shared["steps"], shared["particles"], shared["guidance_scale"])
+    kernel_strength = Option("kernel_strength", _open_unit_interval, None,
+                             "blind-dps: fraction of the steps the kernel chain runs after a sparse start kernel, "
+                             "which it keeps before (default: the model's, 0.5 for the shipped one)")
     register_method(Method(
-        "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind)",
-        pipeline_class=BlindDPSPipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=options,
-        info={"guidance": "dps"}, check=check, uses_sigma=False,
+        "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind; the shipped "
+        "model starts the kernel from the sparse estimate, --kernel-init noise is the paper)",
+        pipeline_class=BlindDPSPipeline, default_model=BLIND_DPS_DEFAULT_MODEL,
+        options=(*options, shared["kernel_init"], kernel_strength), info={"guidance": "dps"}, check=check,
+        check_options=_kernel_init_check("blind-dps", BLIND_DPS_KERNEL_INITS),
     ))
 
     def run_turbulence(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,8 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from ..ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
 
 
 @dataclass
@@ -186,3 +189,64 @@ def prepare_noise(shape, generator, device, dtype, latents=None, name: str = "la
             raise ValueError(f"{name} must have shape {tuple(shape)} (a tensor), got {got}")
         return latents.to(device=device, dtype=dtype)
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+LOW_AUTO_SIGMA = 1.0 / 255  # an automatic noise estimate below this draws a warning (see prepare_sigma)
+
+
+def prepare_sigma(sigma, measurement: torch.Tensor, warn_low: bool = True) -> torch.Tensor:
+    """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``.
+
+    Values below ``AUTO_SIGMA_FLOOR`` (0.5 levels) are raised to it: an 8-bit image carries at
+    least the quantisation noise of 1/√12 level, and a smaller σ makes the Pi-GDM weight
+    ``1 / (r_t²|K|² + σ²)`` explode on the last steps (the run then diverges into noise).
+    ``warn_low``: warn when ``"auto"`` finds almost no noise (not needed where a floor applies).
+    """
+    batch = measurement.shape[0]
+    if isinstance(sigma, str):
+        if sigma != "auto":
+            raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
+        estimate = estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
+        if warn_low and (estimate < LOW_AUTO_SIGMA).any():
+            warnings.warn(
+                f"sigma='auto' estimated {[round(v * 255, 2) for v in estimate.tolist()]} levels: with so little "
+                "noise every model error (a kernel slightly off, compression, blur that varies across the photo) "
+                "shows as ringing; pass sigma=2 or more to allow for it (docs/kernel_estimation.md)",
+                stacklevel=5,
+            )
+        return estimate
+    raw = sigma if torch.is_tensor(sigma) else np.asarray(sigma) if isinstance(sigma, (list, tuple, np.ndarray)) else None
+    if sigma is None or isinstance(sigma, (bool, np.bool_)) or (torch.is_tensor(raw) and raw.dtype == torch.bool) or (
+            isinstance(raw, np.ndarray) and raw.dtype == np.bool_):
+        raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}")
+    try:
+        values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}") from None
+    if values.numel() not in (1, batch):
+        raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
+    if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
+        raise ValueError(f"sigma is in 8-bit levels and must be finite and in [0, 255], got {sigma!r}")
+    return (values / 255.0).clamp_min(AUTO_SIGMA_FLOOR).expand(batch).clone().to(measurement.device)
+
+
+def prepare_kernel(kernel, batch: int, device, dtype=torch.float32, warn_sum: bool = True) -> torch.Tensor:
+    """A user kernel (``(k, k)``, ``(B, k, k)``, ``(1|B, 1, k, k)``, numpy or torch) as a ``(B, 1, k, k)`` tensor.
+
+    ``warn_sum``: warn when it does not sum to 1 (where it is used as given, not normalised)."""
+    kernel = torch.as_tensor(np.asarray(kernel) if not torch.is_tensor(kernel) else kernel)
+    if kernel.ndim == 2:
+        kernel = kernel[None, None]
+    elif kernel.ndim == 3:
+        kernel = kernel[:, None]
+    if kernel.ndim != 4 or kernel.shape[1] != 1 or kernel.shape[0] not in (1, batch):
+        raise ValueError(f"kernel must be (k, k), (B, k, k) or (1|B, 1, k, k); got {tuple(kernel.shape)}")
+    kernel = kernel.to(device=device, dtype=dtype)
+    if not torch.isfinite(kernel).all() or (kernel < 0).any():
+        raise ValueError("kernel must be finite and non-negative")
+    sums = kernel.sum(dim=(-2, -1))
+    if (sums <= 0).any():
+        raise ValueError("kernel must have a positive sum")
+    if warn_sum and ((sums - 1).abs() > 1e-2).any():
+        warnings.warn("kernel does not sum to 1; it is used as given (the blur then also scales the image)")
+    return kernel.expand(batch, -1, -1, -1)

@@ -15,16 +15,20 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
 
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
+from ...kernel_init import SparseKernelInitializer
+from ...models.kernel_estimator import KernelEstimator
 from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
-from ...ops.kernel_range import KERNEL_BACKGROUNDS, model_range_to_kernel, unnormalized_kernel
+from ...ops.kernel_range import KERNEL_BACKGROUNDS, kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from ...ops.operators import BlurOperator, LinearOperator
-from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
+from ..pipeline_utils import (DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_kernel, prepare_noise,
+                             prepare_sigma, to_unit_range)
 
 
 EXAMPLE_DOC_STRING = """
@@ -47,6 +51,7 @@ EXAMPLE_DOC_STRING = """
 BLUR_MODELS = ("correlation", "circular", "reflect")
 STEP_SIZES = ("sqrt_alpha_bar", "constant")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+KERNEL_INITS = ("noise", "sparse")  # the kernel chain starts from pure noise (the paper) or a sparse-prior estimate
 
 
 def blur_operator(blur_model: str) -> BlurOperator:
@@ -86,6 +91,8 @@ class BlindDPSProblem:
     operator: LinearOperator
     step_size: str
     sparsity_weight: float
+    start_kernel: torch.Tensor | None = None  # (B·n, 1, k, k) sum-1, operator convention; None: the paper's start
+    hold_steps: int = 0  # the first steps, which keep the kernel at start_kernel
 
 
 class BlindDPSPipeline(DiffusionPipeline):
@@ -98,6 +105,14 @@ class BlindDPSPipeline(DiffusionPipeline):
     The data term is computed in the models' ``[−1, 1]`` range, as in the paper. Differences from the
     public code are listed in docs/blind_dps.md.
 
+    **A start kernel (beyond the paper).** With ``kernel_init="sparse"`` (or a given kernel ``k_s``) and
+    ``kernel_strength = s < 1``, the kernel is held at ``k_s`` for the first ``(1 − s)·N`` steps: the joint step
+    uses ``k̂0 = k_s`` and moves the image chain only, and the kernel chain's state is ``k_s`` diffused to the next
+    timestep, ``√ᾱ·k̃_s + √(1 − ᾱ)·ε`` (``k̃_s = 2k_s/max(k_s) − 1``, ``ε`` the chain's initial noise). Over the last
+    ``s·N`` steps both chains run Algorithm 1 from there. ``"sparse"`` is the package's coarse-to-fine estimate
+    under an L0 gradient prior (:class:`~diffusers_blind.kernel_init.SparseKernelInitializer`, the start of Fast
+    EM), which needs the ``kernel_estimator`` component.
+
     Args:
         unet ([`UNet2DModel`]): ε-prediction image prior on ``[−1, 1]`` (3 or 6 output channels).
         kernel_unet ([`UNet2DModel`]): ε-prediction kernel prior, 1 input channel (1 or 2 output channels), on
@@ -109,9 +124,14 @@ class BlindDPSPipeline(DiffusionPipeline):
         kernel_background (`str`): ``"median"`` (default) removes each kernel image's median before normalising
             (robust to a prior whose background drifts from ``−1``); ``"none"`` is the public code's ``u/Σu``.
             Both agree when the background is at ``−1`` (docs/conventions.md, "Kernel diffusion prior").
+        kernel_estimator ([`KernelEstimator`], *optional*): the plug-and-play kernel M-step whose prior the
+            ``"sparse"`` start kernel uses (the Fast EM default model's ``kernel_estimator/``).
+        kernel_init (`str`): default start of the kernel chain, ``"noise"`` (the paper) or ``"sparse"``.
+        kernel_strength (`float`): default fraction ``s`` of the steps the kernel chain runs after a start kernel.
     """
 
     model_cpu_offload_seq = "unet->kernel_unet"
+    _optional_components = ["kernel_estimator"]
     _callback_tensor_inputs = ["latents", "kernel_latents", "kernel"]
 
     def __init__(
@@ -119,14 +139,19 @@ class BlindDPSPipeline(DiffusionPipeline):
         unet: UNet2DModel,
         kernel_unet: UNet2DModel,
         scheduler: DDPMScheduler | DDIMScheduler,
+        kernel_estimator: KernelEstimator | None = None,
         guidance_scale: float = 1.0,
         sparsity_weight: float = 0.0,
         kernel_background: str = "median",
+        kernel_init: str = "noise",
+        kernel_strength: float = 1.0,
     ):
         super().__init__()
-        self.register_modules(unet=unet, kernel_unet=kernel_unet, scheduler=scheduler)
+        self.register_modules(unet=unet, kernel_unet=kernel_unet, scheduler=scheduler,
+                              kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale, sparsity_weight=sparsity_weight,
-                                kernel_background=kernel_background)
+                                kernel_background=kernel_background, kernel_init=kernel_init,
+                                kernel_strength=kernel_strength)
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
@@ -261,12 +286,86 @@ class BlindDPSPipeline(DiffusionPipeline):
         new_states = {n: (predictions[n].prev_sample - zeta * g).detach() for n, g in zip(names, result.gradients)}
         return new_states, tuple(p.detach() for p in params)
 
+    def held_kernel_step(self, problem: BlindDPSProblem, denoisers: dict, states: dict, t, t_next, kernel_noise,
+                         step_kwargs: dict):
+        """A step with the kernel held at the start kernel ``k_s``: Eq. 10 for the image chain with ``k̂0 = k_s``;
+        the kernel chain's state becomes ``k_s`` diffused to ``t_next``, ``√ᾱ·k̃_s + √(1 − ᾱ)·ε``."""
+        with torch.enable_grad():
+            x_t = states["latents"].detach().requires_grad_(True)
+            prediction = denoisers["latents"](x_t, t, step=True, **step_kwargs)
+            result = dps_joint_gradient(problem.measurement, prediction.x0, (problem.start_kernel,), [x_t],
+                                        operator=problem.operator)
+        zeta = self.step_size_at(t, problem.step_size)
+        alpha_bar = float(self.scheduler.alphas_cumprod[int(t_next)])
+        start = kernel_to_model_range(problem.start_kernel).to(kernel_noise.dtype)
+        return {"latents": (prediction.prev_sample - zeta * result.gradients[0]).detach(),
+                "kernel": alpha_bar ** 0.5 * start + (1 - alpha_bar) ** 0.5 * kernel_noise}
+
+    @staticmethod
+    def is_correlation(operator: LinearOperator) -> bool:
+        """Whether ``operator`` (possibly masked or composed) blurs by correlation, i.e. holds flipped kernels."""
+        inner = getattr(operator, "operator", operator)
+        blur = getattr(inner, "blur", inner)
+        return getattr(blur, "kernel_convention", "convolution") == "correlation"
+
     def output_kernel(self, kernel_state: torch.Tensor, operator: LinearOperator) -> torch.Tensor:
         """The sum-1 kernel of a kernel-chain state in the package convention (true convolution, centre ``k // 2``)."""
         kernel = self.kernel_from_model_range(kernel_state.float())
-        inner = getattr(operator, "operator", operator)
-        blur = getattr(inner, "blur", inner)
-        return flip_kernel(kernel) if getattr(blur, "kernel_convention", "convolution") == "correlation" else kernel
+        return flip_kernel(kernel) if self.is_correlation(operator) else kernel
+
+    # ------------------------------------------------------------------ a start kernel (beyond the paper)
+    def resolve_kernel_start(self, kernel_init, kernel_strength) -> tuple[Any, float]:
+        """``(kernel_init, kernel_strength)`` with the config's defaults, checked; a ``"noise"`` start runs the kernel
+        chain at every step (a configured ``kernel_strength`` is then ignored, a passed one below 1 is an error)."""
+        strength = getattr(self.config, "kernel_strength", 1.0) if kernel_strength is None else kernel_strength
+        kernel_init = getattr(self.config, "kernel_init", "noise") if kernel_init is None else kernel_init
+        if isinstance(kernel_init, str):
+            if kernel_init not in KERNEL_INITS:
+                raise ValueError(f"kernel_init must be one of {KERNEL_INITS} or a kernel, got {kernel_init!r}")
+            if kernel_init == "noise":
+                if kernel_strength is not None and kernel_strength != 1:
+                    raise ValueError(f"kernel_strength={kernel_strength!r} holds a start kernel for the first steps, but "
+                                     "kernel_init='noise' has none: pass kernel_init='sparse' or a kernel")
+                return "noise", 1.0
+            if self.kernel_estimator is None:
+                raise ValueError("kernel_init='sparse' needs the kernel_estimator component, e.g. "
+                                 "KernelEstimator.from_pretrained(diffusers_blind.DEFAULT_MODEL, subfolder='kernel_estimator')")
+        try:
+            ok = not isinstance(strength, bool) and 0 < float(strength) <= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"kernel_strength must be a number in (0, 1], got {strength!r}")
+        return kernel_init, float(strength)
+
+    def start_kernel(self, measurement: torch.Tensor, kernel_init, kernel_size: int, noise: torch.Tensor,
+                     operator) -> torch.Tensor:
+        """The start kernel of every image, ``(B, 1, k, k)``, sum 1, in the operator's convention (``noise``: the
+        noise std per image in ``[0, 1]`` units, for the sparse start)."""
+        if isinstance(kernel_init, str):
+            kernel = self.sparse_start_kernel(measurement, kernel_size, noise)
+        else:
+            kernel = prepare_kernel(kernel_init, measurement.shape[0], measurement.device, warn_sum=False)
+            if tuple(kernel.shape[-2:]) != (kernel_size, kernel_size):
+                raise ValueError(f"kernel_init is {tuple(kernel.shape[-2:])} but kernel_size is {kernel_size}")
+            kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True)
+        return flip_kernel(kernel) if self.is_correlation(operator) else kernel
+
+    def sparse_start_kernel(self, measurement: torch.Tensor, kernel_size: int, noise: torch.Tensor) -> torch.Tensor:
+        """:class:`SparseKernelInitializer` with this pipeline's ``kernel_estimator`` on the unpadded photo.
+
+        The initializer works at odd sizes; an even ``k`` is estimated at ``k + 1`` and its last row and column
+        dropped (or at ``k − 1`` and zero-padded before its first, on an image too small for ``k + 1``), so the
+        centre stays at ``k // 2``.
+        """
+        initializer = SparseKernelInitializer(self.kernel_estimator)
+        if kernel_size % 2:
+            return initializer(measurement.float(), kernel_size, noise)
+        if kernel_size + 1 <= min(measurement.shape[-2:]):
+            kernel = initializer(measurement.float(), kernel_size + 1, noise)[..., :kernel_size, :kernel_size]
+        else:
+            kernel = F.pad(initializer(measurement.float(), kernel_size - 1, noise), (1, 0, 1, 0))
+        return kernel / kernel.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------------ outputs
     def postprocess_images(self, latents, window, batch: int, num_particles: int, grayscale: bool, output_type: str):
@@ -322,10 +421,16 @@ class BlindDPSPipeline(DiffusionPipeline):
     def _run(self, problem, denoisers, states, step_kwargs, callback_on_step_end, tensor_inputs, progress_bar):
         """The denoising loop with callbacks; returns the final states and the last ``k̂0`` params."""
         params = None
-        for i, t in enumerate(self.scheduler.timesteps):
+        timesteps = self.scheduler.timesteps
+        kernel_noise = states["kernel"] if problem.hold_steps else None  # ε of the held kernel chain
+        for i, t in enumerate(timesteps):
             if self.interrupt:
                 continue
-            states, params = self.denoising_step(problem, denoisers, states, t, step_kwargs)
+            if i < problem.hold_steps:
+                states = {**states, **self.held_kernel_step(problem, denoisers, states, t, timesteps[i + 1], kernel_noise,
+                                                            step_kwargs)}
+            else:
+                states, params = self.denoising_step(problem, denoisers, states, t, step_kwargs)
             if callback_on_step_end is not None:
                 available = self.callback_tensors(states, problem)
                 outputs = callback_on_step_end(self, i, t, {name: available[name] for name in tensor_inputs}) or {}
@@ -367,6 +472,9 @@ class BlindDPSPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        kernel_init: str | torch.Tensor | np.ndarray | None = None,
+        kernel_strength: float | None = None,
+        sigma: float | str = "auto",
     ):
         r"""Deblur ``image`` and estimate its blur kernel with BlindDPS.
 
@@ -397,6 +505,15 @@ class BlindDPSPipeline(DiffusionPipeline):
             callback_on_step_end: ``fn(pipe, step, timestep, tensors)`` after each step; may return new ``latents`` and
                 ``kernel_latents`` (``kernel``, the current sum-1 estimate, is read-only).
             callback_on_step_end_tensor_inputs: which of ``latents``, ``kernel_latents``, ``kernel`` the callback gets.
+            kernel_init: how the kernel chain starts (default: ``config.kernel_init``): ``"noise"`` (the paper: pure
+                noise, the chain runs every step), ``"sparse"`` (the package's sparse-prior estimate, as Fast EM starts;
+                needs the ``kernel_estimator`` component) or a kernel (``(k, k)`` or ``(1|B, 1, k, k)``, true
+                convolution, centre ``k // 2``). A start kernel is held for the first ``1 − kernel_strength`` of the
+                steps (the kernel chain then follows it, whatever a callback returns for it).
+            kernel_strength: fraction of the steps, in ``(0, 1]``, that the kernel chain runs after a start kernel
+                (default: ``config.kernel_strength``).
+            sigma: the noise std in 8-bit levels, or ``"auto"`` (estimated from the image); only the ``"sparse"``
+                start uses it (BlindDPS's own step needs no noise level).
 
         Examples:
 
@@ -408,6 +525,7 @@ class BlindDPSPipeline(DiffusionPipeline):
             image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
             num_particles, boundary_margin, eta, generator, {"latents": latents, "kernel": kernel_latents},
             output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            kernel_init=kernel_init, kernel_strength=kernel_strength, sigma=sigma,
         )
 
     def measurement_operator(self, blur_model: str) -> LinearOperator:
@@ -440,7 +558,8 @@ class BlindDPSPipeline(DiffusionPipeline):
 
     def _sample(self, image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
                 num_particles, boundary_margin, eta, generator, given_latents, output_type, return_dict,
-                callback_on_step_end, callback_on_step_end_tensor_inputs):
+                callback_on_step_end, callback_on_step_end_tensor_inputs, kernel_init=None, kernel_strength=None,
+                sigma="auto"):
         """The body of ``__call__`` shared by the deblurring and turbulence pipelines."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -449,6 +568,8 @@ class BlindDPSPipeline(DiffusionPipeline):
         measurement, kernel_size, sparsity_weight = self._prepare(
             image, kernel_size, blur_model, step_size, num_inference_steps, num_particles, output_type,
             guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs)
+        kernel_init, kernel_strength = self.resolve_kernel_start(kernel_init, kernel_strength)
+        noise = prepare_sigma(sigma, measurement, warn_low=False)  # checked even when the start does not use it
 
         # 2. The measurement on the padded canvas in [-1, 1], and the (masked) measurement model
         boundary_margin = int(boundary_margin)
@@ -456,11 +577,16 @@ class BlindDPSPipeline(DiffusionPipeline):
         batch = measurement.shape[0]
         y, operator, window, grayscale = self._canvas(measurement.to(device), num_particles, boundary_margin,
                                                       self.measurement_operator(blur_model))
-        problem = BlindDPSProblem(y, operator, step_size, sparsity_weight)
 
-        # 3. Timesteps, denoisers, initial noise of every chain
+        # 3. Timesteps, the start kernel (if any), denoisers, initial noise of every chain
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
+        start, hold = None, 0
+        if not (isinstance(kernel_init, str) and kernel_init == "noise"):
+            start = self.start_kernel(measurement.to(device), kernel_init, kernel_size, noise.to(device), operator)
+            start = start.repeat_interleave(num_particles, dim=0)
+            hold = min(round((1 - kernel_strength) * self._num_timesteps), self._num_timesteps - 1)
+        problem = BlindDPSProblem(y, operator, step_size, sparsity_weight, start, hold)
         generator = self._expand_generator(generator, batch, num_particles)
         denoisers = {name: UNetDenoiser(unet, self.scheduler) for name, unet in self.chains().items()}
         step_kwargs = denoisers["latents"].step_kwargs(generator, eta)
@@ -473,5 +599,8 @@ class BlindDPSPipeline(DiffusionPipeline):
                                   callback_on_step_end_tensor_inputs, progress_bar)
         self.maybe_free_model_hooks()
 
-        # 5. Outputs
-        return self.build_output(states, operator, window, batch, num_particles, grayscale, output_type, return_dict)
+        # 5. Outputs (with the noise level the sparse start read)
+        output = self.build_output(states, operator, window, batch, num_particles, grayscale, output_type, return_dict)
+        if return_dict and isinstance(kernel_init, str) and kernel_init == "sparse":
+            output.sigma = [round(float(v) * 255, 4) for v in noise]
+        return output

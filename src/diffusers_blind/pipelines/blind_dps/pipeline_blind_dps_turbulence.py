@@ -95,10 +95,13 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
                     kwargs["tilt_scale"] = float(scale)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    # a BlindDPSPipeline folder's entries with no meaning here (no sparsity term; the kernel chain starts from
+    # noise): dropped without a warning
+    _blind_dps_only = ("sparsity_weight", "kernel_estimator", "kernel_init", "kernel_strength")
+
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        # a BlindDPSPipeline folder's sparsity_weight has no meaning here (no sparsity term): dropped without a warning
-        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "sparsity_weight"}, **kwargs)
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k not in cls._blind_dps_only}, **kwargs)
 
     # ------------------------------------------------------------------ chains and operator
     def chains(self) -> dict[str, UNet2DModel]:

@@ -22,8 +22,8 @@ from ...ops.blur import edge_taper_window, photograph_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel, kernel_extent, project_kernel, rescale_kernel
 from ...ops.fit import contrast_gain, midtone_saturation, reblur_fit
-from ...ops.noise import AUTO_SIGMA_FLOOR, estimate_noise_sigma
-from ..pipeline_utils import DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_noise, to_unit_range
+from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_kernel,
+                             prepare_noise, prepare_sigma, to_unit_range)
 from ..tiling import make_denoiser, resolve_precision
 
 
@@ -69,7 +69,6 @@ MASKED_GUIDANCE_ITERATIONS = 10
 MASKED_KERNEL_ITERATIONS = 5  # PCG iterations per HQS step of the M-step under the photograph's mask
 DEFAULT_STEPS = 50  # DDPM steps of a call; with the shipped guidance_scale 4.5 as good as 100 (docs/scale.md)
 KERNEL_ANCHOR = 1.2  # default ρ of the M-step's pull ρσ²P‖k − k_start‖² toward the start kernel (P: pixels)
-LOW_AUTO_SIGMA = 1.0 / 255  # an automatic noise estimate below this draws a warning (see prepare_sigma)
 
 
 @dataclass
@@ -297,60 +296,15 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
 
     def prepare_sigma(self, sigma, measurement: torch.Tensor, warn_low: bool = True) -> torch.Tensor:
-        """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``.
-
-        Values below ``AUTO_SIGMA_FLOOR`` (0.5 levels) are raised to it: an 8-bit image carries at
-        least the quantisation noise of 1/√12 level, and a smaller σ makes the Pi-GDM weight
-        ``1 / (r_t²|K|² + σ²)`` explode on the last steps (the run then diverges into noise).
-        ``warn_low``: warn when ``"auto"`` finds almost no noise (not needed where a floor applies).
-        """
-        batch = measurement.shape[0]
+        """Noise std per image in ``[0, 1]`` units from 8-bit levels (``10`` → 10/255) or ``"auto"``
+        (:func:`~diffusers_blind.pipelines.pipeline_utils.prepare_sigma`); ``sigma`` is required."""
         if sigma is None:
             raise ValueError("sigma (the noise std in 8-bit levels, e.g. 10) is required; pass a number or 'auto'")
-        if isinstance(sigma, str):
-            if sigma != "auto":
-                raise ValueError(f"sigma must be a number in 8-bit levels or 'auto', got {sigma!r}")
-            estimate = estimate_noise_sigma(measurement, floor=AUTO_SIGMA_FLOOR).to(torch.float32)
-            if warn_low and (estimate < LOW_AUTO_SIGMA).any():
-                warnings.warn(
-                    f"sigma='auto' estimated {[round(v * 255, 2) for v in estimate.tolist()]} levels: with so little "
-                    "noise every model error (a kernel slightly off, compression, blur that varies across the photo) "
-                    "shows as ringing; pass sigma=2 or more to allow for it (docs/kernel_estimation.md)",
-                    stacklevel=4,
-                )
-            return estimate
-        raw = sigma if torch.is_tensor(sigma) else np.asarray(sigma) if isinstance(sigma, (list, tuple, np.ndarray)) else None
-        if isinstance(sigma, (bool, np.bool_)) or (torch.is_tensor(raw) and raw.dtype == torch.bool) or (
-                isinstance(raw, np.ndarray) and raw.dtype == np.bool_):
-            raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}")
-        try:
-            values = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"sigma must be a number in 8-bit levels, one per image, or 'auto'; got {sigma!r}") from None
-        if values.numel() not in (1, batch):
-            raise ValueError(f"sigma must be a scalar or one value per image ({batch}), got {values.numel()}")
-        if not torch.isfinite(values).all() or (values < 0).any() or (values > 255).any():
-            raise ValueError(f"sigma is in 8-bit levels and must be finite and in [0, 255], got {sigma!r}")
-        return (values / 255.0).clamp_min(AUTO_SIGMA_FLOOR).expand(batch).clone().to(measurement.device)
+        return prepare_sigma(sigma, measurement, warn_low=warn_low)
 
     def prepare_kernel(self, kernel, batch: int, device, dtype=torch.float32) -> torch.Tensor:
-        """A user kernel (``(k, k)``, ``(1|B, 1, k, k)``, numpy or torch) as a ``(B, 1, k, k)`` tensor."""
-        kernel = torch.as_tensor(np.asarray(kernel) if not torch.is_tensor(kernel) else kernel)
-        if kernel.ndim == 2:
-            kernel = kernel[None, None]
-        elif kernel.ndim == 3:
-            kernel = kernel[:, None]
-        if kernel.ndim != 4 or kernel.shape[1] != 1 or kernel.shape[0] not in (1, batch):
-            raise ValueError(f"kernel must be (k, k), (B, k, k) or (1|B, 1, k, k); got {tuple(kernel.shape)}")
-        kernel = kernel.to(device=device, dtype=dtype)
-        if not torch.isfinite(kernel).all() or (kernel < 0).any():
-            raise ValueError("kernel must be finite and non-negative")
-        sums = kernel.sum(dim=(-2, -1))
-        if (sums <= 0).any():
-            raise ValueError("kernel must have a positive sum")
-        if ((sums - 1).abs() > 1e-2).any():
-            warnings.warn("kernel does not sum to 1; it is used as given (the blur then also scales the image)")
-        return kernel.expand(batch, -1, -1, -1)
+        """A user kernel as a ``(B, 1, k, k)`` tensor (:func:`~diffusers_blind.pipelines.pipeline_utils.prepare_kernel`)."""
+        return prepare_kernel(kernel, batch, device, dtype)
 
     def check_kernel_init(self, kernel_init, m_step_start, num_scales: int, kernel_anchor=0.0) -> None:
         """Clear errors for ``kernel_init``, ``m_step_start`` and ``kernel_anchor``."""
