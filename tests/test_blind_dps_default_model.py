@@ -19,8 +19,31 @@ def test_folder_layout_and_card():
     assert {"unet", "kernel_unet", "scheduler"} <= set(index)
     card = (FOLDER / "README.md").read_text()
     assert "samples.png" in card and (FOLDER / "samples.png").is_file()
-    # the image prior is the Fast EM default one, linked rather than duplicated
-    assert (FOLDER / "unet").resolve() == (Path(diffusers_blind.DEFAULT_MODEL) / "unet").resolve()
+    # the image prior and the kernel M-step are the Fast EM default ones, linked rather than duplicated
+    for name in ("unet", "kernel_estimator"):
+        assert (FOLDER / name).resolve() == (Path(diffusers_blind.DEFAULT_MODEL) / name).resolve()
+
+
+def test_the_shipped_pipeline_starts_the_kernel_from_the_sparse_estimate():
+    """The shipped settings: a sparse start held for the first half of the steps (docs/blind_dps.md)."""
+    pipe = BlindDPSPipeline.from_pretrained(FOLDER)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.kernel_init == "sparse" and pipe.config.kernel_strength == 0.5
+    assert pipe.kernel_estimator is not None and pipe.kernel_estimator.config.regularization == "pnp"
+    k = pipe.kernel_unet.config.sample_size
+    image = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 1, k, k, generator=torch.Generator().manual_seed(1))
+    seen = []
+    out = pipe(image, num_inference_steps=4, blur_model="reflect", sigma=10, output_type="np", kernel_latents=noise,
+               generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=lambda p, i, t, d: seen.append(d["kernel_latents"].clone()) or {},
+               callback_on_step_end_tensor_inputs=["kernel_latents"])
+    assert out.sigma == [10.0] and len(seen) == 4
+    start = pipe.start_kernel(image, "sparse", k, torch.full((1,), 10 / 255), pipe.measurement_operator("reflect"))
+    assert start.shape == (1, 1, k, k) and abs(float(start.sum()) - 1) < 1e-5
+    alpha_bar = float(pipe.scheduler.alphas_cumprod[int(pipe.scheduler.timesteps[2])])
+    held = alpha_bar ** 0.5 * diffusers_blind.ops.kernel_to_model_range(start) + (1 - alpha_bar) ** 0.5 * noise
+    torch.testing.assert_close(seen[1], held)  # after the second (last held) step
 
 
 def test_loads_and_runs_a_few_steps():

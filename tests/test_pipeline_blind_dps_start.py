@@ -47,29 +47,25 @@ def test_held_kernel_chain_is_the_start_kernel_diffused_to_the_next_timestep():
     assert not torch.allclose(seen[2]["kernel_latents"], seen[1]["kernel_latents"], atol=1e-3)  # the chain runs
 
 
+def pipe_with_kernel_prior(seed: int) -> BlindDPSPipeline:
+    parts = components()
+    parts["kernel_unet"] = tiny_unet(out_channels=1, in_channels=1, sample_size=8, seed=seed)
+    pipe = BlindDPSPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_held_steps_guide_the_image_with_the_start_kernel_not_the_kernel_prior():
     """During the hold the kernel UNet takes no part: two kernel priors give the same image chain until it ends."""
-    start = line_kernel()
-    runs = []
-    for seed in (1, 2):
-        parts = components()
-        parts["kernel_unet"] = tiny_unet(out_channels=1, in_channels=1, sample_size=8, seed=seed)
-        pipe = BlindDPSPipeline(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        runs.append(record_states(pipe, smooth_images(1, 3, 16, 16), 4, kernel_init=start, kernel_strength=0.5,
-                                  generator=torch.Generator().manual_seed(0)))
+    image = smooth_images(1, 3, 16, 16)
+    runs = [record_states(pipe_with_kernel_prior(seed), image, 4, kernel_init=line_kernel(), kernel_strength=0.5,
+                          generator=torch.Generator().manual_seed(0)) for seed in (1, 2)]
     for i in range(2):
         torch.testing.assert_close(runs[0][i]["latents"], runs[1][i]["latents"])
     assert not torch.allclose(runs[0][3]["latents"], runs[1][3]["latents"])
     # with the paper's start both priors act from the first step
-    noise_runs = []
-    for seed in (1, 2):
-        parts = components()
-        parts["kernel_unet"] = tiny_unet(out_channels=1, in_channels=1, sample_size=8, seed=seed)
-        pipe = BlindDPSPipeline(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        noise_runs.append(record_states(pipe, smooth_images(1, 3, 16, 16), 2, kernel_init="noise",
-                                        generator=torch.Generator().manual_seed(0)))
+    noise_runs = [record_states(pipe_with_kernel_prior(seed), image, 2, kernel_init="noise",
+                                generator=torch.Generator().manual_seed(0)) for seed in (1, 2)]
     assert not torch.allclose(noise_runs[0][0]["latents"], noise_runs[1][0]["latents"])
 
 
