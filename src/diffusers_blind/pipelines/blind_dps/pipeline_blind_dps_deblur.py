@@ -93,6 +93,7 @@ class BlindDPSProblem:
     sparsity_weight: float
     start_kernel: torch.Tensor | None = None  # (B·n, 1, k, k) sum-1, operator convention; None: the paper's start
     hold_steps: int = 0  # the first steps, which keep the kernel at start_kernel
+    start_state: torch.Tensor | None = None  # start_kernel in the kernel prior's range, 2k/max(k) − 1
 
 
 class BlindDPSPipeline(DiffusionPipeline):
@@ -297,9 +298,8 @@ class BlindDPSPipeline(DiffusionPipeline):
                                         operator=problem.operator)
         zeta = self.step_size_at(t, problem.step_size)
         alpha_bar = float(self.scheduler.alphas_cumprod[int(t_next)])
-        start = kernel_to_model_range(problem.start_kernel).to(kernel_noise.dtype)
         return {"latents": (prediction.prev_sample - zeta * result.gradients[0]).detach(),
-                "kernel": alpha_bar ** 0.5 * start + (1 - alpha_bar) ** 0.5 * kernel_noise}
+                "kernel": alpha_bar ** 0.5 * problem.start_state + (1 - alpha_bar) ** 0.5 * kernel_noise}
 
     @staticmethod
     def is_correlation(operator: LinearOperator) -> bool:
@@ -586,7 +586,8 @@ class BlindDPSPipeline(DiffusionPipeline):
             start = self.start_kernel(measurement.to(device), kernel_init, kernel_size, noise.to(device), operator)
             start = start.repeat_interleave(num_particles, dim=0)
             hold = min(round((1 - kernel_strength) * self._num_timesteps), self._num_timesteps - 1)
-        problem = BlindDPSProblem(y, operator, step_size, sparsity_weight, start, hold)
+        start_state = None if start is None else kernel_to_model_range(start).to(self.kernel_unet.dtype)
+        problem = BlindDPSProblem(y, operator, step_size, sparsity_weight, start, hold, start_state)
         generator = self._expand_generator(generator, batch, num_particles)
         denoisers = {name: UNetDenoiser(unet, self.scheduler) for name, unet in self.chains().items()}
         step_kwargs = denoisers["latents"].step_kwargs(generator, eta)
