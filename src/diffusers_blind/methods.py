@@ -608,7 +608,8 @@ def _register_blind_dps() -> None:
     def check(pipeline, options, kernel_given) -> list[str]:
         steps = options.get("steps")
         if steps is not None and steps < PAPER_DPS_STEPS:
-            return [f"BlindDPS runs {PAPER_DPS_STEPS} steps in the paper; running {steps} as asked"]
+            return [f"BlindDPS runs {PAPER_DPS_STEPS} steps in the paper; running {steps} (--steps {PAPER_DPS_STEPS} "
+                    "for the paper's setting)"]
         return []
 
     shared = all_options([METHODS["fastem-pigdm"]])
