@@ -184,7 +184,36 @@ def test_blur_max_tilt_needs_turbulence_and_a_positive_value(inputs, tmp_path, c
     assert not (tmp_path / "a.png").exists()
 
 
+@pytest.mark.parametrize("flags, refused", [
+    (["--gaussian-std", "3"], "--gaussian-std does not apply to --kernel motion"),
+    (["--kernel", "gaussian", "--intensity", "0.9"], "--intensity does not apply to --kernel gaussian"),
+    (["--kernel", "KERNEL", "--kernel-size", "15"], "--kernel-size does not apply to --kernel FILE"),
+])
+def test_blur_refuses_kernel_flags_its_kernel_ignores(inputs, tmp_path, capsys, flags, refused):
+    kernel = str(inputs / "blurry" / "rgb_true_kernel.npy")
+    flags = [kernel if flag == "KERNEL" else flag for flag in flags]
+    assert main(["blur", str(inputs / "rgb.png"), "-o", str(tmp_path / "a.png"), *flags]) == 2
+    assert refused in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+    kept = [f for f in flags if f in ("--kernel", "gaussian", kernel)]  # the same kernel without the ignored flag
+    kept += [] if kernel in kept else ["--kernel-size", "5"]
+    assert main(["blur", str(inputs / "rgb.png"), "-o", str(tmp_path / "a.png"), *kept]) == 0
+
+
 # ---------------------------------------------------------------------------- deblur
+def test_deblur_with_a_kernel_refuses_the_blind_only_flags(inputs, model_dir, tmp_path, capsys):
+    kernel = str(inputs / "blurry" / "rgb_true_kernel.npy")
+    image = str(inputs / "blurry" / "rgb.png")
+    for flags in (["--num-scales", "2"], ["--kernel-init", "dirac"], ["--m-step-start", "0.5"],
+                  ["--kernel-anchor", "3"]):
+        assert main(["deblur", image, "-o", str(tmp_path / "o"), "--model", model_dir, "--steps", "2",
+                     "--kernel", kernel, *flags]) == 2
+        assert f"{flags[0]} does not apply with --kernel" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert deblur([image], model_dir, tmp_path / "o", "--kernel", kernel, "--quiet") == 0  # --guard off: accepted
+    assert json.loads((tmp_path / "o" / "rgb.json").read_text())["settings"]["guard"] is None  # and not applied
+
+
 def test_deblur_single_rgb(inputs, model_dir, tmp_path, capsys):
     assert deblur([str(inputs / "blurry" / "rgb.png")], model_dir, tmp_path / "out") == 0
     out = tmp_path / "out"

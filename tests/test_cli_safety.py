@@ -29,6 +29,14 @@ def identity(inputs, out, *extra):
     return main(["deblur", *map(str, inputs), "-o", str(out), "--method", "identity", "--quiet", *extra])
 
 
+def cut_off(record: Path) -> None:
+    """Turn a finished record into the one a crash between an image's files and its final record leaves."""
+    finished = json.loads(record.read_text())
+    record.write_text(json.dumps({"input": finished["input"], "status": "incomplete",
+                                  "settings": {"method": finished["settings"]["method"]},
+                                  "outputs": finished["outputs"]}))
+
+
 def errors(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -100,7 +108,7 @@ def test_skip_existing_resumes_and_redoes_incomplete_images(tmp_path, capsys, mo
         write_image(folder / f"{name}.png", i)
     out = tmp_path / "out"
     assert identity([folder], out) == 0
-    (out / "b.json").unlink()  # b was cut off before its record
+    cut_off(out / "b.json")  # b was cut off before its final record
     (out / "c_deblurred.png").unlink()  # c's record lists a file that is gone
     a_before = (out / "a.json").read_bytes()
     calls = []
@@ -110,6 +118,51 @@ def test_skip_existing_resumes_and_redoes_incomplete_images(tmp_path, capsys, mo
     assert len(calls) == 2 and "skipping 1 image(s)" in errors(capsys)
     assert (out / "a.json").read_bytes() == a_before and (out / "b.json").is_file() and (out / "c_deblurred.png").is_file()
     assert main(["deblur", str(folder), "-o", str(out), "--overwrite", "--skip-existing"]) == 2
+
+
+def test_a_crash_between_files_and_record_is_redone_on_resume(tmp_path, capsys, monkeypatch):
+    """The files of an image are claimed by an incomplete record before they are written: a crash leaves
+    a record that --skip-existing recognises (and redoes), never files that look like a user's."""
+    image = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+
+    def crash_after_image(plan, result, image, kernel_scale=8):
+        io.save_image(image, plan["image"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_outputs", crash_after_image)
+    assert identity([image], out) not in (0, None)  # interrupted after the image file
+    assert "interrupted" in errors(capsys)
+    record = json.loads((out / "a.json").read_text())
+    assert record["status"] == "incomplete" and Path(record["outputs"]["image"]).name == "a_deblurred.png"
+    monkeypatch.undo()
+    assert identity([image], out, "--skip-existing") == 0, errors(capsys)
+    record = json.loads((out / "a.json").read_text())
+    assert "status" not in record and (out / "a_kernel.npy").is_file()
+
+
+def test_files_named_like_outputs_that_no_record_lists_are_the_users(tmp_path, capsys):
+    """A folder scan skips only this tool's outputs; a user's own `*_deblurred.png` stays an input, so no
+    run replaces it, with --overwrite or --skip-existing."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    write_image(folder / "p.png", 0)
+    mine = write_image(folder / "p_deblurred.png", 1)  # the user's own file, not made by deblur
+    before = mine.read_bytes()
+    assert identity([folder], folder, "--overwrite") == 2
+    assert "would overwrite the input" in errors(capsys) and mine.read_bytes() == before
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = write_image(out / "p_deblurred.png", 2)
+    before = theirs.read_bytes()
+    assert identity([folder / "p.png"], out, "--skip-existing") == 2
+    err = errors(capsys)
+    assert "no deblur record" in err and theirs.read_bytes() == before
+    # once deblur made them (and recorded them), the outputs are skipped by the next scan of the folder
+    mine.unlink()
+    assert identity([folder], folder) == 0, errors(capsys)
+    assert identity([folder], tmp_path / "again") == 0, errors(capsys)
+    assert [Path(json.loads(p.read_text())["input"]).name for p in (tmp_path / "again").glob("*.json")] == ["p.png"]
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -128,7 +181,7 @@ def test_a_failed_write_leaves_no_truncated_file(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in err and "a.png" in err
     monkeypatch.setattr(np, "save", real_save)
     assert not (out / "a_kernel.npy").exists() and not list(out.glob(".*.tmp"))
-    assert not (out / "a.json").exists()  # the image is not marked done
+    assert json.loads((out / "a.json").read_text())["status"] == "incomplete"  # the image is not marked done
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -308,7 +361,7 @@ def test_deblur_splits_a_folder_across_processes_and_resumes(tmp_path):
         write_image(folder / f"{i}.png", i)
     out = tmp_path / "out"
     assert identity([folder / "0.png", folder / "1.png", folder / "2.png"], out) == 0
-    (out / "2.json").unlink()  # image 2 was cut off before its record
+    cut_off(out / "2.json")  # image 2 was cut off before its final record
     kept = (out / "0.json").read_bytes()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

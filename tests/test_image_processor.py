@@ -60,6 +60,67 @@ def test_high_bit_depth_pil_modes_keep_their_values(mode):
     assert 0.3 < tensor.mean().item() < 0.7  # neither all white nor all black (the old convert("L"))
 
 
+def png_16bit(path, array: np.ndarray, exif: bytes | None = None):
+    """A 16-bit PNG written chunk by chunk (Pillow cannot write 16-bit colour): RGB, RGBA or grey."""
+    import struct
+    import zlib
+
+    height, width = array.shape[:2]
+    colour_type = {1: 0, 3: 2, 4: 6}[1 if array.ndim == 2 else array.shape[2]]
+    rows = b"".join(b"\x00" + array[i].astype(">u2").tobytes() for i in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    extra = chunk(b"eXIf", exif) if exif else b""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_colour_png_is_read_at_full_precision(tmp_path, channels):
+    """Pillow keeps only the high byte of 16-bit colour; the reader recovers the low byte too."""
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 65536, (5, 7, channels), dtype=np.uint16)
+    array[0, 0, :3] = (1, 255, 256)  # values that differ only below the high byte
+    decoded, mode = read_image(png_16bit(tmp_path / "c.png", array))
+    assert mode == ("RGB;16" if channels == 3 else "RGBA;16") and decoded.shape == (5, 7, 3)
+    np.testing.assert_allclose(decoded, array[..., :3] / 65535.0, atol=1e-7)
+
+
+def test_16bit_colour_keeps_the_exif_orientation(tmp_path):
+    array = np.random.default_rng(1).integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    decoded, _ = read_image(png_16bit(tmp_path / "o.png", array, exif.tobytes()))
+    np.testing.assert_allclose(decoded, np.rot90(array, -1) / 65535.0, atol=1e-7)
+
+
+def test_16bit_colour_tiff_is_read_at_full_precision(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    array = np.random.default_rng(2).integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    for name, data in (("le.tif", array), ("be.tif", array.astype(">u2"))):
+        tifffile.imwrite(tmp_path / name, data)
+        decoded, mode = read_image(tmp_path / name)
+        assert mode == "RGB;16"
+        np.testing.assert_allclose(decoded, array / 65535.0, atol=1e-7)
+
+
+def test_a_dark_16bit_grey_file_is_not_taken_for_8_bit(tmp_path):
+    """Pillow opens 16-bit PGM and PNG files as 32-bit ``I``: the file's declared depth decides ÷ 65535,
+    not whether the values happen to stay below 256."""
+    dark = (np.arange(20).reshape(4, 5) * 10).astype(np.uint16)  # 0 … 190 of 65535
+    (tmp_path / "d.pgm").write_bytes(b"P5\n5 4\n65535\n" + dark.astype(">u2").tobytes())
+    png_16bit(tmp_path / "d.png", dark)
+    for name in ("d.pgm", "d.png"):
+        decoded, _ = read_image(tmp_path / name)
+        np.testing.assert_allclose(decoded, dark / 65535.0, atol=1e-7)
+    (tmp_path / "t.pgm").write_bytes(b"P5\n5 4\n1023\n" + dark.astype(">u2").tobytes())  # 10-bit
+    np.testing.assert_allclose(read_image(tmp_path / "t.pgm")[0], dark / 1023.0, atol=2e-5)
+
+
 def test_8bit_values_in_a_32bit_integer_image_are_read_as_8bit():
     array = np.arange(200, dtype=np.int32).reshape(10, 20)
     tensor = to_tensor(PIL.Image.fromarray(array))

@@ -15,6 +15,7 @@ Also runnable as ``python -m diffusers_blind.cli``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -33,6 +34,7 @@ from .outputs import (  # noqa: F401  (output_stems: part of the command line's 
     BLUR_FILES,
     OUTPUT_SUFFIXES,
     finished_record,
+    incomplete_record,
     is_deblur_record,
     output_stems,
     plan_outputs,
@@ -183,6 +185,37 @@ def _is_output_name(path: Path) -> bool:
     return any(path.stem.endswith(suffix) for suffix in OUTPUT_SUFFIXES)
 
 
+def _recorded_outputs(folder: Path) -> set[str]:
+    """Names of the files this tool's records in ``folder`` list as written: every output of a ``deblur``
+    record (``<stem>.json``) and the kernel preview of a ``blur`` record (``<stem>_blur.json``)."""
+    names: set[str] = set()
+    for path in folder.glob("*.json"):
+        try:
+            record = json.loads(path.read_text()) if path.stat().st_size < 1 << 20 else None
+            if is_deblur_record(path):
+                names.update(Path(file).name for file in record["outputs"].values())
+            elif isinstance(record, dict) and isinstance(record.get("kernel_png"), str) and "sharp" in record:
+                names.add(Path(record["kernel_png"]).name)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return names
+
+
+def _is_tool_output(path: Path, recorded: set[str]) -> bool:
+    """An image in a scanned folder that this tool wrote: listed in a record, or marked as a kernel preview."""
+    if not _is_output_name(path):
+        return False
+    if path.name in recorded:
+        return True
+    from .image_processor import KERNEL_PREVIEW_KEY
+
+    try:
+        with PIL.Image.open(path) as image:
+            return KERNEL_PREVIEW_KEY in getattr(image, "text", image.info)
+    except (OSError, ValueError, PIL.UnidentifiedImageError):
+        return False
+
+
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Files as given, folders expanded to their images (sorted, not recursive; this tool's outputs skipped)."""
     paths: list[Path] = []
@@ -190,8 +223,11 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            skipped = [p for p in found if _is_output_name(p)]
-            found = [p for p in found if not _is_output_name(p)]
+            # skipped only when a deblur record lists it: a photo of the user's named like an output stays an
+            # input (and so is never replaced by an output)
+            recorded = _recorded_outputs(path) if any(_is_output_name(p) for p in found) else set()
+            skipped = [p for p in found if _is_tool_output(p, recorded)]
+            found = [p for p in found if p not in skipped]
             if skipped:
                 _note(f"skipped {len(skipped)} file(s) in {path} that look like outputs of this tool "
                       f"(*{', *'.join(OUTPUT_SUFFIXES)})")
@@ -319,8 +355,27 @@ def is_out_of_memory(error: BaseException) -> bool:
                                    "cannot allocate memory", "failed to allocate"))
 
 
+BLUR_KERNEL_SIZE, BLUR_INTENSITY, BLUR_GAUSSIAN_STD = 33, 0.5, 2.0  # `blur`'s kernel defaults
+
+
+def _check_blur_kernel_flags(args) -> None:
+    """Refuse a kernel flag that the chosen ``--kernel`` would ignore (instead of silently dropping it)."""
+    kind = args.kernel if args.kernel in ("motion", "gaussian") else "a kernel file"
+    ignored = {"motion": ("gaussian_std",), "gaussian": ("intensity",),
+               "a kernel file": ("intensity", "gaussian_std", "kernel_size")}[kind]
+    given = ["--" + name.replace("_", "-") for name in ignored if getattr(args, name, None) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --kernel "
+                       f"{args.kernel if kind != 'a kernel file' else 'FILE (the file sets the kernel)'}")
+
+
 def _error(message: str) -> None:
     print(f"diffusers-blind: error: {message}", file=sys.stderr)
+
+
+# options that only steer the kernel estimate of a blind run: refused beside ``--kernel``
+# (`--guard` is accepted and recorded as not applied: no guard runs when the kernel is given)
+BLIND_ONLY_OPTIONS = ("kernel_init", "m_step_start", "kernel_anchor", "num_scales")
 
 
 def _known_kernel(method, options: dict, args) -> np.ndarray | None:
@@ -332,6 +387,14 @@ def _known_kernel(method, options: dict, args) -> np.ndarray | None:
     if not (method.needs_kernel or method.accepts_kernel):
         raise CLIError(f"--kernel (non-blind deblurring) cannot be combined with --method {method.name}, "
                        "which estimates the kernel")
+    from .methods import all_options
+
+    options_of = all_options()
+    given = [options_of[name].cli_flag for name in BLIND_ONLY_OPTIONS
+             if name in method.option_names and getattr(args, name, None) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --kernel: "
+                       "they steer the kernel estimate of a blind run, and a given kernel is not estimated")
     kernel = load_kernel_file(Path(args.kernel))
     if args.kernel_size is not None and options.get("kernel_size") != kernel.shape[-1]:
         raise CLIError(f"--kernel-size {args.kernel_size} does not match the kernel in {args.kernel} "
@@ -375,6 +438,12 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[
         if foreign:  # e.g. a file of the user's, or another tool's record, that happens to carry the name
             raise CLIError(f"{foreign[0]} is not a record of diffusers-blind deblur, and running would replace it "
                            f"({len(foreign)} such file(s)); pass --overwrite to replace, or choose another -o")
+        unrecorded = [file for _, plan in jobs if not plan["record"].exists()
+                      for name, file in plan.items() if name != "record" and file.exists()]
+        if unrecorded:  # no deblur record claims them: files of the user's that carry an output's name
+            raise CLIError(f"{unrecorded[0]} exists but no deblur record in {out_dir} lists it, and running would "
+                           f"replace it ({len(unrecorded)} such file(s)); move it away, pass --overwrite to replace, "
+                           "or choose another -o")
         if done:
             _note(f"skipping {len(done)} image(s) already deblurred in {out_dir} (--skip-existing)")
     elif not args.overwrite:
@@ -450,6 +519,9 @@ def _deblur_one(path: Path, plan: dict, run: dict, args) -> None:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     image = processor.numpy_or_pil(result.image.reshape(1, *result.image.shape[-3:]), "pil")[0]
     plan["record"].parent.mkdir(parents=True, exist_ok=True)
+    # first a record that claims the files about to be written, so that a crash before the final record leaves
+    # files that a --skip-existing resume knows as this tool's (and redoes), not as a user's
+    save_json(incomplete_record(path, plan, run["method"].name), plan["record"])
     written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE)
     remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
     save_json(_record(path, mode, array, image, result, written, seconds, run, args), plan["record"])
@@ -481,6 +553,8 @@ def cmd_deblur(args) -> int:
 
         options["precision"] = auto_precision(device)
     known_kernel = _known_kernel(method, options, args)
+    if known_kernel is not None and "guard" in options:
+        options["guard"] = None  # recorded as not applied: the guard checks a blind estimate, a given kernel is not one
     paths = collect_inputs(args.inputs)
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
@@ -592,6 +666,7 @@ def cmd_blur(args) -> int:
         raise CLIError(f"{', '.join(existing)} already exist(s) in {out_path.parent}; pass --overwrite to replace")
     if args.max_tilt is not None and not args.turbulence:
         raise CLIError("--max-tilt applies to --turbulence only")
+    _check_blur_kernel_flags(args)
     max_tilt = 2.5 if args.max_tilt is None else args.max_tilt
     if not (math.isfinite(max_tilt) and max_tilt > 0):
         raise CLIError(f"--max-tilt must be a positive number of pixels, got {max_tilt}")
@@ -600,14 +675,17 @@ def cmd_blur(args) -> int:
 
     generator = torch.Generator().manual_seed(args.seed)
     settings = {"kernel": args.kernel}
+    kernel_size = BLUR_KERNEL_SIZE if args.kernel_size is None else args.kernel_size
     if args.kernel == "motion":
-        kernel = motion_kernel(args.kernel_size, args.intensity, generator)
-        settings.update(kernel_size=args.kernel_size, intensity=args.intensity)
+        intensity = BLUR_INTENSITY if args.intensity is None else args.intensity
+        kernel = motion_kernel(kernel_size, intensity, generator)
+        settings.update(kernel_size=kernel_size, intensity=intensity)
     elif args.kernel == "gaussian":
-        if args.gaussian_std <= 0:
-            raise CLIError(f"--gaussian-std must be positive, got {args.gaussian_std}")
-        kernel = gaussian_kernel(args.kernel_size, args.gaussian_std)
-        settings.update(kernel_size=args.kernel_size, gaussian_std=args.gaussian_std)
+        std = BLUR_GAUSSIAN_STD if args.gaussian_std is None else args.gaussian_std
+        if not (math.isfinite(std) and std > 0):
+            raise CLIError(f"--gaussian-std must be positive, got {std}")
+        kernel = gaussian_kernel(kernel_size, std)
+        settings.update(kernel_size=kernel_size, gaussian_std=std)
     else:
         kernel_file = Path(args.kernel)
         if not kernel_file.exists():
@@ -775,9 +853,12 @@ def build_parser() -> argparse.ArgumentParser:
     blur.add_argument("-o", "--output", required=True, metavar="OUT", help="the blurry PNG to write")
     blur.add_argument("--kernel", default="motion", metavar="motion|gaussian|FILE",
                       help="random camera-shake kernel (default), isotropic Gaussian, or a kernel file (.npy/image)")
-    blur.add_argument("--kernel-size", type=_positive_int, default=33, help="kernel size (default 33)")
-    blur.add_argument("--intensity", type=float, default=0.5, help="motion kernel intensity in [0, 1] (default 0.5)")
-    blur.add_argument("--gaussian-std", type=float, default=2.0, help="Gaussian kernel std in pixels (default 2.0)")
+    blur.add_argument("--kernel-size", type=_positive_int, default=None,
+                      help="size of the motion or Gaussian kernel (default 33; a kernel file has its own)")
+    blur.add_argument("--intensity", type=float, default=None,
+                      help="motion kernel intensity in [0, 1] (default 0.5; --kernel motion only)")
+    blur.add_argument("--gaussian-std", type=float, default=None,
+                      help="Gaussian kernel std in pixels (default 2.0; --kernel gaussian only)")
     blur.add_argument("--sigma", type=_noise_sigma_arg, default=10.0,
                       help="noise std in 8-bit levels (default 10)")
     blur.add_argument("--seed", type=int, default=0, help="seed of the kernel and the noise (default 0)")
@@ -808,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version and argparse errors
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
-    if args.command == "blur" and args.kernel == "motion" and not 0 <= args.intensity <= 1:
+    if args.command == "blur" and args.intensity is not None and not 0 <= args.intensity <= 1:
         print(f"diffusers-blind: error: --intensity must be in [0, 1], got {args.intensity}", file=sys.stderr)
         return 2
     try:

@@ -58,14 +58,15 @@ class DeblurImageProcessor(ConfigMixin):
 
     # ------------------------------------------------------------------ decoding
     @staticmethod
-    def decode_pil(image: PIL.Image.Image, name: str = "image") -> np.ndarray:
+    def decode_pil(image: PIL.Image.Image, name: str = "image", integer_levels: float | None = None) -> np.ndarray:
         """A PIL image as float32 ``(H, W)`` (grayscale modes) or ``(H, W, 3)`` in ``[0, 1]``.
 
         The EXIF orientation is applied; alpha is dropped; palette / CMYK / YCbCr become RGB. Scaling by
         mode: 8-bit ÷ 255; ``I;16*`` ÷ 65535; ``I`` (32-bit integers) ÷ 255 when every value is ≤ 255,
         else ÷ 65535 (negative or > 65535: error); ``F`` (float) is taken as ``[0, 1]``, and a float image
         whose values reach beyond 1.5 is rescaled from ``[0, 255]`` (or ``[0, 65535]``) **with a warning**,
-        never clipped to white. ``name`` is used in messages (e.g. the file path).
+        never clipped to white. ``integer_levels`` (e.g. 65535 for a file that declares 16-bit samples)
+        replaces the ``I`` rule's guess. ``name`` is used in messages (e.g. the file path).
         """
         image = PIL.ImageOps.exif_transpose(image)
         mode = image.mode
@@ -82,7 +83,11 @@ class DeblurImageProcessor(ConfigMixin):
             if low < 0 or high > 65535:
                 raise ValueError(f"{name}: 32-bit integer image with values in [{low:g}, {high:g}]; "
                                  "expected 8-bit [0, 255] or 16-bit [0, 65535] levels")
-            array = (array / (255.0 if high <= 255 else 65535.0)).astype(np.float32)
+            if integer_levels is None:
+                integer_levels = 255.0 if high <= 255 else 65535.0
+            elif high > integer_levels:
+                raise ValueError(f"{name}: values up to {high:g} in a file of {integer_levels:g} levels")
+            array = (array / integer_levels).astype(np.float32)
         elif mode == "F":
             array = _rescale_float_levels(np.asarray(image).astype(np.float32), name)
         elif mode in GRAYSCALE_MODES:

@@ -13,12 +13,14 @@ import io
 import json
 import os
 import stat
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from .image_processor import DeblurImageProcessor
 
@@ -42,10 +44,15 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             with PIL.Image.open(path) as image:
+                sixteen_bit_colour = _is_16bit_colour(image)
+                levels = 65535.0 if _is_16bit_integer(image) else None
                 image.load()
-                array = DeblurImageProcessor.decode_pil(image, name=str(path))
+                array = DeblurImageProcessor.decode_pil(image, name=str(path), integer_levels=levels)
                 mode = image.mode
                 frames = getattr(image, "n_frames", 1)
+            if sixteen_bit_colour:
+                array = _read_16bit_colour(path)
+                mode = f"{mode};16"
         if frames > 1:
             warnings.warn(f"{path} holds {frames} frames (an animation or a multi-page file); only the first is used",
                           stacklevel=2)
@@ -59,6 +66,64 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
     except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError, EOFError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
     return np.clip(array, 0.0, 1.0), mode
+
+
+# ---------------------------------------------------------------------------- 16-bit files
+def _tile_rawmodes(image: PIL.Image.Image) -> list[tuple[str, object]]:
+    """``(codec, rawmode or args)`` of every tile of a not yet loaded image: how Pillow will decode it."""
+    return [(tile[0], tile[3] if isinstance(tile[3], str) else (tile[3][0] if tile[3] else None))
+            for tile in getattr(image, "tile", None) or []]
+
+
+def _is_16bit_integer(image: PIL.Image.Image) -> bool:
+    """Whether a single-channel ``I`` image holds 16-bit samples (a 16-bit PNG/PGM/TIFF), so ``÷ 65535``.
+
+    Pillow opens such files as 32-bit ``I``; its tile says what the file declared: a ``I;16*`` raw mode,
+    or a PGM whose maximum value is above 255 (which Pillow rescales to ``[0, 65535]``).
+    """
+    if image.mode != "I":
+        return False
+    for tile in getattr(image, "tile", None) or []:
+        codec, args = tile[0], tile[3]
+        rawmode = args if isinstance(args, str) else (args[0] if args else "")
+        if str(rawmode).startswith("I;16"):
+            return True
+        if codec == "ppm" and isinstance(args, tuple) and len(args) > 1 and args[1] > 255:
+            return True
+    return False
+
+
+def _is_16bit_colour(image: PIL.Image.Image) -> bool:
+    """Whether an ``RGB``/``RGBA`` image comes from 16-bit samples, which Pillow reduces to their high byte."""
+    rawmodes = [rawmode for _, rawmode in _tile_rawmodes(image)]
+    return (image.mode in ("RGB", "RGBA") and bool(rawmodes)
+            and all(isinstance(r, str) and r.endswith((";16B", ";16L", ";16N")) for r in rawmodes))
+
+
+def _swapped_endianness(args):
+    """A tile's decoder arguments with the 16-bit raw mode read in the other byte order (the low byte)."""
+    def swap(rawmode: str) -> str:
+        order = {"N": "L" if sys.byteorder == "little" else "B"}.get(rawmode[-1], rawmode[-1])
+        return rawmode[:-1] + ("L" if order == "B" else "B")
+    return swap(args) if isinstance(args, str) else (swap(args[0]),) + tuple(args[1:])
+
+
+def _read_16bit_colour(path: Path) -> np.ndarray:
+    """A 16-bit RGB(A) file as float32 ``(H, W, 3)`` at full precision.
+
+    Pillow has no 16-bit colour mode: it unpacks each sample's high byte. Decoding the file a second
+    time with the raw mode's byte order swapped yields the low bytes, and ``(256·high + low) / 65535``
+    is the sample. Both passes get the file's EXIF orientation.
+    """
+    planes = []
+    for swap in (False, True):
+        with PIL.Image.open(path) as image:
+            if swap:
+                image.tile = [tile._replace(args=_swapped_endianness(tile[3])) for tile in image.tile]
+            image.load()
+            planes.append(np.asarray(PIL.ImageOps.exif_transpose(image).convert("RGB"), dtype=np.float32))
+    high, low = planes
+    return (high * 256.0 + low) / 65535.0
 
 
 # ---------------------------------------------------------------------------- atomic writes

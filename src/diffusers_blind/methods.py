@@ -440,7 +440,7 @@ def _register_builtins() -> None:
                        "posterior samples averaged per image; > 1 also writes an uncertainty map (default 1)")
     guidance_scale = Option("guidance_scale", non_negative_float, None,
                             "multiplier of the paper's guidance step size (default: the pipeline's; shipped: 4.5 for "
-                            "Fast EM with Pi-GDM, 1.25 with DPS, 10 for BlindDPS)")
+                            "Fast EM with Pi-GDM, 1.25 with DPS, 5 for BlindDPS at 250 steps)")
     kernel_size = Option("kernel_size", kernel_size_or_auto, None,
                          "size of the estimated kernel, or 'auto' to pick it from the extent of a sparse-prior kernel "
                          "estimate (default: auto for fastem-pigdm/-dps on images of at least twice the model's size, "

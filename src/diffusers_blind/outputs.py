@@ -74,12 +74,19 @@ def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path]) -> lis
     return plans
 
 
+def incomplete_record(input_path: Path, plan: dict[str, Path], method: str) -> dict:
+    """The record written before an image's files: it claims them (``status: incomplete``) until the final
+    record replaces it, so files left by a crash are known as this tool's."""
+    return {"input": str(input_path), "status": "incomplete", "settings": {"method": method},
+            "outputs": {name: str(file) for name, file in plan.items() if name != "record"}}
+
+
 def finished_record(plan: dict[str, Path]) -> dict | None:
     """The record of an earlier run that finished this input (valid JSON listing files that all exist), else ``None``."""
     try:
         record = json.loads(plan["record"].read_text())
         folder = plan["record"].parent  # the listed paths may be relative to another working folder
-        if record["outputs"] and all((folder / Path(file).name).is_file() for file in record["outputs"].values()):
+        if record.get("status") != "incomplete" and record["outputs"] and all((folder / Path(file).name).is_file() for file in record["outputs"].values()):
             return record
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass

@@ -483,7 +483,7 @@ class BlindDPSPipeline(DiffusionPipeline):
                 values in ``[0, 1]`` (uint8 is rescaled); RGB or grayscale; any ``H × W``.
             num_inference_steps: diffusion steps; below the scheduler's 1000 the schedule is respaced. The paper runs
                 1000; the default 250 is what a CPU affords. ``guidance_scale`` has to be tuned with the step count
-                (the shipped folder's 10 was chosen for 250 steps; 25 did best of 1-100 at 100 steps).
+                (the shipped folder's 5 was chosen for 250 steps with its image prior; docs/blind_dps.md).
             blur_model: the measurement model ``A``: ``"correlation"`` (the paper: zero-padded correlation in ``[−1, 1]``,
                 i.e. a mid-grey border), ``"circular"`` or ``"reflect"`` (true convolution, periodic / mirrored border).
             step_size: ``"sqrt_alpha_bar"`` (``ζ_t = guidance_scale·√ᾱ_t``, the public code) or ``"constant"``

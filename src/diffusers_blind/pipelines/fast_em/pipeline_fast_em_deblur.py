@@ -276,6 +276,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
         height, width = measurement.shape[-2:]
+        if kernel is not None and np.ndim(kernel) >= 2 and (
+                np.shape(kernel)[-2] > height or np.shape(kernel)[-1] > width):
+            raise ValueError(f"the kernel ({np.shape(kernel)[-2]}x{np.shape(kernel)[-1]}) is larger than the image "
+                             f"({height}x{width}); a known kernel must fit inside the photograph")
         if kernel_size > height or kernel_size > width:
             raise ValueError(f"kernel_size {kernel_size} is larger than the image ({height}x{width}); pass a "
                              f"kernel_size of at most {min(height, width)} for so small an image")
