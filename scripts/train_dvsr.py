@@ -117,6 +117,27 @@ def _load_rgb(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` from the file's header, or ``None`` (with a note) for a file that cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, ValueError, SyntaxError) as error:
+        print(f"[train_dvsr] skipping unreadable image {path}: {error}", flush=True)
+        return None
+
+
+def _readable_images(files: list[Path]) -> list[torch.Tensor]:
+    """The images of ``files`` that decode; each unreadable one is named and skipped."""
+    images = []
+    for f in files:
+        try:
+            images.append(_load_rgb(f))
+        except (OSError, ValueError, SyntaxError) as error:
+            print(f"[train_dvsr] skipping unreadable image {f}: {error}", flush=True)
+    return images
+
+
 def _augment(crops: list[torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
     """The same random h/v flip and 90° rotation applied to every tensor of ``crops``."""
     if bool(torch.rand((), generator=g) < 0.5):
@@ -140,7 +161,7 @@ class SyntheticPairs:
         bad = [f.name for f in files if any(name in f.stem.lower() for name in EVAL_NAMES)]
         if bad:
             raise SystemExit(f"evaluation photographs found in the training folder: {bad}")
-        self.images = [im for im in (_load_rgb(f) for f in files) if min(im.shape[-2:]) >= self.size]
+        self.images = [im for im in _readable_images(files) if min(im.shape[-2:]) >= self.size]
         if not self.images:
             raise SystemExit(f"no image of at least {self.size}px in {folder}")
         w = np.array([(im.shape[1] - self.size + 1) * (im.shape[2] - self.size + 1) for im in self.images], dtype=np.float64)
@@ -175,12 +196,25 @@ class RealPairs:
     def __init__(self, root: Path, args):
         self.args = args
         self.pairs = []
+        found = unusable = 0
         for blur in sorted(Path(root).glob("*/blur/*.png")):
             sharp = blur.parent.parent / "sharp" / blur.name
-            if sharp.is_file():
-                self.pairs.append((blur, sharp))
-        if not self.pairs:
+            if not sharp.is_file():
+                continue
+            found += 1
+            sizes = _image_size(blur), _image_size(sharp)
+            if None in sizes or sizes[0] != sizes[1] or min(sizes[0]) < args.resolution:
+                unusable += 1  # unreadable, of different sizes, or smaller than a training crop
+                continue
+            self.pairs.append((blur, sharp))
+        if not found:
             raise SystemExit(f"no */blur/*.png with a matching */sharp/*.png under {root}")
+        if not self.pairs:
+            raise SystemExit(f"none of the {found} pairs under {root} is usable: each needs readable blur and sharp "
+                             f"images of the same size, at least --resolution {args.resolution} px per side")
+        if unusable:
+            print(f"[train_dvsr] skipped {unusable} of {found} pairs (unreadable, sizes differ, or smaller than "
+                  f"{args.resolution} px)", flush=True)
         self.description = f"{len(self.pairs)} real pairs from {root}"
 
     def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,10 +247,43 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+EXPORT_ENTRIES = {"predictor", "denoiser", "scheduler", "model_index.json", "training_info.json"}
+
+
+def is_replaceable_export(folder: Path) -> bool:
+    """``folder`` may be replaced by an export: absent, empty, or an earlier export of this script (a
+    ``StochasticRefinementDeblurPipeline`` index and nothing but the entries an export writes)."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    names = {entry.name for entry in folder.iterdir()}
+    if not names:
+        return True
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("_class_name") == "StochasticRefinementDeblurPipeline" \
+        and names <= EXPORT_ENTRIES
+
+
+def check_export_folder(folder: Path) -> None:
+    """Refuse, before any training, an export folder (or its ``.tmp`` / ``.old`` siblings) that holds other files."""
+    for path in (folder, folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
+        if not is_replaceable_export(path):
+            raise SystemExit(f"[train_dvsr] {path} exists and is not an earlier export of this script (other files "
+                             "would be lost when the export replaces it); choose an empty or new folder")
+
+
 def write_pipeline_folder(predictor, denoiser, scheduler, folder: Path, info: dict, residual_scale: float = 1.0) -> None:
-    """Save the components and a ``model_index.json`` for ``StochasticRefinementDeblurPipeline`` (atomically replaced)."""
+    """Save the components and a ``model_index.json`` for ``StochasticRefinementDeblurPipeline`` (atomically replaced).
+
+    Only an absent or empty folder, or an earlier export of this script, is replaced (:func:`check_export_folder`).
+    """
     import diffusers
 
+    check_export_folder(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     predictor.save_pretrained(tmp / "predictor", safe_serialization=True)
@@ -268,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers_blind.io import check_training_folder
 
     check_training_folder(args.output_dir, args.resume)
+    for folder in [args.output_dir / "export"] + ([Path(args.export_dir)] if args.export_dir is not None else []):
+        check_export_folder(folder)
     t_start = time.time()
     torch.set_num_threads(args.num_threads)
 

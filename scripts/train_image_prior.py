@@ -147,8 +147,12 @@ class CropSampler:
         self.images: list[torch.Tensor] = []
         self.files: list[str] = []
         for f in files:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            try:
+                with Image.open(f) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            except (OSError, ValueError, SyntaxError) as error:  # named and skipped, like the command line does
+                print(f"[train] skipping unreadable image {f}: {error}", flush=True)
+                continue
             if min(arr.shape[:2]) < resolution:
                 continue
             self.images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())  # uint8 3xHxW
@@ -401,8 +405,12 @@ def main(argv: list[str] | None = None) -> dict:
             stop_reason = "max_minutes"
             break
         clean = clean.to(accelerator.device, non_blocking=True)
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        # noise and timesteps seeded by the step (and process), like the crops: a resumed run draws what an
+        # uninterrupted one would have, whatever else consumed the global RNG meanwhile
+        g = torch.Generator(device=clean.device).manual_seed(
+            (args.seed * 1_000_003 + global_step) * 64 + accelerator.process_index + 2**40)
+        noise = torch.randn(clean.shape, generator=g, device=clean.device, dtype=clean.dtype)
+        timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device, generator=g)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         with accelerator.accumulate(unet):
             pred = unet(noisy, timesteps).sample

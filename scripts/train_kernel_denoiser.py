@@ -111,20 +111,34 @@ def make_kernels(kernel_size: int, count: int, seed: int, args: argparse.Namespa
     return center_kernel(torch.cat(parts)).float()
 
 
+def pool_settings(args: argparse.Namespace) -> dict:
+    """Everything that decides the kernel pool: a cached pool is reused only when all of it matches."""
+    return {"kernel_size": args.kernel_size, "num_kernels": args.num_kernels, "seed": args.seed,
+            "motion_fraction": float(args.motion_fraction), "shake_fraction": float(args.shake_fraction),
+            "intensity_range": [float(v) for v in args.intensity_range],
+            "shake_extent_range": [float(v) for v in args.shake_extent_range],
+            "gaussian_std_range": [float(v) for v in args.gaussian_std_range] if args.gaussian_std_range else None}
+
+
 def load_pool(args: argparse.Namespace, accelerator: Accelerator) -> torch.Tensor:
+    """The training kernel pool: from the cache when it was made with the same settings, else generated (and cached)."""
     k = args.kernel_size
     path = Path(args.pool_cache or Path(args.output_dir) / f"pool_k{k}_n{args.num_kernels}_s{args.seed}.pt")
+    settings = pool_settings(args)
     if path.exists():
-        pool = torch.load(path)
-        if pool.shape[1:] == (1, k, k) and pool.shape[0] == args.num_kernels:
-            accelerator.print(f"loaded kernel pool {tuple(pool.shape)} from {path}")
-            return pool
-        accelerator.print(f"cache {path} has shape {tuple(pool.shape)}; regenerating")
+        try:
+            cached = torch.load(path)
+        except Exception as error:  # a corrupt or foreign file: regenerated, like a cache of other settings
+            cached = {"error": str(error)}
+        if isinstance(cached, dict) and cached.get("settings") == settings and torch.is_tensor(cached.get("pool")):
+            accelerator.print(f"loaded kernel pool {tuple(cached['pool'].shape)} from {path}")
+            return cached["pool"]
+        accelerator.print(f"cache {path} was made with other settings (or by an older version); regenerating")
     t0 = time.time()
     pool = make_kernels(k, args.num_kernels, args.seed, args)
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(pool, path)
+        torch.save({"pool": pool, "settings": settings}, path)
     accelerator.print(f"generated kernel pool {tuple(pool.shape)} in {time.time() - t0:.1f}s -> {path}")
     return pool
 

@@ -76,3 +76,31 @@ def test_init_from_a_folder_with_other_channels_fails(script, photos, tmp_path):
     with pytest.raises(RuntimeError, match="size mismatch"):
         script.main(["--train_data_dir", str(photos), "--output_dir", str(tmp_path / "second"), "--max_train_steps", "1",
                      *wider, "--init_from", str(first / "export")])
+
+
+def test_export_dir_with_other_files_is_refused_before_training(script, photos, tmp_path):
+    """An export replaces its folder: a folder holding anything but an earlier export is refused up front,
+    and an earlier export is replaced."""
+    mine = tmp_path / "mymodels"
+    (mine / "other_model").mkdir(parents=True)
+    (mine / "precious.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not an earlier export"):
+        script.main(["--train_data_dir", str(photos), "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
+                     *TINY, "--export_dir", str(mine)])
+    assert (mine / "precious.txt").read_text() == "keep" and (mine / "other_model").is_dir()
+    assert not (tmp_path / "run" / "loss_log.jsonl").exists()  # refused before any training step
+    export = tmp_path / "export_here"
+    for run in ("run1", "run2"):  # the second run replaces the first run's export
+        script.main(["--train_data_dir", str(photos), "--output_dir", str(tmp_path / run), "--max_train_steps", "1",
+                     *TINY, "--export_dir", str(export)])
+        assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StochasticRefinementDeblurPipeline"
+
+
+def test_real_pairs_that_cannot_give_a_crop_are_refused_not_looped_on(script, tmp_path):
+    pairs = tmp_path / "pairs" / "scene"
+    for kind in ("blur", "sharp"):
+        (pairs / kind).mkdir(parents=True)
+        Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(pairs / kind / "0.png")  # smaller than the 16 px crop
+    with pytest.raises(SystemExit, match="none of the 1 pairs"):
+        script.main(["--pairs_dir", str(tmp_path / "pairs"), "--output_dir", str(tmp_path / "run"),
+                     "--max_train_steps", "1", *TINY])

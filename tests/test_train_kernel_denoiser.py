@@ -150,3 +150,23 @@ def test_shipped_estimator_recovers_motion_kernel(folder):
     mse_dirac = (dirac_kernel(size, dtype=torch.float64) - truth).square().mean().item()
     assert estimate.shape == truth.shape
     assert mse < 0.01 * mse_dirac, (mse, mse_dirac)
+
+
+def test_a_cached_pool_of_other_settings_is_regenerated(train_module, tmp_path):
+    """The pool cache records the settings it was made with: other settings never reuse it."""
+    from accelerate import Accelerator
+
+    cache = tmp_path / "pool.pt"
+    base = ["--kernel_size", "9", "--output_dir", str(tmp_path / "run"), "--pool_cache", str(cache),
+            "--num_kernels", "6"]
+    accelerator = Accelerator(cpu=True)
+    motion = train_module.load_pool(train_module.parse_args([*base, "--motion_fraction", "1.0"]), accelerator)
+    again = train_module.load_pool(train_module.parse_args([*base, "--motion_fraction", "1.0"]), accelerator)
+    torch.testing.assert_close(again, motion)  # the same settings reuse it
+    gaussian = train_module.load_pool(train_module.parse_args([*base, "--motion_fraction", "0.0"]), accelerator)
+    expected = train_module.make_kernels(9, 6, 0, train_module.parse_args([*base, "--motion_fraction", "0.0"]))
+    torch.testing.assert_close(gaussian, expected)
+    assert not torch.allclose(gaussian, motion)
+    torch.save(motion, cache)  # a cache of an older version (no settings): regenerated too
+    torch.testing.assert_close(
+        train_module.load_pool(train_module.parse_args([*base, "--motion_fraction", "0.0"]), accelerator), expected)
