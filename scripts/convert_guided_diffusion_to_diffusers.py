@@ -448,7 +448,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", required=True, help="guided-diffusion state dict (.pt)")
     p.add_argument("--config", choices=sorted(PRESETS), default=None, help="architecture preset")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="a new or empty folder (an existing one only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing, non-empty --output_dir")
     p.add_argument("--image_size", type=int)
     p.add_argument("--num_channels", type=int)
     p.add_argument("--num_res_blocks", type=int)
@@ -484,6 +485,15 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return guided_diffusion_config(**values)
 
 
+def check_output_dir(folder: Path, overwrite: bool) -> None:
+    """Refuse, before the checkpoint is read, an output that is a file or a non-empty folder (unless ``overwrite``)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConversionError(f"--output_dir {folder} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ConversionError(f"--output_dir {folder} is not empty; choose a new folder, or pass --overwrite to "
+                              "replace its model_index.json, unet/ and scheduler/")
+
+
 def main(argv=None) -> int:
     from diffusers import DDPMPipeline, DDPMScheduler
 
@@ -491,6 +501,7 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     if not Path(args.checkpoint).is_file():
         raise ConversionError(f"checkpoint not found: {args.checkpoint}")
+    check_output_dir(Path(args.output_dir), args.overwrite)
     try:
         state_dict = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # empty, truncated, not a torch file, or pickled code weights_only refuses
@@ -501,8 +512,11 @@ def main(argv=None) -> int:
                               "only plain tensor checkpoints are read, never pickled code") from None
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{args.checkpoint} does not hold a state dict (got {type(state_dict).__name__})")
-    for wrapper in ("state_dict", "model", "ema"):  # tolerate {"state_dict": {...}} style files
+    for wrapper in ("ema", "state_dict", "model"):  # tolerate {"state_dict": {...}} style files; EMA weights first
         if isinstance(state_dict.get(wrapper), dict):
+            others = [w for w in ("ema", "state_dict", "model") if w != wrapper and isinstance(state_dict.get(w), dict)]
+            if others:
+                print(f"note: {args.checkpoint} holds {', '.join([wrapper, *others])}; converting {wrapper!r}")
             state_dict = state_dict[wrapper]
             break
     unet = build_unet(state_dict, config, dtype=getattr(torch, args.dtype))

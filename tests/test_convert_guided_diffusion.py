@@ -465,3 +465,31 @@ def test_unreadable_checkpoints_are_named(tmp_path, content, message):
         conv.main(["--checkpoint", str(ckpt), "--config", "blinddps_kernel", "--output_dir", str(tmp_path / "out")])
     assert "weights_only=False" not in str(error.value)  # never advise loading pickled code
     assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_safety_and_ema_first(tmp_path, capsys):
+    """A file or a non-empty folder as --output_dir is refused before anything is read or written (unless
+    --overwrite); a checkpoint holding both a model and an EMA copy converts the EMA weights."""
+    overrides = dict(SMALL_GRAY)
+    cfg = conv.guided_diffusion_config(**overrides)
+    shapes, _ = gd_architecture(cfg)
+    model, ema = random_state_dict(shapes, seed=1, dtype=torch.float32), random_state_dict(shapes, seed=2, dtype=torch.float32)
+    ckpt = tmp_path / "both.pt"
+    torch.save({"model": model, "ema": ema}, ckpt)
+    argv = ["--checkpoint", str(ckpt), "--config", "blinddps_kernel", "--image_size", "32", "--num_channels", "32",
+            "--num_res_blocks", "2", "--channel_mult", "1,2,2", "--attention_resolutions", "16,8", "--num_heads", "1",
+            "--num_head_channels", "-1", "--learn_sigma", "True", "--in_channels", "1"]
+    with pytest.raises(conv.ConversionError, match="is a file"):
+        conv.main([*argv, "--output_dir", str(ckpt)])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(conv.ConversionError, match="not empty"):
+        conv.main([*argv, "--output_dir", str(mine)])
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert conv.main([*argv, "--output_dir", str(mine), "--overwrite"]) == 0
+    assert "converting 'ema'" in capsys.readouterr().out and (mine / "notes.txt").read_text() == "keep"
+    unet = UNet2DModel.from_pretrained(mine, subfolder="unet")
+    reference = conv.build_unet(ema, cfg)
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(unet.state_dict()[name], tensor)

@@ -452,3 +452,30 @@ def test_more_argument_errors(fixture_dir, tmp_path, hf_env, capsys, make, messa
     with pytest.raises(SystemExit):
         runner.parse_args([item for pair in args.items() for item in pair])
     assert message in capsys.readouterr().err
+
+
+def test_a_changed_data_folder_is_refused_on_resume_and_unreadable_files_skipped(fixture_dir, tmp_path, hf_env, capsys):
+    """Results are keyed by image position: when files added to the folder shift the positions, resuming
+    would score one image twice and skip another, so it stops. An unreadable file is named and skipped.
+    A method run at its default step count records that count."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("img1.png", "img2.png"):
+        shutil.copy(fixture_dir / "images" / name, data / name)
+    output_dir = tmp_path / "out"
+    args = ["--data_dir", str(data), "--resolution", "24", "--kernel_size", "5", "--sigma", "5",
+            "--methods", "identity", "fastem-pigdm", "--model", str(fixture_dir / "model"), "--guard", "off",
+            "--output_dir", str(output_dir), "--extra_metrics", "none", "--num_grid", "0"]
+    assert runner.main(args) == 0
+    records = records_by_key(output_dir)
+    assert {r["steps"] for k, r in records.items() if k[1] == "fastem-pigdm"} == {50}  # the default that ran
+    shutil.copy(fixture_dir / "images" / "img0.png", data / "a0.png")  # sorts first: every index moves
+    with pytest.raises(SystemExit, match="image 0 was 'img1' and is now 'a0'"):
+        runner.main(args)
+    (data / "a0.png").unlink()
+    (data / "zz_broken.png").write_text("not an image")  # sorts last: the positions of the others hold
+    assert runner.main(args) == 0
+    assert "Skipping 1 unreadable image(s): zz_broken" in capsys.readouterr().out
+    assert len(records_by_key(output_dir)) == 4

@@ -59,18 +59,26 @@ def load_image_table(args, state, margin: tuple[int, int] = (0, 0)):
             raise SystemExit(f"no Image column in the dataset (columns: {list(dataset.features)}); pass --image_column")
     dataset = dataset.cast_column(column, ImageFeature(decode=False))
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    usable, skipped = [], []
+    usable, skipped, unreadable = [], [], []
     for index in range(count):
         entry = dataset[index][column]
         name = Path(entry["path"]).stem if entry.get("path") else f"{index:05d}"
+        try:  # the header only: an unreadable file is named and skipped, as the command line does
+            with _open(entry) as image:
+                width, height = image.size
+        except (OSError, ValueError, SyntaxError) as error:
+            unreadable.append(f"{name} ({error})")
+            continue
         if args.resolution is not None and args.small_images == "skip":
-            width, height = _open(entry).size
             if args.downscale:
                 width, height = _downscaled_size((width, height), args.downscale)
             if height < args.resolution + margin[0] or width < args.resolution + margin[1]:
                 skipped.append(f"{name} ({width}x{height})")
                 continue
         usable.append((index, name))
+    if unreadable and state.is_main_process:
+        print(f"Skipping {len(unreadable)} unreadable image(s): {'; '.join(unreadable[:5])}"
+              f"{' ...' if len(unreadable) > 5 else ''}")
     if skipped and state.is_main_process:
         need = f"{args.resolution + margin[1]}x{args.resolution + margin[0]}"
         print(f"Skipping {len(skipped)} image(s) smaller than {need} "

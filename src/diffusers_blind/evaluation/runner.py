@@ -286,6 +286,18 @@ def check_settings(args, output_dir: Path, is_main: bool) -> None:
         save_json(settings, path)
 
 
+def check_same_images(records: list[dict], names: dict[int, str], output_dir: Path) -> None:
+    """Refuse to resume when an earlier result's image index now names another image (files added to or
+    removed from the data folder shift the indices): its result would be counted for the wrong image."""
+    moved = [(r["image_index"], r.get("image_id"), names[r["image_index"]]) for r in records
+             if r.get("image_index") in names and r.get("image_id") is not None and r["image_id"] != names[r["image_index"]]]
+    if moved:
+        index, before, now = moved[0]
+        raise SystemExit(f"{output_dir} holds results for other images: image {index} was {before!r} and is now "
+                         f"{now!r} ({len(moved)} such result(s); the data changed since they were made). Use another "
+                         "--output_dir, or --overwrite to start again.")
+
+
 # ----------------------------------------------------------------------------------------- main
 def save_png(tensor: torch.Tensor, path: Path) -> None:
     from ..io import save_image
@@ -353,7 +365,9 @@ def main(argv=None) -> int:
     extra, missing_metrics = optional_metrics(args.extra_metrics)
 
     jobs = [(index, sigma, method) for index, _ in usable for sigma in args.sigma for method in args.methods]
-    done = {job_key(r) for r in read_records(output_dir)}
+    records = read_records(output_dir)
+    check_same_images(records, names, output_dir)
+    done = {job_key(r) for r in records}
     pending = [job for job in jobs if job_key(job) not in done]
     state.wait_for_everyone()  # every process has read the same "done" set before anyone writes a new result
     if state.is_main_process:
@@ -389,7 +403,7 @@ def main(argv=None) -> int:
                 k_hat = None if result.kernel is None else result.kernel.float().cpu()
                 record = {
                     "steps": None, "particles": None,  # the method's options (kept as keys for every method)
-                    **{option.name: getattr(args, option.name) for option in METHODS[method].options},
+                    **with_default_steps(METHODS[method], {o.name: getattr(args, o.name) for o in METHODS[method].options}),
                     "image_index": index, "image_id": names[index], "method": method, "sigma": sigma,
                     "seed": args.seed, "kernel": cache["kernel_name"], "kernel_size": int(kernel.shape[-1]),
                     "blur_mode": args.blur_mode, "resolution": list(x.shape[-2:]),
