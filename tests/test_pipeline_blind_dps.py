@@ -203,12 +203,14 @@ def test_save_load_keeps_both_unets_and_the_config(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_numpy_integer_margin_runs_like_an_int():
+def test_numpy_integer_arguments_run_like_ints():
     pipe = pipe_with()
-    kwargs = dict(num_inference_steps=2, kernel_size=8, output_type="np")
-    a = pipe(smooth_images(1, 3, 16, 16), boundary_margin=np.int64(4), generator=torch.Generator().manual_seed(0), **kwargs)
-    b = pipe(smooth_images(1, 3, 16, 16), boundary_margin=4, generator=torch.Generator().manual_seed(0), **kwargs)
+    a = pipe(smooth_images(1, 3, 16, 16), boundary_margin=np.int64(4), num_inference_steps=np.int64(2),
+             num_particles=np.int32(1), kernel_size=np.int64(8), output_type="np", generator=torch.Generator().manual_seed(0))
+    b = pipe(smooth_images(1, 3, 16, 16), boundary_margin=4, num_inference_steps=2, num_particles=1, kernel_size=8,
+             output_type="np", generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.kernels, b.kernels)
 
 
 def test_an_image_smaller_than_the_size_multiple_says_how_large_it_must_be():

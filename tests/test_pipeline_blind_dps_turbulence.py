@@ -134,3 +134,12 @@ def test_latent_output_gives_kernels_and_tilts_as_tensors():
     torch.testing.assert_close(latent.kernels, pt.kernels)
     assert torch.is_tensor(latent.tilts) and latent.tilts.shape == (1, 2, *latent.images.shape[-2:])
     torch.testing.assert_close(latent.tilts[..., 1:17, 1:17], pt.tilts)
+
+
+def test_the_tilt_prior_loads_in_the_asked_dtype_from_the_shipped_folder():
+    import diffusers_blind
+    from diffusers_blind import BlindDPSTurbulencePipeline
+
+    for key in ("dtype", "torch_dtype"):
+        pipe = BlindDPSTurbulencePipeline.from_pretrained(diffusers_blind.BLIND_DPS_DEFAULT_MODEL, **{key: torch.bfloat16})
+        assert {pipe.unet.dtype, pipe.kernel_unet.dtype, pipe.tilt_unet.dtype} == {torch.bfloat16}, key

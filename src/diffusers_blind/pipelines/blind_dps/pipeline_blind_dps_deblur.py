@@ -564,7 +564,10 @@ class BlindDPSPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 1. Check inputs
+        # 1. Check inputs (numpy integers are read as ints, as everywhere in diffusers)
+        num_inference_steps, num_particles, kernel_size, boundary_margin = (
+            int(v) if isinstance(v, np.integer) else v
+            for v in (num_inference_steps, num_particles, kernel_size, boundary_margin))
         measurement, kernel_size, sparsity_weight = self._prepare(
             image, kernel_size, blur_model, step_size, num_inference_steps, num_particles, output_type,
             guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs)

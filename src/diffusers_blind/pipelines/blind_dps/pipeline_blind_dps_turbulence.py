@@ -80,14 +80,16 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """As ``DiffusionPipeline.from_pretrained``; a local ``BlindDPSPipeline`` folder that holds a ``tilt_unet/``
         subfolder (the package's default BlindDPS folder does) also loads as a turbulence pipeline: the tilt UNet
-        comes from that subfolder and ``tilt_scale`` from its ``training_info.json``."""
+        comes from that subfolder and ``tilt_scale`` from its ``training_info.json``. ``BlindDPSPipeline.
+        save_pretrained`` writes no tilt prior (it has none): save a turbulence pipeline to keep one."""
         folder = Path(str(pretrained_model_name_or_path))
         index = folder / "model_index.json"
         if "tilt_unet" not in kwargs and index.is_file() and "tilt_unet" not in json.loads(index.read_text()):
             if not (folder / "tilt_unet" / "config.json").is_file():
                 raise ValueError(f"{folder} has no tilt prior (neither a tilt_unet entry in model_index.json nor a "
                                  "tilt_unet/ folder): pass tilt_unet=UNet2DModel.from_pretrained(...)")
-            kwargs["tilt_unet"] = UNet2DModel.from_pretrained(folder / "tilt_unet", torch_dtype=kwargs.get("torch_dtype"))
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers 0.42 reads either name
+            kwargs["tilt_unet"] = UNet2DModel.from_pretrained(folder / "tilt_unet", torch_dtype=dtype)
             info = folder / "tilt_unet" / "training_info.json"
             if "tilt_scale" not in kwargs and info.is_file():
                 scale = json.loads(info.read_text()).get("tilt_scale")

@@ -71,7 +71,8 @@ class StochasticRefinementDeblurPipelineOutput(DeblurPipelineOutput):
         particles: every sample, ``(B, n, H, W, C)`` array (``(B, n, C, H, W)`` tensor for ``"pt"``);
             also readable as ``samples``.
         sigma: the noise level (8-bit levels) given to the kernel M-step, or ``None``.
-        x_init: the predictor's estimate ``g(y)``, same type and layout as ``images``.
+        x_init: the predictor's estimate ``g(y)``, one per image, same type and layout as ``images`` (for
+            ``"latent"``: ``(B, C, H', W')`` padded, in ``[-1, 1]``, where ``images`` holds ``B·n`` samples).
     """
 
     x_init: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
