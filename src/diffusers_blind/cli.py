@@ -223,8 +223,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            # skipped only when a deblur record lists it: a photo of the user's named like an output stays an
-            # input (and so is never replaced by an output)
+            # skipped only when a record of this tool lists it (or it is a marked kernel preview): a photo of the
+            # user's named like an output stays an input, and so is never replaced by an output
             recorded = _recorded_outputs(path) if any(_is_output_name(p) for p in found) else set()
             skipped = [p for p in found if _is_tool_output(p, recorded)]
             found = [p for p in found if p not in skipped]
