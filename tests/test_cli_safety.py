@@ -126,7 +126,7 @@ def test_a_crash_between_files_and_record_is_redone_on_resume(tmp_path, capsys, 
     image = write_image(tmp_path / "a.png")
     out = tmp_path / "out"
 
-    def crash_after_image(plan, result, image, kernel_scale=8):
+    def crash_after_image(plan, result, image, kernel_scale=8, bit_depth=8):
         io.save_image(image, plan["image"])
         raise KeyboardInterrupt
 
@@ -564,3 +564,25 @@ def test_options_that_cannot_go_together_fail_before_overwrite_touches_a_file(tm
     err = errors(capsys)
     assert code == 2 and message in err and err.count("error:") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # od/ untouched
+
+
+def test_16bit_photos_keep_their_depth_through_deblur(tmp_path, capsys):
+    """A 16-bit colour or grey photo is read at full precision and written back as a 16-bit PNG (identity: exact);
+    an 8-bit photo stays 8-bit."""
+    from diffusers_blind.io import read_image, save_png16
+
+    rng = np.random.default_rng(3)
+    colour = rng.integers(0, 65536, (20, 24, 3)).astype(np.uint16)
+    grey = rng.integers(0, 65536, (20, 24)).astype(np.uint16)
+    save_png16(colour / 65535.0, tmp_path / "colour.png")
+    save_png16(grey / 65535.0, tmp_path / "grey.png")
+    write_image(tmp_path / "eight.png")
+    out = tmp_path / "out"
+    assert identity([tmp_path / "colour.png", tmp_path / "grey.png", tmp_path / "eight.png"], out) == 0, errors(capsys)
+    for name, truth, mode in (("colour", colour, "RGB;16"), ("grey", grey, "I;16")):
+        restored, read_mode = read_image(out / f"{name}_deblurred.png")
+        assert read_mode == mode
+        np.testing.assert_array_equal(np.round(restored * 65535).astype(np.uint16), truth)
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["input_mode"] == record["output_mode"] == mode
+    assert PIL.Image.open(out / "eight_deblurred.png").mode == "RGB"

@@ -29,7 +29,7 @@ import numpy as np
 import PIL.Image
 
 
-from .io import IMAGE_EXTENSIONS
+from .io import IMAGE_EXTENSIONS, is_16bit_mode
 from .outputs import (  # noqa: F401  (output_stems: part of the command line's helpers)
     BLUR_FILES,
     OUTPUT_SUFFIXES,
@@ -469,7 +469,7 @@ def _record(path, mode, array, image, result, written, seconds, run: dict, args)
         "outputs": {name: str(file) for name, file in written.items()},
         "image_size": {"width": width, "height": height},
         "input_mode": mode,
-        "output_mode": image.mode,
+        "output_mode": image.mode if not is_16bit_mode(mode) else ("I;16" if image.mode == "L" else f"{image.mode};16"),
         "sigma": result.sigma,
         "sigma_estimated": args.sigma == "auto",
         "kernel_size": int(result.kernel.shape[-1]) if result.kernel is not None else None,
@@ -522,7 +522,8 @@ def _deblur_one(path: Path, plan: dict, run: dict, args) -> None:
     # first a record that claims the files about to be written, so that a crash before the final record leaves
     # files that a --skip-existing resume knows as this tool's (and redoes), not as a user's
     save_json(incomplete_record(path, plan, run["method"].name), plan["record"])
-    written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE)
+    bit_depth = 16 if is_16bit_mode(mode) else 8  # a 16-bit photo keeps its depth
+    written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE, bit_depth=bit_depth)
     remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
     save_json(_record(path, mode, array, image, result, written, seconds, run, args), plan["record"])
     if not args.quiet:

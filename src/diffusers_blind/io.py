@@ -48,7 +48,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
                 levels = 65535.0 if _is_16bit_integer(image) else None
                 image.load()
                 array = DeblurImageProcessor.decode_pil(image, name=str(path), integer_levels=levels)
-                mode = image.mode
+                mode = "I;16" if levels is not None else image.mode
                 frames = getattr(image, "n_frames", 1)
             if sixteen_bit_colour:
                 array = _read_16bit_colour(path)
@@ -124,6 +124,40 @@ def _read_16bit_colour(path: Path) -> np.ndarray:
             planes.append(np.asarray(PIL.ImageOps.exif_transpose(image).convert("RGB"), dtype=np.float32))
     high, low = planes
     return (high * 256.0 + low) / 65535.0
+
+
+def is_16bit_mode(mode: str) -> bool:
+    """Whether :func:`read_image`'s ``mode`` names 16-bit samples (``I;16*``, ``RGB;16``, ``RGBA;16``)."""
+    return mode.startswith("I;16") or mode.endswith(";16")
+
+
+def save_png16(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write ``(H, W)`` or ``(H, W, 3)`` values in ``[0, 1]`` as a 16-bit PNG, atomically.
+
+    Grey through Pillow (mode ``I;16``); colour chunk by chunk (Pillow cannot write 16-bit colour): an ``IHDR``
+    of bit depth 16, colour type 2, the big-endian rows each behind filter byte 0, deflated into one ``IDAT``.
+    """
+    import struct
+    import zlib
+
+    samples = np.round(np.clip(np.asarray(array, dtype=np.float64), 0.0, 1.0) * 65535).astype(">u2")
+    if samples.ndim == 2:
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(samples.astype(np.uint16)).save(buffer, format="PNG")  # uint16 → mode I;16
+        data = buffer.getvalue()
+    elif samples.ndim == 3 and samples.shape[2] == 3:
+        height, width = samples.shape[:2]
+        rows = np.concatenate([np.zeros((height, 1), np.uint8), samples.reshape(height, -1).view(np.uint8)], axis=1)
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+        data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+    else:
+        raise ValueError(f"save_png16 takes (H, W) or (H, W, 3) arrays, got {np.shape(array)}")
+    with atomic_write(path) as handle:
+        handle.write(data)
 
 
 # ---------------------------------------------------------------------------- atomic writes

@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 
 from .image_processor import kernel_to_image
-from .io import save_image, save_npy
+from .io import save_image, save_npy, save_png16
 
 
 OUTPUT_SUFFIXES = ("_deblurred", "_kernel", "_uncertainty")  # skipped when a folder of inputs is scanned
@@ -123,12 +123,21 @@ def uncertainty_image(std: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), mode="L")
 
 
-def write_outputs(plan: dict[str, Path], result, image: PIL.Image.Image, kernel_scale: int = 8) -> dict[str, Path]:
-    """Write the image, kernel, uncertainty and tilt files atomically; returns those written."""
+def write_outputs(plan: dict[str, Path], result, image: PIL.Image.Image, kernel_scale: int = 8,
+                  bit_depth: int = 8) -> dict[str, Path]:
+    """Write the image, kernel, uncertainty and tilt files atomically; returns those written.
+
+    ``bit_depth`` 16 writes the image as a 16-bit PNG from ``result.image`` (a 16-bit input keeps its depth);
+    8 writes the 8-bit ``image``.
+    """
     import torch
 
     written = {"image": plan["image"]}
-    save_image(image, plan["image"])
+    if bit_depth == 16:
+        restored = result.image.detach().float().clamp(0, 1).cpu().reshape(result.image.shape[-3:])
+        save_png16(restored[0].numpy() if restored.shape[0] == 1 else restored.permute(1, 2, 0).numpy(), plan["image"])
+    else:
+        save_image(image, plan["image"])
     if result.kernel is not None:
         kernel = np.asarray(result.kernel.detach().float().cpu().reshape(result.kernel.shape[-2:]), dtype=np.float32)
         save_npy(kernel, plan["kernel_npy"])
