@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """BlindDPS benchmark on evaluation photographs: PSNR, SSIM, kernel MSE, MNC, wall time; turbulence: tilt error.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/benchmark_blind_dps.py --output_dir /work/runs/bench_bdps \
-        --photo_dir /work/eval_photos --resolution 128 --steps 250 --methods blind-dps fastem-pigdm oracle
+    PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/benchmark_blind_dps.py --output_dir runs/bench_bdps \
+        --photo_dir data/eval_photos --resolution 128 --steps 250 --methods blind-dps fastem-pigdm oracle
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/benchmark_blind_dps.py --output_dir /work/runs/bench_turb \
-        --photo_dir /work/eval_photos --resolution 128 --steps 250 --turbulence
+    PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/benchmark_blind_dps.py --output_dir runs/bench_turb \
+        --photo_dir data/eval_photos --resolution 128 --steps 250 --turbulence
 
 Each photo (``--photo_dir``: every PNG there, or scikit-image's samples; centre-cropped and box-downscaled to
 ``--resolution``) is degraded with its own seeded kernel and noise, the seed a function of the photo's name (so a

@@ -11,8 +11,8 @@ prints their distribution, the pairs closest to the limits, and how many pairs t
 
 Example::
 
-    python scripts/prepare_photos.py /tmp/photos --sets lomiri plasma
-    python scripts/benchmark_guard.py --data_dir /tmp/photos
+    python scripts/prepare_photos.py photos --sets lomiri plasma
+    python scripts/benchmark_guard.py --data_dir photos
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Kernel MSE is the mean squared error between sum-1 kernels, averaged over pixels
 Example::
 
     python scripts/benchmark_kernel_prior.py --estimator src/diffusers_blind/default_model/kernel_estimator \
-        --tune_image /work/data/photos/plasma_Kite_d4.png --test_image /work/data/photos/free_by_Peter_Nerlich_d4.png
+        --tune_image data/photos/plasma_Kite_d4.png --test_image data/photos/free_by_Peter_Nerlich_d4.png
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Assemble the shipped BlindDPS pipeline folder from a trained kernel prior.
 
-    python scripts/build_blind_dps_default_model.py --kernel_unet /work/runs/kernel_prior/export/unet \
-        --tilt_unet /work/runs/tilt_prior/export/unet
+    python scripts/build_blind_dps_default_model.py --kernel_unet runs/kernel_prior/export/unet \
+        --tilt_unet runs/tilt_prior/export/unet
 
 Writes ``src/diffusers_blind/blind_dps_default_model/`` with ``model_index.json``, ``kernel_unet/``
 (config, weights stored in float16, training_info.json), ``scheduler/`` (the image prior's DDPM schedule, which the

@@ -5,7 +5,7 @@ The export (``<run>/export`` of ``scripts/train_dvsr.py``) is loaded as a pipeli
 ``save_pretrained`` (safetensors), together with its ``training_info.json``. The model card
 (``README.md``) already in the target folder is kept; an existing folder is replaced only with ``--force``.
 
-    python scripts/build_dvsr_default_model.py /work/runs/dvsr/export --force
+    python scripts/build_dvsr_default_model.py runs/dvsr/export --force
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """Unconditional samples of a kernel prior vs its training generator: a PNG grid and kernel statistics.
 
     python scripts/kernel_prior_card.py --kernel_unet src/diffusers_blind/blind_dps_default_model/kernel_unet \
-        --output_dir /work/runs/kernel_prior/card --num_samples 64 --steps 250
+        --output_dir runs/kernel_prior/card --num_samples 64 --steps 250
 
 Statistics per kernel (sum-1, true convolution), mean ± std over the set:
 

@@ -22,7 +22,7 @@ used here.
 
 Example::
 
-    python scripts/prepare_photos.py /work/data/photos --sets lomiri plasma
+    python scripts/prepare_photos.py data/photos --sets lomiri plasma
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """Unconditional samples of a tilt prior vs its training generator: PNG grids and field statistics.
 
     python scripts/tilt_prior_card.py --tilt_unet src/diffusers_blind/blind_dps_default_model/tilt_unet \
-        --output_dir /work/runs/tilt_prior/card --num_samples 16 --sizes 32 128 --steps 250
+        --output_dir runs/tilt_prior/card --num_samples 16 --sizes 32 128 --steps 250
 
 The prior is sampled (respaced ancestral DDPM, the scheduler of ``--scheduler``) at every ``--sizes``: the
 training size and larger canvases (the UNet is fully convolutional, which is how the turbulence pipeline

@@ -22,8 +22,8 @@ cleanly after ``--max_minutes``, and exports the EMA weights as a pipeline folde
 
 Example (CPU, one thread)::
 
-    OMP_NUM_THREADS=1 python scripts/train_dvsr.py --train_data_dir /work/data/photos \\
-        --output_dir /work/runs/dvsr --num_threads 1 --max_minutes 70 --resume latest
+    OMP_NUM_THREADS=1 python scripts/train_dvsr.py --train_data_dir data/photos \\
+        --output_dir runs/dvsr --num_threads 1 --max_minutes 70 --resume latest
 """
 
 from __future__ import annotations

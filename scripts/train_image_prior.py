@@ -13,9 +13,9 @@ the EMA UNet with ``save_pretrained`` plus the scheduler config.
 Example (CPU, background)::
 
     nohup nice -n 10 python scripts/train_image_prior.py \
-        --train_data_dir /work/data/photos --output_dir /work/runs/image_prior \
+        --train_data_dir data/photos --output_dir runs/image_prior \
         --max_minutes 90 --export_dir src/diffusers_blind/default_model \
-        > /work/runs/image_prior/train.log 2>&1 &
+        > runs/image_prior/train.log 2>&1 &
 """
 
 from __future__ import annotations

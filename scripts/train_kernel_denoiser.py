@@ -21,7 +21,7 @@ denoiser is exported as ``KernelEstimator.from_denoiser(...).save_pretrained(exp
 
 Example (CPU, ~30 min)::
 
-    python scripts/train_kernel_denoiser.py --kernel_size 33 --output_dir /work/runs/kd33 \\
+    python scripts/train_kernel_denoiser.py --kernel_size 33 --output_dir runs/kd33 \\
         --export_dir src/diffusers_blind/default_model/kernel_estimator --max_steps 8000
 """
 

@@ -19,8 +19,8 @@ an EMA copy of the weights is exported as ``<output_dir>/export/{unet,scheduler}
 Example (CPU, background)::
 
     nohup nice -n 10 env OMP_NUM_THREADS=1 python scripts/train_kernel_prior.py \
-        --output_dir /work/runs/kernel_prior --kernel_size 32 --max_minutes 75 \
-        > /work/runs/kernel_prior/train.log 2>&1 &
+        --output_dir runs/kernel_prior --kernel_size 32 --max_minutes 75 \
+        > runs/kernel_prior/train.log 2>&1 &
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Training loop, EMA, checkpoints, ``--resume latest`` and export are those of
 Example::
 
     nohup nice -n 10 env OMP_NUM_THREADS=1 python scripts/train_tilt_prior.py \
-        --output_dir /work/runs/tilt_prior --resolution 64 --max_minutes 60 > /work/runs/tilt_prior/train.log 2>&1 &
+        --output_dir runs/tilt_prior --resolution 64 --max_minutes 60 > runs/tilt_prior/train.log 2>&1 &
 """
 
 from __future__ import annotations

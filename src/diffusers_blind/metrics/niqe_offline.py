@@ -18,7 +18,7 @@ Construction (the standard one):
 
 The model shipped as ``niqe_pristine.npz`` was fitted on the training photographs (Debian wallpaper
 photographs, several downscales; no evaluation image) with
-``python -m diffusers_blind.metrics.niqe_offline fit /work/data/photos niqe_pristine.npz``. Its values are
+``python -m diffusers_blind.metrics.niqe_offline fit data/photos niqe_pristine.npz``. Its values are
 therefore not comparable with the numbers of the MATLAB model (fitted on 125 other photographs).
 Images smaller than one patch are scored as a single patch of their (even-cropped) size.
 """
