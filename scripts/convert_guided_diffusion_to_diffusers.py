@@ -512,9 +512,12 @@ def main(argv=None) -> int:
                               "only plain tensor checkpoints are read, never pickled code") from None
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{args.checkpoint} does not hold a state dict (got {type(state_dict).__name__})")
+    def holds_weights(value) -> bool:  # a state dict of tensors (not, e.g., an EMA helper's own state)
+        return isinstance(value, dict) and bool(value) and all(torch.is_tensor(v) for v in value.values())
+
     for wrapper in ("ema", "state_dict", "model"):  # tolerate {"state_dict": {...}} style files; EMA weights first
-        if isinstance(state_dict.get(wrapper), dict):
-            others = [w for w in ("ema", "state_dict", "model") if w != wrapper and isinstance(state_dict.get(w), dict)]
+        if holds_weights(state_dict.get(wrapper)):
+            others = [w for w in ("ema", "state_dict", "model") if w != wrapper and holds_weights(state_dict.get(w))]
             if others:
                 print(f"note: {args.checkpoint} holds {', '.join([wrapper, *others])}; converting {wrapper!r}")
             state_dict = state_dict[wrapper]

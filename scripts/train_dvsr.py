@@ -250,15 +250,16 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
 EXPORT_ENTRIES = {"predictor", "denoiser", "scheduler", "model_index.json", "training_info.json"}
 
 
-def is_replaceable_export(folder: Path) -> bool:
+def is_replaceable_export(folder: Path, partial: bool = False) -> bool:
     """``folder`` may be replaced by an export: absent, empty, or an earlier export of this script (a
-    ``StochasticRefinementDeblurPipeline`` index and nothing but the entries an export writes)."""
+    ``StochasticRefinementDeblurPipeline`` index and nothing but the entries an export writes). ``partial``:
+    the script's own ``.tmp``/``.old`` scratch, which an interrupted export leaves without its index."""
     if not folder.exists():
         return True
     if not folder.is_dir():
         return False
     names = {entry.name for entry in folder.iterdir()}
-    if not names:
+    if not names or (partial and names <= EXPORT_ENTRIES):
         return True
     try:
         index = json.loads((folder / "model_index.json").read_text())
@@ -270,8 +271,9 @@ def is_replaceable_export(folder: Path) -> bool:
 
 def check_export_folder(folder: Path) -> None:
     """Refuse, before any training, an export folder (or its ``.tmp`` / ``.old`` siblings) that holds other files."""
-    for path in (folder, folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
-        if not is_replaceable_export(path):
+    for path, partial in ((folder, False), (folder.with_name(folder.name + ".tmp"), True),
+                          (folder.with_name(folder.name + ".old"), True)):
+        if not is_replaceable_export(path, partial):
             raise SystemExit(f"[train_dvsr] {path} exists and is not an earlier export of this script (other files "
                              "would be lost when the export replaces it); choose an empty or new folder")
 

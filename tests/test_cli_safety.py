@@ -586,3 +586,48 @@ def test_16bit_photos_keep_their_depth_through_deblur(tmp_path, capsys):
         record = json.loads((out / f"{name}.json").read_text())
         assert record["input_mode"] == record["output_mode"] == mode
     assert PIL.Image.open(out / "eight_deblurred.png").mode == "RGB"
+
+
+def test_the_incomplete_record_stays_until_the_final_one_replaces_it(tmp_path, monkeypatch):
+    """The files of an image are never on disk without a record claiming them, not even between the stale-file
+    clean-up and the final record."""
+    image = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    seen = []
+    real_record = cli._record
+
+    def record_then_look(*args, **kwargs):
+        seen.append(json.loads((out / "a.json").read_text()).get("status"))
+        return real_record(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_record", record_then_look)
+    assert identity([image], out) == 0
+    assert seen == ["incomplete"] and "status" not in json.loads((out / "a.json").read_text())
+
+
+def test_16bit_grey_with_alpha_and_plain_pgm_are_read(tmp_path):
+    from diffusers_blind.io import read_image
+
+    grey_alpha = np.random.default_rng(4).integers(0, 65536, (6, 5, 2)).astype(np.uint16)
+    import struct
+    import zlib
+
+    rows = b"".join(b"\x00" + grey_alpha[i].astype(">u2").tobytes() for i in range(6))
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    (tmp_path / "la.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 6, 16, 4, 0, 0, 0))
+                                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    array, _ = read_image(tmp_path / "la.png")  # read (at Pillow's 8 bits for grey + alpha), not refused
+    assert array.shape[:2] == (6, 5)
+    np.testing.assert_allclose(array if array.ndim == 2 else array[..., 0], grey_alpha[..., 0] / 65535, atol=1 / 255)
+    (tmp_path / "plain.pgm").write_text("P2\n2 1\n65535\n100 200\n")  # dark, ASCII, 16-bit
+    np.testing.assert_allclose(read_image(tmp_path / "plain.pgm")[0], np.array([[100, 200]]) / 65535, atol=1e-7)
+
+
+def test_a_known_kernel_result_of_an_older_version_still_counts_as_the_same_settings():
+    from diffusers_blind.outputs import settings_differences
+
+    older = {"settings": {"method": "fastem-pigdm", "kernel_file": "k.npy", "guard": True, "steps": 50}}
+    assert settings_differences(older, {"method": "fastem-pigdm", "kernel_file": "k.npy", "guard": None, "steps": 50}) == []
+    assert settings_differences(older, {"method": "fastem-pigdm", "kernel_file": "k.npy", "guard": None, "steps": 9})
+    blind = {"settings": {"method": "fastem-pigdm", "kernel_file": None, "guard": True}}
+    assert settings_differences(blind, {"method": "fastem-pigdm", "kernel_file": None, "guard": False})

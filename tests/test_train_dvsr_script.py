@@ -104,3 +104,15 @@ def test_real_pairs_that_cannot_give_a_crop_are_refused_not_looped_on(script, tm
     with pytest.raises(SystemExit, match="none of the 1 pairs"):
         script.main(["--pairs_dir", str(tmp_path / "pairs"), "--output_dir", str(tmp_path / "run"),
                      "--max_train_steps", "1", *TINY])
+
+
+def test_an_interrupted_export_does_not_block_the_next_run(script, tmp_path):
+    """An export killed while writing its scratch folder leaves ``export.tmp`` without an index: the script's
+    own leftover, replaced by the next export, not a folder of the user's."""
+    partial = tmp_path / "run" / "export.tmp" / "predictor"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")
+    script.check_export_folder(tmp_path / "run" / "export")  # no SystemExit
+    (tmp_path / "run" / "export.tmp" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not an earlier export"):
+        script.check_export_folder(tmp_path / "run" / "export")

@@ -524,7 +524,7 @@ def _deblur_one(path: Path, plan: dict, run: dict, args) -> None:
     save_json(incomplete_record(path, plan, run["method"].name), plan["record"])
     bit_depth = 16 if is_16bit_mode(mode) else 8  # a 16-bit photo keeps its depth
     written = write_outputs(plan, result, image, KERNEL_PREVIEW_SCALE, bit_depth=bit_depth)
-    remove_stale(plan, keep=written)  # an earlier run's files this run does not write (--overwrite)
+    remove_stale(plan, keep={*written, "record"})  # an earlier run's files this run does not write (--overwrite)
     save_json(_record(path, mode, array, image, result, written, seconds, run, args), plan["record"])
     if not args.quiet:
         sigma = result.sigma

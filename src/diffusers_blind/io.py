@@ -88,7 +88,7 @@ def _is_16bit_integer(image: PIL.Image.Image) -> bool:
         rawmode = args if isinstance(args, str) else (args[0] if args else "")
         if str(rawmode).startswith("I;16"):
             return True
-        if codec == "ppm" and isinstance(args, tuple) and len(args) > 1 and args[1] > 255:
+        if codec in ("ppm", "ppm_plain") and isinstance(args, tuple) and len(args) > 1 and args[1] > 255:
             return True
     return False
 
@@ -97,7 +97,8 @@ def _is_16bit_colour(image: PIL.Image.Image) -> bool:
     """Whether an ``RGB``/``RGBA`` image comes from 16-bit samples, which Pillow reduces to their high byte."""
     rawmodes = [rawmode for _, rawmode in _tile_rawmodes(image)]
     return (image.mode in ("RGB", "RGBA") and bool(rawmodes)
-            and all(isinstance(r, str) and r.endswith((";16B", ";16L", ";16N")) for r in rawmodes))
+            and all(isinstance(r, str) and r.split(";")[0] in ("RGB", "RGBA", "RGBX")
+                    and r.endswith((";16B", ";16L", ";16N")) for r in rawmodes))  # not LA;16B (grey + alpha)
 
 
 def _swapped_endianness(args):

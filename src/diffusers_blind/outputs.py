@@ -113,7 +113,11 @@ def is_done(plan: dict[str, Path]) -> bool:
 def settings_differences(record: dict, settings: dict) -> list[str]:
     """``"name: old -> new"`` for every setting of ``settings`` that the finished ``record`` has otherwise."""
     previous = record.get("settings", {})
-    return [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
+
+    def same(key, value) -> bool:  # a known-kernel run records `guard: None` (not applied); older ones the default
+        return previous.get(key) == value or (key == "guard" and value is None and settings.get("kernel_file"))
+
+    return [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if not same(k, v)]
 
 
 def uncertainty_image(std: np.ndarray) -> PIL.Image.Image:
