@@ -46,8 +46,9 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
             with PIL.Image.open(path) as image:
                 sixteen_bit_colour = _is_16bit_colour(image)
                 levels = 65535.0 if _is_16bit_integer(image) else None
-                image.load()
-                array = DeblurImageProcessor.decode_pil(image, name=str(path), integer_levels=levels)
+                if not sixteen_bit_colour:  # 16-bit colour is decoded below, in two passes of its own
+                    image.load()
+                    array = DeblurImageProcessor.decode_pil(image, name=str(path), integer_levels=levels)
                 mode = "I;16" if levels is not None else image.mode
                 frames = getattr(image, "n_frames", 1)
             if sixteen_bit_colour:
@@ -69,9 +70,9 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
 
 
 # ---------------------------------------------------------------------------- 16-bit files
-def _tile_rawmodes(image: PIL.Image.Image) -> list[tuple[str, object]]:
-    """``(codec, rawmode or args)`` of every tile of a not yet loaded image: how Pillow will decode it."""
-    return [(tile[0], tile[3] if isinstance(tile[3], str) else (tile[3][0] if tile[3] else None))
+def _tile_rawmodes(image: PIL.Image.Image) -> list[tuple[str, object, object]]:
+    """``(codec, rawmode, args)`` of every tile of a not yet loaded image: how Pillow will decode it."""
+    return [(tile[0], tile[3] if isinstance(tile[3], str) else (tile[3][0] if tile[3] else None), tile[3])
             for tile in getattr(image, "tile", None) or []]
 
 
@@ -83,9 +84,7 @@ def _is_16bit_integer(image: PIL.Image.Image) -> bool:
     """
     if image.mode != "I":
         return False
-    for tile in getattr(image, "tile", None) or []:
-        codec, args = tile[0], tile[3]
-        rawmode = args if isinstance(args, str) else (args[0] if args else "")
+    for codec, rawmode, args in _tile_rawmodes(image):
         if str(rawmode).startswith("I;16"):
             return True
         if codec in ("ppm", "ppm_plain") and isinstance(args, tuple) and len(args) > 1 and args[1] > 255:
@@ -95,7 +94,7 @@ def _is_16bit_integer(image: PIL.Image.Image) -> bool:
 
 def _is_16bit_colour(image: PIL.Image.Image) -> bool:
     """Whether an ``RGB``/``RGBA`` image comes from 16-bit samples, which Pillow reduces to their high byte."""
-    rawmodes = [rawmode for _, rawmode in _tile_rawmodes(image)]
+    rawmodes = [rawmode for _, rawmode, _ in _tile_rawmodes(image)]
     return (image.mode in ("RGB", "RGBA") and bool(rawmodes)
             and all(isinstance(r, str) and r.split(";")[0] in ("RGB", "RGBA", "RGBX")
                     and r.endswith((";16B", ";16L", ";16N")) for r in rawmodes))  # not LA;16B (grey + alpha)

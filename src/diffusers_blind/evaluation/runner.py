@@ -166,11 +166,16 @@ def method_settings(args) -> dict:
 
 
 
+def method_options(method, args) -> dict:
+    """The values of ``method``'s options from ``args``, an unset step count replaced by the one that runs."""
+    return with_default_steps(method, {option.name: getattr(args, option.name) for option in method.options})
+
+
 def run_method(name, y, kernel_true, sigma_255, args, pipelines, index, device) -> tuple[MethodResult, float]:
     """Restore ``y`` with the registered method ``name``; returns its result and the seconds it took."""
     method = get_method(name)
     generator = torch.Generator(device=device).manual_seed(stream_seed(args.seed, index, SAMPLER_STREAM))
-    options = with_default_steps(method, {option.name: getattr(args, option.name) for option in method.options})
+    options = method_options(method, args)
     start = time.perf_counter()
     result = method.run(
         y.to(device), sigma=sigma_255, kernel=kernel_true.to(device) if method.needs_kernel else None,
@@ -403,7 +408,7 @@ def main(argv=None) -> int:
                 k_hat = None if result.kernel is None else result.kernel.float().cpu()
                 record = {
                     "steps": None, "particles": None,  # the method's options (kept as keys for every method)
-                    **with_default_steps(METHODS[method], {o.name: getattr(args, o.name) for o in METHODS[method].options}),
+                    **method_options(METHODS[method], args),
                     "image_index": index, "image_id": names[index], "method": method, "sigma": sigma,
                     "seed": args.seed, "kernel": cache["kernel_name"], "kernel_size": int(kernel.shape[-1]),
                     "blur_mode": args.blur_mode, "resolution": list(x.shape[-2:]),
