@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel_sizes", type=int, nargs=2, default=(15, 33), help="range of true kernel sizes (odd)")
     p.add_argument("--intensity", type=float, nargs=2, default=(0.3, 0.7), help="range of motion intensities")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"diffusion steps (default: the pipeline's, {DEFAULT_STEPS})")
-    p.add_argument("--guidance", choices=("pigdm", "dps"), default="pigdm", help="the E-step's likelihood guidance")
+    p.add_argument("--guidance", choices=("pigdm", "dps", "diffpir"), default="pigdm", help="the E-step's likelihood guidance")
     p.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's configured value")
     p.add_argument("--kernel_cg_iterations", type=int, default=None,
                    help="M-step PCG iterations per HQS step under the photograph's mask (0: the windowed Fourier solve)")

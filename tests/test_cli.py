@@ -284,6 +284,14 @@ def test_deblur_other_methods(inputs, model_dir, tmp_path, capsys):
     assert deblur([image], model_dir, tmp_path / "em", "--method", "diffusion-em", "--em-iterations", "2",
                   "--quiet") == 0
     assert json.loads((tmp_path / "em" / "gray.json").read_text())["settings"]["em_iterations"] == 2
+    assert deblur([image], model_dir, tmp_path / "dp", "--method", "fastem-diffpir", "--quiet") == 0
+    settings = json.loads((tmp_path / "dp" / "gray.json").read_text())["settings"]
+    assert settings["guidance"] == "diffpir" and settings["blind"] is True
+    kernel_file = tmp_path / "dp" / "gray_kernel.npy"
+    assert main(["deblur", image, "-o", str(tmp_path / "dpk"), "--model", model_dir, "--steps", "2", "--seed", "0",
+                 "--method", "diffpir-known-kernel", "--kernel", str(kernel_file), "--quiet"]) == 0
+    settings = json.loads((tmp_path / "dpk" / "gray.json").read_text())["settings"]
+    assert settings["guidance"] == "diffpir" and settings["blind"] is False
 
 
 # ---------------------------------------------------------------------------- errors

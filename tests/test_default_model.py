@@ -54,16 +54,18 @@ def test_default_model_components(pipe):
     assert pipe.config.guidance_scale > 0
 
 
-def test_default_model_non_blind_improves_on_the_blurry_input(pipe, problem):
+@pytest.mark.parametrize("guidance", ["pigdm", "diffpir"])
+def test_default_model_non_blind_improves_on_the_blurry_input(pipe, problem, guidance):
     sharp, kernel, blurry = problem
-    out = pipe(blurry, sigma=5, kernel=kernel, num_inference_steps=20, boundary_margin=0,
+    out = pipe(blurry, sigma=5, kernel=kernel, num_inference_steps=20, boundary_margin=0, guidance=guidance,
                generator=torch.Generator().manual_seed(0), output_type="pt")
     assert psnr(out.images, sharp).item() > psnr(blurry.clamp(0, 1), sharp).item() + 0.2
 
 
-def test_default_model_blind_estimates_a_kernel(pipe, problem):
+@pytest.mark.parametrize("guidance", ["pigdm", "diffpir"])
+def test_default_model_blind_estimates_a_kernel(pipe, problem, guidance):
     sharp, kernel, blurry = problem
-    out = pipe(blurry, sigma=5, kernel_size=9, num_inference_steps=20, boundary_margin=0,
+    out = pipe(blurry, sigma=5, kernel_size=9, num_inference_steps=20, boundary_margin=0, guidance=guidance,
                generator=torch.Generator().manual_seed(0), output_type="pt")
     assert torch.isfinite(out.images).all()
     torch.testing.assert_close(out.kernels.sum(), torch.tensor(1.0))

@@ -31,8 +31,10 @@ def gamma_method():
 
 
 def test_builtin_methods_are_registered():
-    assert {"fastem-pigdm", "fastem-dps", "diffusion-em", "pigdm-known-kernel", "dps-known-kernel",
-            "wiener-known-kernel", "identity"} <= set(METHODS)
+    assert {"fastem-pigdm", "fastem-dps", "fastem-diffpir", "diffusion-em", "pigdm-known-kernel", "dps-known-kernel",
+            "diffpir-known-kernel", "wiener-known-kernel", "identity"} <= set(METHODS)
+    assert METHODS["fastem-diffpir"].info["guidance"] == "diffpir" and METHODS["fastem-diffpir"].accepts_kernel
+    assert METHODS["diffpir-known-kernel"].needs_kernel
     assert METHODS["wiener-known-kernel"].needs_kernel and METHODS["wiener-known-kernel"].pipeline_class is None
     assert METHODS["fastem-pigdm"].accepts_kernel and not METHODS["diffusion-em"].accepts_kernel
     assert "em_iterations" in METHODS["diffusion-em"].option_names
@@ -324,7 +326,8 @@ def test_blind_fastem_methods_default_to_an_automatic_kernel_size_where_the_imag
     assert default_kernel_size(pipe, torch.zeros(1, 3, 17, 30)) is None  # auto could go below the model's size
     y = torch.rand(1, 3, 24, 24)
     call = dict(sigma=5.0, generator=None, pipeline=pipe, blur="valid", steps=None, particles=1, guidance_scale=None)
-    for name, expected in (("fastem-pigdm", "auto"), ("fastem-dps", "auto"), ("diffusion-em", None)):
+    for name, expected in (("fastem-pigdm", "auto"), ("fastem-dps", "auto"), ("fastem-diffpir", "auto"),
+                           ("diffusion-em", None)):
         METHODS[name].run(y, kernel=None, **call)
         assert pipe.kernel_size == expected, name
     METHODS["fastem-pigdm"].run(y, kernel=None, kernel_size=15, **call)

@@ -103,3 +103,29 @@ def test_generator_list_of_the_wrong_length_says_what_it_expects():
         expand_generator(gens, 2, 2)
     with pytest.raises(ValueError, match=r"entries; expected 2$"):
         expand_generator(gens, 2, 1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("out_channels, variance_type", [(3, "fixed_small"), (6, "learned_range")])
+def test_output_from_epsilon_inverts_epsilon_from_output(prediction_type, out_channels, variance_type):
+    """A corrected ε goes back into the scheduler as a UNet output of the same layout (variance channels kept)."""
+    scheduler = DDPMScheduler(prediction_type=prediction_type, variance_type=variance_type)
+    scheduler.set_timesteps(10)
+    denoiser = UNetDenoiser(unet(out_channels=out_channels), scheduler)
+    x, t = x_t(), scheduler.timesteps[4]
+    output = denoiser.model_output(x, t)
+    epsilon = denoiser.epsilon_from_output(output, x, t)
+    rebuilt = denoiser.output_from_epsilon(epsilon, x, t, output)
+    torch.testing.assert_close(rebuilt, output, atol=1e-4, rtol=1e-4)
+    other = torch.randn_like(epsilon)
+    torch.testing.assert_close(denoiser.epsilon_from_output(denoiser.output_from_epsilon(other, x, t, output), x, t),
+                               other, atol=1e-4, rtol=1e-4)
+
+
+def test_epsilon_from_x0_makes_that_x0_the_tweedie_estimate():
+    scheduler = DDPMScheduler()
+    denoiser = UNetDenoiser(unet(), scheduler)
+    x, t = x_t(), 600
+    x0 = torch.rand_like(x) * 2 - 1
+    torch.testing.assert_close(denoiser.x0_from_epsilon(denoiser.epsilon_from_x0(x0, x, t), x, t), x0,
+                               atol=1e-5, rtol=1e-5)

@@ -142,6 +142,26 @@ class UNetDenoiser:
             return alpha_bar**0.5 * output + (1 - alpha_bar) ** 0.5 * x_t
         raise ValueError(f"unsupported prediction_type {kind!r}")
 
+    def output_from_epsilon(self, epsilon: torch.Tensor, x_t: torch.Tensor, t, output: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`epsilon_from_output`: a UNet output (of ``output``'s layout, variance channels
+        kept) whose ε is ``epsilon``, so the scheduler's ``step`` can run on a corrected prediction."""
+        kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        alpha_bar = self.alpha_bar(t)
+        if kind == "epsilon":
+            head = epsilon
+        elif kind == "sample":
+            head = self.x0_from_epsilon(epsilon, x_t, t)
+        elif kind == "v_prediction":  # v = (ε − √(1−ᾱ) x_t) / √ᾱ
+            head = (epsilon - (1 - alpha_bar) ** 0.5 * x_t) / alpha_bar**0.5
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r}")
+        return torch.cat([head, output[:, x_t.shape[1]:]], dim=1) if output.shape[1] > x_t.shape[1] else head
+
+    def epsilon_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """``ε = (x_t − √ᾱ_t x0) / √(1−ᾱ_t)``: the noise that makes ``x0`` the Tweedie estimate at ``x_t``."""
+        alpha_bar = self.alpha_bar(t)
+        return (x_t - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5
+
     def x0_from_epsilon(self, epsilon: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """Tweedie's estimate ``x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t`` (DDPM Eq. 15), unclipped."""
         alpha_bar = self.alpha_bar(t)
