@@ -188,14 +188,15 @@ def make_pipe():
     return pipe
 
 
-def test_pipeline_tiled_matches_untiled_within_seed_noise():
+@pytest.mark.parametrize("guidance", ["pigdm", "diffpir"])
+def test_pipeline_tiled_matches_untiled_within_seed_noise(guidance):
     """Tiles change the UNet's input statistics only: tiled vs untiled differ less than two seeds do."""
     pipe = make_pipe()
     y, _ = blurry()
 
     def run(seed, **kwargs):
         return pipe(y, sigma=5, num_inference_steps=4, generator=torch.Generator().manual_seed(seed),
-                    output_type="pt", guard=False, **kwargs)  # a tiny random UNet explains nothing
+                    output_type="pt", guard=False, guidance=guidance, **kwargs)  # a tiny random UNet explains nothing
 
     untiled = run(0)
     assert pipe.tiling_plan.tile_size is None
