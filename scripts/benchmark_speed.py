@@ -82,11 +82,11 @@ def step_split(pipe, y, kernel, particles, padded_size, device, repeats):
         }
 
 
-def whole_run(pipe, y, kernel, steps, particles, blind: bool) -> float:
+def whole_run(pipe, y, kernel, steps, particles, blind: bool, guidance: str = "pigdm", precision=None) -> float:
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     pipe(y, sigma=10, kernel=None if blind else kernel, num_inference_steps=steps, num_particles=particles,
-         generator=generator, output_type="pt", kernel_size=kernel.shape[-1])
+         generator=generator, output_type="pt", kernel_size=kernel.shape[-1], guidance=guidance, precision=precision)
     if y.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -101,6 +101,10 @@ def main(argv=None):
     parser.add_argument("--particles", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--guidance", choices=("pigdm", "dps", "diffpir"), default="pigdm",
+                        help="E-step of the whole-run comparison (the per-step split always times Pi-GDM's parts)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                        help="UNet autocast of the whole runs (default: the pipeline's, float32)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -116,14 +120,15 @@ def main(argv=None):
     padded = -(-(args.size + 2 * margin) // multiple) * multiple
 
     print(f"device={device} threads={torch.get_num_threads()} unet_params={params / 1e6:.2f}M image={args.size}x{args.size} "
-          f"(padded {padded}) kernel={args.kernel_size} steps={args.steps}")
+          f"(padded {padded}) kernel={args.kernel_size} steps={args.steps} guidance={args.guidance} "
+          f"precision={args.precision or 'float32'}")
     print("| particles | UNet fwd+bwd (s) | M-step (s) | guidance (s) | rest (s) | blind step (s) | "
           "non-blind run (s) | blind run (s) | blind/non-blind |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in args.particles:
         split = step_split(pipe, y, kernel, n, padded, device, args.repeats)
-        non_blind = whole_run(pipe, y, kernel, args.steps, n, blind=False)
-        blind = whole_run(pipe, y, kernel, args.steps, n, blind=True)
+        non_blind = whole_run(pipe, y, kernel, args.steps, n, False, args.guidance, args.precision)
+        blind = whole_run(pipe, y, kernel, args.steps, n, True, args.guidance, args.precision)
         per_step = blind / args.steps
         rest = per_step - sum(split.values())
         print(f"| {n} | {split['unet_fwd_bwd']:.4f} | {split['m_step']:.4f} | {split['guidance']:.4f} | {rest:.4f} | "
