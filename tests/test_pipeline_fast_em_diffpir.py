@@ -92,7 +92,8 @@ def test_masked_data_step_solves_the_normal_equations_of_the_valid_blur():
 
 
 def test_zero_scale_is_the_unguided_sampler():
-    """``s = 0``: no data step; the scheduler then steps from the UNet's own (clipped) x̂0, as Pi-GDM at scale 0."""
+    """``s = 0``: no data step; the scheduler then steps from the UNet's own x̂0 clamped to the image range, which is
+    Pi-GDM at scale 0 when the scheduler clips its x̂0 too (``clip_sample``, as the shipped scheduler does)."""
     pipe = make_pipe()
     image = smooth_images(1)
     kernel = gaussian_kernel(5, 1.0)
@@ -163,3 +164,19 @@ def test_reads_its_own_default_scale():
 def test_runs_with_the_pipelines_other_modes(kwargs):
     out = run(make_pipe(), smooth_images(2), **kwargs)
     assert out.images.shape == (2, 20, 24, 3) and np.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("guidance", ["pigdm", "diffpir"])
+def test_a_half_precision_unet_keeps_its_dtype_through_the_steps(guidance):
+    """A UNet loaded in bfloat16: the data step and the M-step run in float32, the latents stay in the UNet's dtype."""
+    pipe = make_pipe()
+    pipe.unet.to(torch.bfloat16)
+    dtypes = []
+
+    def record(p, step, timestep, tensors):
+        dtypes.append(tensors["latents"].dtype)
+        return tensors
+
+    out = pipe(smooth_images(1), guidance=guidance, num_inference_steps=3, output_type="np", guard=False,
+               generator=torch.Generator().manual_seed(0), callback_on_step_end=record)
+    assert dtypes == [torch.bfloat16] * 3 and np.isfinite(out.images).all()

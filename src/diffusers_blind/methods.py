@@ -439,8 +439,9 @@ def _register_builtins() -> None:
     particles = Option("particles", positive_int, 1,
                        "posterior samples averaged per image; > 1 also writes an uncertainty map (default 1)")
     guidance_scale = Option("guidance_scale", non_negative_float, None,
-                            "multiplier of the paper's guidance step size (default: the pipeline's; shipped: 4.5 for "
-                            "Fast EM with Pi-GDM, 1.25 with DPS, 0.5 with DiffPIR, 5 for BlindDPS at 250 steps)")
+                            "multiplier of the paper's guidance step size; with DiffPIR the weight of its data step "
+                            "(default: the pipeline's; shipped: 4.5 for Fast EM with Pi-GDM, 1.25 with DPS, 0.5 with "
+                            "DiffPIR, 5 for BlindDPS at 250 steps)")
     kernel_size = Option("kernel_size", kernel_size_or_auto, None,
                          "size of the estimated kernel, or 'auto' to pick it from the extent of a sparse-prior kernel "
                          "estimate (default: auto for fastem-pigdm/-dps/-diffpir on images of at least twice the model's size, "

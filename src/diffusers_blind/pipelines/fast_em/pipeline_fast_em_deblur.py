@@ -460,10 +460,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 _, r2, _ = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
                 kernel = self.m_step(problem, x0, kernel, r=math.sqrt(r2))
             x0_data = self.proximal_x0(problem, x0, kernel, step_index)
-            corrected = denoiser.epsilon_from_x0(x0_data * 2 - 1, x_t, t)
+            corrected = denoiser.epsilon_from_x0((x0_data * 2 - 1).to(x_t.dtype), x_t, t)
             model_output = denoiser.output_from_epsilon(corrected, x_t, t, output)
             latents = self.scheduler.step(model_output, t, x_t, **step_kwargs, return_dict=True).prev_sample
-        return FastEMState(latents=latents, kernel=kernel, x0=x0)
+        return FastEMState(latents=latents.to(x_t.dtype), kernel=kernel, x0=x0)  # a half-precision UNet's dtype
 
     def denoising_step(self, denoiser: UNetDenoiser, problem: FastEMProblem, state: FastEMState, step_index: int, t,
                        step_kwargs: dict) -> FastEMState:
@@ -706,9 +706,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             guidance: ``"pigdm"`` (Fourier closed form, Eq. 17), ``"dps"`` (Eq. 16) or ``"diffpir"`` (a data step
                 on ``x̂0`` instead of a gradient through the UNet: forward passes only, about 2.5× faster per step;
                 see :meth:`proximal_x0`).
-            guidance_scale: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (DPS: ``√ᾱ_t · T/N``; default: the
-                pipeline's ``config.guidance_scale``, or ``config.dps_guidance_scale`` for DPS when set; 1 is the
-                paper's step). Readable during the call as
+            guidance_scale: Pi-GDM and DPS: multiplier of the reference step size ``ζ_t = √ᾱ_t`` (DPS: ``√ᾱ_t · T/N``;
+                1 is the paper's step; default: the pipeline's ``config.guidance_scale``, or ``config.dps_guidance_scale``
+                for DPS when set). DiffPIR: the weight ``s`` of its data step, ``ρ_t² = s(1 − ᾱ_t)/4`` (default:
+                ``config.diffpir_guidance_scale``, else ``DIFFPIR_GUIDANCE_SCALE`` = 0.5). Readable during the call as
                 ``pipe.guidance_scale``; a step-end callback may set ``pipe._guidance_scale``.
             kernel_size: size of the estimated kernel (default: the estimator's ``kernel_size``), or ``"auto"``
                 to pick it from the extent of a sparse-prior kernel estimate (see :meth:`select_kernel_size`;
