@@ -404,6 +404,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 )
             return center_kernel(kernel).detach()
 
+    def step_kernel(self, problem: FastEMProblem, x0: torch.Tensor, kernel: torch.Tensor, step_index: int) -> torch.Tensor:
+        """The kernel after step ``step_index``: an M-step on ``x0`` when this run estimates it and the M-step has started."""
+        if not problem.estimate_kernel or step_index < problem.m_step_from:
+            return kernel
+        _, r2, _ = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
+        return self.m_step(problem, x0, kernel, r=math.sqrt(r2))
+
     def guided_latents(self, problem: FastEMProblem, x_t, x0, prev_sample, kernel, step_index: int):
         """``x_{t−1}``: the scheduler's unguided sample plus the likelihood step, ``x0 = x̂0(x_t)`` in ``[0, 1]``.
 
@@ -455,10 +462,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             output = denoiser.model_output(x_t, t)
             epsilon = denoiser.epsilon_from_output(output, x_t, t)
             x0 = to_unit_range(denoiser.x0_from_epsilon(epsilon, x_t, t))
-            kernel = state.kernel
-            if problem.estimate_kernel and step_index >= problem.m_step_from:
-                _, r2, _ = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
-                kernel = self.m_step(problem, x0, kernel, r=math.sqrt(r2))
+            kernel = self.step_kernel(problem, x0, state.kernel, step_index)
             x0_data = self.proximal_x0(problem, x0, kernel, step_index)
             corrected = denoiser.epsilon_from_x0((x0_data * 2 - 1).to(x_t.dtype), x_t, t)
             model_output = denoiser.output_from_epsilon(corrected, x_t, t, output)
@@ -474,10 +478,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             x_t = state.latents.detach().requires_grad_(True)
             prediction = denoiser(x_t, t, step=True, **step_kwargs)
             x0 = to_unit_range(prediction.x0)  # x̂0 in [0, 1]
-        kernel = state.kernel
-        if problem.estimate_kernel and step_index >= problem.m_step_from:
-            _, r2, _ = self.guidance_coefficients(step_index, self.scheduler.timesteps, problem.r_schedule)
-            kernel = self.m_step(problem, x0.detach(), kernel, r=math.sqrt(r2))
+        kernel = self.step_kernel(problem, x0.detach(), state.kernel, step_index)
         latents = self.guided_latents(problem, x_t, x0, prediction.prev_sample, kernel, step_index)
         return FastEMState(latents=latents.detach(), kernel=kernel, x0=x0.detach())
 
