@@ -137,7 +137,7 @@ class UNetDenoiser:
             return output
         alpha_bar = self.alpha_bar(t)
         if kind == "sample":  # ε = (x_t − √ᾱ x0) / √(1−ᾱ)
-            return (x_t - alpha_bar**0.5 * output) / (1 - alpha_bar) ** 0.5
+            return self.epsilon_from_x0(output, x_t, t)
         if kind == "v_prediction":  # ε = √ᾱ v + √(1−ᾱ) x_t
             return alpha_bar**0.5 * output + (1 - alpha_bar) ** 0.5 * x_t
         raise ValueError(f"unsupported prediction_type {kind!r}")
