@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_every", type=int, default=25)
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="a trained UNet folder to distil from: the student regresses the teacher's noise prediction "
+                        "on the same noisy crops (see --teacher_weight); the student's shape comes from the model flags")
+    p.add_argument("--teacher_weight", type=float, default=1.0,
+                   help="with --teacher: the target is w * teacher + (1 - w) * true noise (1: pure distillation)")
     p.add_argument("--init_from", type=Path, default=None,
                    help="start from the weights of this UNet2DModel folder (e.g. a pipeline's unet/; the "
                         "architecture flags are then taken from its config) with a fresh optimizer and EMA; "
@@ -119,6 +124,29 @@ def build_unet(args):
         up_block_types=tuple(up),
         norm_num_groups=groups,
     )
+
+
+def load_teacher(folder: Path, student):
+    """The frozen UNet a student is distilled from; it must predict the same quantity on the same images."""
+    from diffusers import UNet2DModel
+
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--teacher {folder}: no config.json (pass the folder of a UNet2DModel, e.g. <model>/unet)")
+    teacher = UNet2DModel.from_pretrained(folder)
+    for key in ("in_channels", "out_channels"):
+        if teacher.config[key] != student.config[key]:
+            raise SystemExit(f"--teacher {folder}: {key} {teacher.config[key]} != the student's {student.config[key]}")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def distillation_target(teacher, noisy, timesteps, noise, weight: float, accelerator) -> torch.Tensor:
+    """``w * eps_teacher(x_t, t) + (1 - w) * eps``: knowledge distillation of the denoiser, one network
+    evaluation per training step (the student learns the teacher's function, not a shorter sampler)."""
+    with accelerator.autocast():
+        eps_teacher = teacher(noisy, timesteps).sample.float()
+    return weight * eps_teacher + (1.0 - weight) * noise
 
 
 def build_scheduler(num_train_timesteps: int = 1000):
@@ -324,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unet.config.sample_size != args.resolution:
         unet.register_to_config(sample_size=args.resolution)
     noise_scheduler = build_scheduler(args.num_train_timesteps)
+    teacher = load_teacher(args.teacher, unet) if args.teacher is not None else None
     n_params = sum(p.numel() for p in unet.parameters())
     ema = EMAModel(
         unet.parameters(),
@@ -348,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
+    if teacher is not None:
+        teacher.to(accelerator.device)
 
     global_step = 0
     if args.resume:
@@ -412,9 +443,13 @@ def main(argv: list[str] | None = None) -> dict:
         noise = torch.randn(clean.shape, generator=g, device=clean.device, dtype=clean.dtype)
         timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device, generator=g)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        target = noise.float()
+        if teacher is not None:
+            target = distillation_target(teacher, noisy, timesteps, target,
+                                         args.teacher_weight, accelerator)
         with accelerator.accumulate(unet):
             pred = unet(noisy, timesteps).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            loss = F.mse_loss(pred.float(), target)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)

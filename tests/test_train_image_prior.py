@@ -163,3 +163,51 @@ def test_loader_workers_give_the_batches_of_the_training_process(script, tmp_pat
         assert len(batches) == 4
         for got, want in zip(batches, direct):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _tiny_unet(channels=(8, 8), out_channels=3):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=16, in_channels=3, out_channels=out_channels, layers_per_block=1,
+                       block_out_channels=channels, down_block_types=("DownBlock2D",) * len(channels),
+                       up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=4)
+
+
+def test_distillation_target_mixes_the_teacher_and_the_noise(script):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    teacher = _tiny_unet().eval()
+    noisy, noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        eps_teacher = teacher(noisy, t).sample
+    acc = Accelerator()
+    assert torch.allclose(script.distillation_target(teacher, noisy, t, noise, 1.0, acc), eps_teacher)
+    assert torch.allclose(script.distillation_target(teacher, noisy, t, noise, 0.0, acc), noise)
+    mixed = script.distillation_target(teacher, noisy, t, noise, 0.25, acc)
+    assert torch.allclose(mixed, 0.25 * eps_teacher + 0.75 * noise, atol=1e-6)
+
+
+def test_a_student_started_at_its_teacher_has_zero_distillation_loss(script, tmp_path):
+    """``--teacher``: the loss is measured against the teacher's prediction, not the true noise."""
+    data = tmp_path / "data"
+    _make_images(data)
+    torch.manual_seed(0)
+    _tiny_unet().save_pretrained(tmp_path / "teacher")
+    start = ["--init_from", str(tmp_path / "teacher")]
+    script.main(_argv(data, tmp_path / "distil", 1, [*start, "--teacher", str(tmp_path / "teacher")]))
+    script.main(_argv(data, tmp_path / "plain", 1, start))
+    first = [json.loads((tmp_path / run / "loss_log.jsonl").read_text().splitlines()[0])["loss"]
+             for run in ("distil", "plain")]
+    assert first[0] < 1e-10 < 0.1 < first[1]
+
+
+def test_a_teacher_of_another_output_shape_is_refused(script, tmp_path):
+    data = tmp_path / "data"
+    _make_images(data)
+    _tiny_unet(out_channels=6).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(SystemExit, match="out_channels"):
+        script.main(_argv(data, tmp_path / "run", 1, ["--teacher", str(tmp_path / "teacher")]))
+    with pytest.raises(SystemExit, match="config.json"):
+        script.main(_argv(data, tmp_path / "run2", 1, ["--teacher", str(tmp_path)]))
