@@ -149,6 +149,19 @@ def distillation_target(teacher, noisy, timesteps, noise, weight: float, acceler
     return weight * eps_teacher + (1.0 - weight) * noise
 
 
+def check_same_teacher(args) -> None:
+    """A resumed run keeps its objective: a distillation resumed without ``--teacher`` (or the reverse) stops."""
+    previous = args.output_dir / "args.json"
+    if not previous.is_file():
+        return
+    before = json.loads(previous.read_text()).get("teacher")
+    now = None if args.teacher is None else str(args.teacher)
+    if (before is None) != (now is None):
+        said = f"--teacher {before}" if before is not None else "no --teacher"
+        raise SystemExit(f"{args.output_dir} was trained with {said}: resume it with the same objective "
+                         "(with a teacher, --teacher_weight 0 trains on the true noise)")
+
+
 def build_scheduler(num_train_timesteps: int = 1000):
     from diffusers import DDPMScheduler
 
@@ -326,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers_blind.io import check_training_folder
 
     check_training_folder(args.output_dir, args.resume)
+    if args.resume:
+        check_same_teacher(args)
     t_start = time.time()
     torch.set_num_threads(args.num_threads)
 

@@ -211,3 +211,16 @@ def test_a_teacher_of_another_output_shape_is_refused(script, tmp_path):
         script.main(_argv(data, tmp_path / "run", 1, ["--teacher", str(tmp_path / "teacher")]))
     with pytest.raises(SystemExit, match="config.json"):
         script.main(_argv(data, tmp_path / "run2", 1, ["--teacher", str(tmp_path)]))
+
+
+def test_a_distillation_is_not_resumed_without_its_teacher(script, tmp_path):
+    data = tmp_path / "data"
+    _make_images(data)
+    torch.manual_seed(0)
+    _tiny_unet(channels=(8, 16)).save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "run"
+    script.main(_argv(data, out, 2, ["--teacher", str(tmp_path / "teacher")]))
+    with pytest.raises(SystemExit, match="--teacher"):
+        script.main(_argv(data, out, 4, ["--resume", "latest"]))
+    res = script.main(_argv(data, out, 4, ["--resume", "latest", "--teacher", str(tmp_path / "teacher")]))
+    assert res["global_step"] == 4
