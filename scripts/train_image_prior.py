@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers_blind.io import check_training_folder
 
     check_training_folder(args.output_dir, args.resume)
+    if not 0.0 <= args.teacher_weight <= 1.0:
+        raise SystemExit(f"--teacher_weight must be in [0, 1], got {args.teacher_weight}")
     if args.resume:
         check_same_teacher(args)
     t_start = time.time()
@@ -428,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
         info = {"step": global_step, "reason": reason, "params": n_params,
                 "minutes": (time.time() - t_start) / 60, "loss_ema": loss_avg,
                 "train_images": len(sampler.images), "resolution": args.resolution}
+        if args.teacher is not None:
+            info.update(teacher=str(args.teacher), teacher_weight=args.teacher_weight)
         exp = export_model(model, noise_scheduler, args.output_dir, args.export_dir, info)
         accelerator.print(f"[train] exported EMA model at step {global_step} -> {exp}"
                           + (f" and {args.export_dir}" if args.export_dir else ""))

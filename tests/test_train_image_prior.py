@@ -201,6 +201,8 @@ def test_a_student_started_at_its_teacher_has_zero_distillation_loss(script, tmp
     first = [json.loads((tmp_path / run / "loss_log.jsonl").read_text().splitlines()[0])["loss"]
              for run in ("distil", "plain")]
     assert first[0] < 1e-10 < 0.1 < first[1]
+    info = json.loads((tmp_path / "distil" / "export" / "unet" / "training_info.json").read_text())
+    assert info["teacher"] == str(tmp_path / "teacher") and info["teacher_weight"] == 1.0
 
 
 def test_a_teacher_of_another_output_shape_is_refused(script, tmp_path):
@@ -211,6 +213,8 @@ def test_a_teacher_of_another_output_shape_is_refused(script, tmp_path):
         script.main(_argv(data, tmp_path / "run", 1, ["--teacher", str(tmp_path / "teacher")]))
     with pytest.raises(SystemExit, match="config.json"):
         script.main(_argv(data, tmp_path / "run2", 1, ["--teacher", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="teacher_weight"):
+        script.main(_argv(data, tmp_path / "run3", 1, ["--teacher", str(tmp_path / "teacher"), "--teacher_weight", "1.5"]))
 
 
 def test_a_distillation_is_not_resumed_without_its_teacher(script, tmp_path):
