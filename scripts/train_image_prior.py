@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--teacher", type=Path, default=None,
                    help="a trained UNet folder to distil from: the student regresses the teacher's noise prediction "
-                        "on the same noisy crops (see --teacher_weight); the student's shape comes from the model flags")
+                        "on the same noisy crops (see --teacher_weight); the student's shape comes from the model flags, or from "
+                        "--init_from's folder; the teacher must use this script's noise schedule")
     p.add_argument("--teacher_weight", type=float, default=1.0,
                    help="with --teacher: the target is w * teacher + (1 - w) * true noise (1: pure distillation)")
     p.add_argument("--init_from", type=Path, default=None,
@@ -126,13 +127,38 @@ def build_unet(args):
     )
 
 
-def load_teacher(folder: Path, student):
-    """The frozen UNet a student is distilled from; it must predict the same quantity on the same images."""
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+
+
+def check_teacher_arguments(args) -> None:
+    """Stop early (before any image is read) on a teacher option that cannot work."""
+    if not 0.0 <= args.teacher_weight <= 1.0:
+        raise SystemExit(f"--teacher_weight must be in [0, 1], got {args.teacher_weight}")
+    if args.teacher is None:
+        if args.teacher_weight != 1.0:
+            raise SystemExit("--teacher_weight needs --teacher")
+        return
+    if not (args.teacher / "config.json").is_file():
+        raise SystemExit(f"--teacher {args.teacher}: no config.json (pass the folder of a UNet2DModel, e.g. <model>/unet)")
+    args.teacher = args.teacher.resolve()
+
+
+def load_teacher(folder: Path, student, noise_scheduler):
+    """The frozen UNet a student is distilled from; it must predict the same quantity on the same images.
+
+    Its channels must be the student's and, where its pipeline folder has a ``scheduler/`` beside it, its
+    noise schedule this script's: the prediction at step ``t`` only means the same thing under one schedule.
+    """
     from diffusers import UNet2DModel
 
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"--teacher {folder}: no config.json (pass the folder of a UNet2DModel, e.g. <model>/unet)")
     teacher = UNet2DModel.from_pretrained(folder)
+    schedule = folder.parent / "scheduler" / "scheduler_config.json"
+    if schedule.is_file():
+        theirs = json.loads(schedule.read_text())
+        for key in SCHEDULE_KEYS:
+            if key in theirs and theirs[key] != noise_scheduler.config[key]:
+                raise SystemExit(f"--teacher {folder}: its scheduler has {key} = {theirs[key]!r}, this training "
+                                 f"{noise_scheduler.config[key]!r}")
     for key in ("in_channels", "out_channels"):
         if teacher.config[key] != student.config[key]:
             raise SystemExit(f"--teacher {folder}: {key} {teacher.config[key]} != the student's {student.config[key]}")
@@ -146,20 +172,24 @@ def distillation_target(teacher, noisy, timesteps, noise, weight: float, acceler
     evaluation per training step (the student learns the teacher's function, not a shorter sampler)."""
     with accelerator.autocast():
         eps_teacher = teacher(noisy, timesteps).sample.float()
-    return weight * eps_teacher + (1.0 - weight) * noise
+    return weight * eps_teacher + (1.0 - weight) * noise if weight != 1.0 else eps_teacher
 
 
-def check_same_teacher(args) -> None:
-    """A resumed run keeps its objective: a distillation resumed without ``--teacher`` (or the reverse) stops."""
-    previous = args.output_dir / "args.json"
+def check_same_teacher(args, run_dir: Path) -> None:
+    """A resumed run keeps its objective: the teacher of the run in ``run_dir`` (its ``args.json``), or none.
+
+    Paths are compared resolved (an earlier run may have recorded one relative to its working directory).
+    """
+    previous = run_dir / "args.json"
     if not previous.is_file():
         return
     before = json.loads(previous.read_text()).get("teacher")
+    before = None if before is None else str(Path(before).resolve())
     now = None if args.teacher is None else str(args.teacher)
-    if (before is None) != (now is None):
+    if before != now:
         said = f"--teacher {before}" if before is not None else "no --teacher"
-        raise SystemExit(f"{args.output_dir} was trained with {said}: resume it with the same objective "
-                         "(with a teacher, --teacher_weight 0 trains on the true noise)")
+        hint = " (--teacher_weight 0 with that teacher trains on the true noise)" if before is not None else ""
+        raise SystemExit(f"{run_dir} was trained with {said}: resume it with the same objective{hint}")
 
 
 def build_scheduler(num_train_timesteps: int = 1000):
@@ -339,10 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers_blind.io import check_training_folder
 
     check_training_folder(args.output_dir, args.resume)
-    if not 0.0 <= args.teacher_weight <= 1.0:
-        raise SystemExit(f"--teacher_weight must be in [0, 1], got {args.teacher_weight}")
+    check_teacher_arguments(args)
     if args.resume:
-        check_same_teacher(args)
+        ckpt = latest_checkpoint(args.output_dir) if args.resume == "latest" else Path(args.resume)
+        if ckpt is not None:
+            check_same_teacher(args, ckpt.parent)
     t_start = time.time()
     torch.set_num_threads(args.num_threads)
 
@@ -369,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unet.config.sample_size != args.resolution:
         unet.register_to_config(sample_size=args.resolution)
     noise_scheduler = build_scheduler(args.num_train_timesteps)
-    teacher = load_teacher(args.teacher, unet) if args.teacher is not None else None
+    use_teacher = args.teacher is not None and args.teacher_weight > 0  # weight 0: the teacher is never needed
+    teacher = load_teacher(args.teacher, unet, noise_scheduler) if use_teacher else None
     n_params = sum(p.numel() for p in unet.parameters())
     ema = EMAModel(
         unet.parameters(),

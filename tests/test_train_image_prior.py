@@ -215,6 +215,21 @@ def test_a_teacher_of_another_output_shape_is_refused(script, tmp_path):
         script.main(_argv(data, tmp_path / "run2", 1, ["--teacher", str(tmp_path)]))
     with pytest.raises(SystemExit, match="teacher_weight"):
         script.main(_argv(data, tmp_path / "run3", 1, ["--teacher", str(tmp_path / "teacher"), "--teacher_weight", "1.5"]))
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        script.main(_argv(data, tmp_path / "run4", 1, ["--teacher_weight", "0.5"]))
+
+
+def test_a_teacher_of_another_noise_schedule_is_refused(script, tmp_path):
+    from diffusers import DDPMScheduler
+
+    data = tmp_path / "data"
+    _make_images(data)
+    _tiny_unet().save_pretrained(tmp_path / "model" / "unet")
+    DDPMScheduler(num_train_timesteps=500).save_pretrained(tmp_path / "model" / "scheduler")
+    with pytest.raises(SystemExit, match="num_train_timesteps"):
+        script.main(_argv(data, tmp_path / "run", 1, ["--teacher", str(tmp_path / "model" / "unet")]))
+    script.build_scheduler(1000).save_pretrained(tmp_path / "model" / "scheduler")  # the script's own: accepted
+    assert script.main(_argv(data, tmp_path / "run2", 1, ["--teacher", str(tmp_path / "model" / "unet")]))["global_step"] == 1
 
 
 def test_a_distillation_is_not_resumed_without_its_teacher(script, tmp_path):
@@ -226,5 +241,8 @@ def test_a_distillation_is_not_resumed_without_its_teacher(script, tmp_path):
     script.main(_argv(data, out, 2, ["--teacher", str(tmp_path / "teacher")]))
     with pytest.raises(SystemExit, match="--teacher"):
         script.main(_argv(data, out, 4, ["--resume", "latest"]))
+    _tiny_unet(channels=(8, 16)).save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="same objective"):
+        script.main(_argv(data, out, 4, ["--resume", "latest", "--teacher", str(tmp_path / "other")]))
     res = script.main(_argv(data, out, 4, ["--resume", "latest", "--teacher", str(tmp_path / "teacher")]))
     assert res["global_step"] == 4
