@@ -172,7 +172,7 @@ def distillation_target(teacher, noisy, timesteps, noise, weight: float, acceler
     evaluation per training step (the student learns the teacher's function, not a shorter sampler)."""
     with accelerator.autocast():
         eps_teacher = teacher(noisy, timesteps).sample.float()
-    return weight * eps_teacher + (1.0 - weight) * noise if weight != 1.0 else eps_teacher
+    return weight * eps_teacher + (1.0 - weight) * noise
 
 
 def check_same_teacher(args, run_dir: Path) -> None:
