@@ -94,6 +94,41 @@ def test_integer_images_are_rescaled_by_their_full_scale(metric):
         metric(a.long(), b.long())
 
 
+@pytest.mark.parametrize("metric", [metrics.psnr, metrics.ssim])
+def test_integer_images_beyond_an_explicit_data_range_are_refused(metric):
+    a, b = _levels()
+    with pytest.raises(ValueError, match="far outside"):
+        metric(a, b, data_range=1)  # 8-bit levels read as [0, 1]: was 18.5 dB instead of an error
+    if hasattr(torch, "uint16"):
+        wide = [torch.from_numpy(t.numpy().astype(np.uint16) * 16) for t in (a, b)]  # 12-bit levels, up to 4080
+        with pytest.raises(ValueError, match="far outside"):
+            metric(*wide, data_range=255)
+
+
+def test_a_torch_grayscale_batch_without_channel_axis_is_refused():
+    x, y = smooth_images(batch=5, channels=1, size=16, seed=1), smooth_images(batch=5, channels=1, size=16, seed=2)
+    with pytest.raises(ValueError, match=r"images\[:, None\]"):
+        metrics.psnr(x[:, 0], y[:, 0])  # (5, 16, 16) was read as one image with 5 channels
+    assert metrics.psnr(x, y).shape == (5,)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.psnr(torch.rand(1, 3, 0, 0), torch.rand(1, 3, 0, 0))
+
+
+def test_reblur_loss_and_sharpness_follow_the_metric_input_conventions():
+    x = smooth_images(size=24, seed=5).double()
+    kernel = gaussian_kernel(5, 1.0).double()
+    y = fft_blur(x, kernel)
+    levels = (x * 255).round().to(torch.uint8)
+    expected = metrics.reblur_loss(levels.double() / 255, kernel, y, 0.0).per_element
+    assert metrics.reblur_loss(levels, kernel, y, 0.0).per_element.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    with pytest.raises(ValueError, match="far outside"):
+        metrics.reblur_loss(x * 255, kernel, y * 255, 10.0)
+    sharp = metrics.laplacian_sharpness(levels.double() / 255)
+    assert metrics.laplacian_sharpness(levels).tolist() == pytest.approx(sharp.tolist(), rel=1e-12)
+    with pytest.raises(ValueError, match="far outside"):
+        metrics.laplacian_sharpness(x * 255)  # was clamped to [0, 1] and scored as a near-flat image
+
+
 def test_psnr_uint8_matches_the_textbook_value():
     a = torch.full((1, 1, 4, 4), 100, dtype=torch.uint8)
     b = a.clone()

@@ -63,6 +63,20 @@ def test_niqe_refuses_nan():
         metrics.niqe(x)
 
 
+def test_niqe_rescales_integer_levels_and_refuses_other_ranges():
+    from diffusers_blind.metrics.niqe_offline import niqe as offline_niqe
+
+    x = pink_noise(96).clamp(0, 1)
+    levels = (x * 255).round().to(torch.uint8)
+    expected = metrics.niqe(levels.double() / 255)
+    for function in (metrics.niqe, offline_niqe):
+        assert function(levels).tolist() == pytest.approx(expected.tolist(), rel=1e-5)  # uint8 read as [0, 1]
+        with pytest.raises(ValueError, match="far outside"):
+            function(x * 255)
+        with pytest.raises(ValueError, match="far outside"):
+            function(x * 4 - 2)  # far below zero: not a [0, 1] image
+
+
 def test_shipped_pristine_model():
     mean, cov, patch_size = niqe_module.load_niqe_model()
     assert mean.shape == (36,) and cov.shape == (36, 36) and patch_size == 96

@@ -222,3 +222,35 @@ def test_an_image_smaller_than_the_size_multiple_says_how_large_it_must_be():
     pipe = BlindDPSPipeline(tiny_unet(), kernel_unet, tiny_ddpm())
     with pytest.raises(ValueError, match="the image must be at least 8 px a side"):
         pipe(smooth_images(1, 3, 6, 6), num_inference_steps=2, output_type="np")
+
+
+def test_non_finite_latents_and_a_diverging_run_give_clear_errors():
+    pipe = pipe_with()
+    image = smooth_images(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="latents contains NaN"):
+        pipe(image, num_inference_steps=2, kernel_size=8, boundary_margin=0, latents=torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(ValueError, match="kernel_latents contains NaN"):
+        pipe(image, num_inference_steps=2, kernel_size=8, kernel_latents=torch.full((1, 1, 8, 8), float("inf")))
+    with pytest.raises(RuntimeError, match="diverged"):  # was a kernel-projection error from inside the loop
+        pipe(image, num_inference_steps=3, kernel_size=8, guidance_scale=1e30)
+
+
+@pytest.mark.parametrize("scheduler_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_a_scheduler_without_the_ddpm_step_is_refused(scheduler_name):
+    import diffusers
+
+    pipe = pipe_with()
+    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(pipe.scheduler.config)
+    with pytest.raises(TypeError, match="DDPMScheduler or a DDIMScheduler"):
+        pipe(smooth_images(1, 3, 16, 16), num_inference_steps=2, kernel_size=8)
+
+
+def test_a_square_pair_sample_size_of_the_kernel_prior_is_the_default_kernel_size():
+    parts = components()
+    parts["kernel_unet"].register_to_config(sample_size=(8, 8))
+    pipe = BlindDPSPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(smooth_images(1, 3, 16, 16), num_inference_steps=1, output_type="np").kernels.shape == (1, 8, 8)
+    parts["kernel_unet"].register_to_config(sample_size=(8, 6))
+    with pytest.raises(ValueError, match="not square: pass kernel_size"):
+        pipe(smooth_images(1, 3, 16, 16), num_inference_steps=1)

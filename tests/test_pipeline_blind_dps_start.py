@@ -113,7 +113,7 @@ def test_sparse_start_runs_end_to_end_and_reports_its_noise_level():
                kernel_strength=0.5, sigma=7, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.kernels.shape == (1, 8, 8) and out.sigma == [7.0]
     auto = pipe(smooth_images(1, 3, 16, 16), num_inference_steps=2, kernel_size=8, kernel_init="sparse",
-                output_type="np", generator=torch.Generator().manual_seed(0))
+                kernel_strength=0.5, output_type="np", generator=torch.Generator().manual_seed(0))
     assert auto.sigma is not None and 0 < auto.sigma[0] < 255
     assert pipe(smooth_images(1, 3, 16, 16), num_inference_steps=2, kernel_size=8, output_type="np").sigma is None
 
@@ -174,3 +174,12 @@ def test_kernel_init_names_match_the_pipelines():
 
     assert set(BLIND_DPS_KERNEL_INITS) == set(KERNEL_INITS) and set(FASTEM_KERNEL_INITS) == set(FASTEM)
     assert np.isclose(float(line_kernel().sum()), 1.0)
+
+
+def test_a_start_kernel_that_no_step_would_hold_is_refused():
+    pipe = pipe_with()  # class default kernel_strength = 1: the kernel chain starts from noise at every step
+    with pytest.raises(ValueError, match="kernel_init would be ignored"):
+        pipe(smooth_images(1, 3, 16, 16), num_inference_steps=4, kernel_size=8, kernel_init=line_kernel())
+    with pytest.raises(ValueError, match="kernel_init would be ignored"):  # (1 − 0.9)·4 rounds to no held step
+        pipe(smooth_images(1, 3, 16, 16), num_inference_steps=4, kernel_size=8, kernel_init=line_kernel(),
+             kernel_strength=0.9)

@@ -993,3 +993,12 @@ def test_even_and_non_square_kernels_follow_the_centre_convention(pipe):
     assert blind.kernels.shape == (1, 4, 4) and abs(float(blind.kernels.sum()) - 1) < 1e-5
     known = run(pipe, smooth_images(1), kernel=np.ones((3, 5)) / 15)
     assert known.kernels.shape == (1, 3, 5) and np.isfinite(known.images).all()
+
+
+def test_fast_em_refuses_a_scheduler_without_the_ddpm_step():
+    import diffusers
+
+    pipe = make_pipe()
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # ran, silently wrong
+    with pytest.raises(TypeError, match="DDPMScheduler or a DDIMScheduler"):
+        pipe(smooth_images(1, 3, 16, 16), sigma=10, num_inference_steps=2, kernel_size=5)

@@ -283,13 +283,17 @@ def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _torch_to_tensor(image: torch.Tensor) -> torch.Tensor:
-    """Channels-first torch → ``(B, C, H, W)`` float32; uint8 rescaled."""
+    """Channels-first torch → ``(B, C, H, W)`` float32; uint8 and uint16 rescaled by their bit depth."""
     if image.dtype == torch.uint8:
         tensor = image.float() / 255.0
+    elif image.dtype == getattr(torch, "uint16", None):
+        tensor = image.float() / 65535.0
+    elif image.dtype == torch.bool:
+        tensor = image.float()
     elif image.is_floating_point():
         tensor = image.float()
     else:
-        raise TypeError(f"Unsupported tensor dtype {image.dtype}: use a float tensor in [0, 1] or uint8")
+        raise TypeError(f"Unsupported tensor dtype {image.dtype}: use a float tensor in [0, 1], uint8 or uint16")
     shape = tuple(image.shape)
     if tensor.ndim == 2:
         tensor = tensor[None, None]

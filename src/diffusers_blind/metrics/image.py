@@ -30,6 +30,14 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     x, y = (t[None, None] if t.ndim == 2 else t[None] if t.ndim == 3 else t for t in (x, y))
     if x.ndim != 4 or y.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), (C, H, W) or (H, W); got {tuple(x.shape)} and {tuple(y.shape)}")
+    for t in (x, y):
+        if t.shape[1] not in CHANNEL_COUNTS:
+            raise ValueError(
+                f"images must have {CHANNEL_COUNTS} channels, got shape {tuple(t.shape)}: a batch of grayscale "
+                "images (B, H, W) is passed as (B, 1, H, W), e.g. images[:, None]"
+            )
+        if t.shape[-1] == 0 or t.shape[-2] == 0 or t.shape[0] == 0:
+            raise ValueError(f"images must not be empty, got shape {tuple(t.shape)}")
     batch = max(x.shape[0], y.shape[0])
     if x.shape[1:] != y.shape[1:] or x.shape[0] not in (1, batch) or y.shape[0] not in (1, batch):
         raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
@@ -60,17 +68,20 @@ def _unit_range(image, name: str, data_range: float | None) -> torch.Tensor:
                 f"{name} has dtype {image.dtype}: use uint8 or uint16 levels, or a float image in [0, data_range]"
             )
         scale = INTEGER_SCALES[image.dtype] if data_range is None else data_range
-        return image.double() / scale
+    else:
+        scale = 1.0 if data_range is None else data_range
     image = image.double()
     if not torch.isfinite(image).all():
         raise ValueError(f"{name} contains NaN or infinite values")
-    scale = 1.0 if data_range is None else data_range
+    if image.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(image.shape)})")
     image = image / scale
     low, high = image.min().item(), image.max().item()
     if low < RANGE_TOLERANCE[0] or high > RANGE_TOLERANCE[1]:
         raise ValueError(
             f"{name} has values in [{low * scale:.4g}, {high * scale:.4g}], far outside [0, {scale:g}]: "
-            "pass data_range=255 for 8-bit levels (or divide by 255), or map a [-1, 1] image with (x + 1) / 2"
+            "for 8-bit levels divide by 255 (or pass data_range=255 where the metric takes it), or map a [-1, 1] image "
+            "with (x + 1) / 2"
         )
     return image
 
@@ -173,8 +184,8 @@ def reblur_loss(
     """
     if blur_mode not in BLUR_PADDINGS:
         raise ValueError(f"blur_mode must be one of {BLUR_PADDINGS}, got {blur_mode!r}")
-    x_est, y = _check_pair(x_est, y)
-    x_est, y = x_est.double(), y.double()
+    x_est, y = _unit_range(x_est, "x_est", None), _unit_range(y, "y", None)
+    x_est, y = _check_pair(x_est, y.to(x_est.device))
     reblurred = BlurOperator(padding=blur_mode)(x_est, k_est.double())
     m = x_est[0].numel()
     sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten()
@@ -201,9 +212,11 @@ def laplacian_sharpness(x: torch.Tensor) -> torch.Tensor:
     but **noise and ringing raise it too**, so it is a sharpness proxy, not a quality score.
     Compare it with the ground truth's value (ratio 1 = as sharp as the original).
     """
-    if x.ndim == 3:
-        x = x[None]
-    lum = _luminance(x.double().clamp(0, 1))
+    x = _unit_range(x, "x", None)
+    x = x[None] if x.ndim == 3 else x[None, None] if x.ndim == 2 else x
+    if x.ndim != 4 or x.shape[1] not in CHANNEL_COUNTS:
+        raise ValueError(f"x must be (B, C, H, W), (C, H, W) or (H, W) with C in {CHANNEL_COUNTS}, got {tuple(x.shape)}")
+    lum = _luminance(x.clamp(0, 1))
     laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=lum.dtype, device=lum.device)
     response = F.conv2d(lum, laplacian.view(1, 1, 3, 3))
     return response.flatten(1).var(1, unbiased=False)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .image import _unit_range
+
 
 PATCH_SIZE = 96
 SHARPNESS_THRESHOLD = 0.75
@@ -144,19 +146,19 @@ def load_niqe_model(path: str | None = None) -> tuple[torch.Tensor, torch.Tensor
 
 
 def niqe(image: torch.Tensor, model_path: str | None = None) -> torch.Tensor:
-    """NIQE per image of a ``(B, C, H, W)`` batch in ``[0, 1]`` (``(B,)`` float64, lower is more natural).
+    """NIQE per image of a ``(B, C, H, W)`` batch in ``[0, 1]`` (``(B,)`` float64, lower is more natural);
+    uint8/uint16 levels are rescaled and floats far outside ``[0, 1]`` refused, as for :func:`~diffusers_blind.metrics.psnr`.
 
     Example:
         >>> import torch
         >>> float(niqe(torch.rand(1, 3, 192, 192))) > 0
         True
     """
+    image = _unit_range(image, "image", None).clamp(0, 1)  # uint8/uint16 rescaled; NaN, other ranges refused
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4:
         raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
-    if image.is_floating_point() and not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or infinite values")
     mean_p, cov_p, patch_size = load_niqe_model(model_path)
     scores = []
     for i in range(image.shape[0]):

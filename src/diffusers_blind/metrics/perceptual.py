@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .image import _unit_range
+
 
 class MetricUnavailableError(RuntimeError):
     """An optional metric cannot run here; the message says what to install or where to put weights."""
@@ -52,9 +54,11 @@ def _has_module(name: str) -> bool:
 
 
 def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` float32 in ``[0, 1]``: integer levels rescaled, other ranges refused (as :func:`psnr`)."""
+    x = _unit_range(x, "image", None)
     x = x[None] if x.ndim == 3 else x
-    if x.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, C, H, W) or (C, H, W) with 1 or 3 channels, got {tuple(x.shape)}")
     x = x.float().clamp(0, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 

@@ -317,7 +317,7 @@ def _draw_kernels(draw, kernel_size: int, setting, batch_size: int, generator) -
     rng = as_numpy_generator(generator)
     kernels = []
     for _ in range(batch_size):
-        value = setting if isinstance(setting, (int, float)) else rng.uniform(*setting)
+        value = setting if isinstance(setting, (int, float, np.integer, np.floating)) else rng.uniform(*setting)
         kernels.append(draw(kernel_size, float(value), rng))
     return torch.cat(kernels)
 

@@ -201,12 +201,24 @@ def expand_generator(generator, batch: int, copies: int):
     return [g for g in generator for _ in range(copies)]
 
 
+def check_scheduler(scheduler) -> None:
+    """The pipelines step DDPM/DDIM-style from ``x̂0`` (``pred_original_sample``) on the training schedule; other
+    diffusers schedulers (Euler, DPM-Solver, ...) scale their inputs or keep multistep state and would run wrong."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        raise TypeError(f"the scheduler must be a DDPMScheduler or a DDIMScheduler, got {type(scheduler).__name__}: "
+                        "load one with DDIMScheduler.from_config(pipe.scheduler.config)")
+
+
 def prepare_noise(shape, generator, device, dtype, latents=None, name: str = "latents") -> torch.Tensor:
     """``N(0, I)`` noise of ``shape`` drawn with ``generator``, or the given ``latents`` after a shape check."""
     if latents is not None:
         if not torch.is_tensor(latents) or tuple(latents.shape) != tuple(shape):
             got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
             raise ValueError(f"{name} must have shape {tuple(shape)} (a tensor), got {got}")
+        if not torch.isfinite(latents).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
         return latents.to(device=device, dtype=dtype)
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 

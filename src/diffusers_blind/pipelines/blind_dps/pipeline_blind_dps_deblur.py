@@ -27,8 +27,8 @@ from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
 from ...ops.kernel_range import KERNEL_BACKGROUNDS, kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from ...ops.operators import BlurOperator, LinearOperator
-from ..pipeline_utils import (DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_kernel, prepare_noise,
-                             prepare_sigma, to_unit_range)
+from ..pipeline_utils import (DeblurPipelineOutput, UNetDenoiser, check_scheduler, expand_generator, prepare_kernel,
+                             prepare_noise, prepare_sigma, to_unit_range)
 
 
 EXAMPLE_DOC_STRING = """
@@ -185,6 +185,7 @@ class BlindDPSPipeline(DiffusionPipeline):
 
     def check_inputs(self, measurement, kernel_size, blur_model, step_size, num_inference_steps, num_particles,
                      output_type, guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs):
+        check_scheduler(self.scheduler)
         if blur_model not in BLUR_MODELS:
             raise ValueError(f"blur_model must be one of {BLUR_MODELS}, got {blur_model!r}")
         if step_size not in STEP_SIZES:
@@ -394,7 +395,7 @@ class BlindDPSPipeline(DiffusionPipeline):
     def _prepare(self, image, kernel_size, blur_model, step_size, num_inference_steps, num_particles, output_type,
                  guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs):
         measurement = to_tensor(image)
-        kernel_size = int(self.kernel_unet.config.sample_size) if kernel_size is None else kernel_size
+        kernel_size = self.default_kernel_size() if kernel_size is None else kernel_size
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         sparsity_weight = self.config.sparsity_weight if sparsity_weight is None else sparsity_weight
         self.check_inputs(measurement, kernel_size, blur_model, step_size, num_inference_steps, num_particles,
@@ -403,6 +404,15 @@ class BlindDPSPipeline(DiffusionPipeline):
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         return measurement, kernel_size, float(sparsity_weight)
+
+    def default_kernel_size(self) -> int:
+        """The kernel prior's training size, ``kernel_unet.config.sample_size`` (an int or a square pair)."""
+        size = self.kernel_unet.config.sample_size
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2 or size[0] != size[1]:
+                raise ValueError(f"kernel_unet.config.sample_size {tuple(size)} is not square: pass kernel_size")
+            size = size[0]
+        return int(size)
 
     def _canvas(self, measurement, num_particles: int, boundary_margin: int, operator: LinearOperator):
         """Pad to the UNet multiple (plus a margin), go to ``[−1, 1]``, repeat per particle; mask the data term to the image."""
@@ -426,6 +436,9 @@ class BlindDPSPipeline(DiffusionPipeline):
         for i, t in enumerate(timesteps):
             if self.interrupt:
                 continue
+            if not all(bool(torch.isfinite(state).all()) for state in states.values()):
+                raise RuntimeError(f"The sampler diverged (non-finite values) before step {i + 1} of {len(timesteps)}: "
+                                   "lower guidance_scale.")
             if i < problem.hold_steps:
                 states = {**states, **self.held_kernel_step(problem, denoisers, states, t, timesteps[i + 1], kernel_noise,
                                                             step_kwargs)}
@@ -571,6 +584,7 @@ class BlindDPSPipeline(DiffusionPipeline):
         measurement, kernel_size, sparsity_weight = self._prepare(
             image, kernel_size, blur_model, step_size, num_inference_steps, num_particles, output_type,
             guidance_scale, sparsity_weight, boundary_margin, callback_on_step_end_tensor_inputs)
+        requested_init = kernel_init
         kernel_init, kernel_strength = self.resolve_kernel_start(kernel_init, kernel_strength)
         noise = prepare_sigma(sigma, measurement, warn_low=False)  # checked even when the start does not use it
 
@@ -586,9 +600,17 @@ class BlindDPSPipeline(DiffusionPipeline):
         self._num_timesteps = len(self.scheduler.timesteps)
         start, hold = None, 0
         if not (isinstance(kernel_init, str) and kernel_init == "noise"):
-            start = self.start_kernel(measurement.to(device), kernel_init, kernel_size, noise.to(device), operator)
-            start = start.repeat_interleave(num_particles, dim=0)
             hold = min(round((1 - kernel_strength) * self._num_timesteps), self._num_timesteps - 1)
+            given = None if isinstance(kernel_init, str) else self.start_kernel(
+                measurement.to(device), kernel_init, kernel_size, noise.to(device), operator)  # checked first
+            if hold == 0 and requested_init is not None:
+                raise ValueError(
+                    f"kernel_strength={kernel_strength:g} over {self._num_timesteps} steps holds the start kernel for no "
+                    "step, so kernel_init would be ignored: pass a kernel_strength below 1 (e.g. 0.5) or more steps")
+            if hold:  # the sparse estimate only runs when a step uses it
+                start = given if given is not None else self.start_kernel(
+                    measurement.to(device), kernel_init, kernel_size, noise.to(device), operator)
+                start = start.repeat_interleave(num_particles, dim=0)
         start_state = None if start is None else kernel_to_model_range(start).to(self.kernel_unet.dtype)
         problem = BlindDPSProblem(y, operator, step_size, sparsity_weight, start, hold, start_state)
         generator = self._expand_generator(generator, batch, num_particles)
@@ -605,6 +627,6 @@ class BlindDPSPipeline(DiffusionPipeline):
 
         # 5. Outputs (with the noise level the sparse start read)
         output = self.build_output(states, operator, window, batch, num_particles, grayscale, output_type, return_dict)
-        if return_dict and isinstance(kernel_init, str) and kernel_init == "sparse":
+        if return_dict and start is not None and isinstance(kernel_init, str) and kernel_init == "sparse":
             output.sigma = [round(float(v) * 255, 4) for v in noise]
         return output

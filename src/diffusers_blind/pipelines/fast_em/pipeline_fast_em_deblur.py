@@ -22,8 +22,8 @@ from ...ops.blur import edge_taper_window, photograph_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel, kernel_extent, project_kernel, rescale_kernel
 from ...ops.fit import contrast_gain, midtone_saturation, reblur_fit
-from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, expand_generator, prepare_kernel,
-                             prepare_noise, prepare_sigma, to_unit_range)
+from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, check_scheduler, expand_generator,
+                             prepare_kernel, prepare_noise, prepare_sigma, to_unit_range)
 from ..tiling import make_denoiser, resolve_precision
 
 
@@ -266,6 +266,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str],
         guidance_scale: float | None = None,
     ) -> None:
+        check_scheduler(self.scheduler)
         if guidance not in GUIDANCES:
             raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
         if r_schedule not in R_SCHEDULES:
