@@ -92,6 +92,15 @@ def test_blur_writes_image_kernel_and_json(inputs):
     assert record["image_size"] == {"width": 30, "height": 22}
 
 
+def test_blur_output_that_is_a_folder_is_refused(inputs, tmp_path, capsys):
+    folder = tmp_path / "bdir"
+    folder.mkdir()
+    for output in (str(folder), str(folder) + "/"):  # was written as bdir.png beside the folder
+        assert main(["blur", str(inputs / "rgb.png"), "-o", output, "--kernel-size", "5"]) == 2
+        assert "is a folder" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bdir*.*")) and not list(folder.iterdir())
+
+
 def test_blur_is_reproducible_and_seeded(inputs, tmp_path):
     args = ["blur", str(inputs / "rgb.png"), "--kernel-size", "5", "--sigma", "5"]
     assert main([*args, "-o", str(tmp_path / "a.png"), "--seed", "1"]) == 0

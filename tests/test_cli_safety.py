@@ -101,6 +101,33 @@ def test_rerun_refuses_then_overwrite_removes_stale_files(tmp_path, capsys, monk
     assert json.loads((out / "a.json").read_text())["outputs"].keys() == {"image", "kernel_npy", "kernel_png"}
 
 
+def test_skip_existing_never_takes_another_inputs_result(tmp_path, capsys):
+    """Names follow the set of inputs; a resume keeps each input's earlier name and gives new ones fresh names."""
+    for folder in ("A", "B"):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "photo.png", seed=ord(folder))
+    out = tmp_path / "out"
+    assert identity([tmp_path / "A" / "photo.png"], out) == 0
+    assert identity([tmp_path / "B" / "photo.png"], out, "--skip-existing") == 0, errors(capsys)
+    assert "skipping" not in capsys.readouterr().err  # B was skipped as "done" by A's result before
+    assert json.loads((out / "photo.json").read_text())["input"].endswith(str(Path("A") / "photo.png"))
+    assert json.loads((out / "photo_2.json").read_text())["input"].endswith(str(Path("B") / "photo.png"))
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_image(folder / "photo.jpg", 1)
+    write_image(folder / "photo.png", 2)
+    out = tmp_path / "out2"
+    assert identity([folder], out) == 0  # photo.jpg -> photo, photo.png -> photo_2
+    write_image(folder / "photo.bmp", 3)  # sorts first: without the records it would take the name "photo"
+    before = {name: (out / name).read_bytes() for name in ("photo.json", "photo_2.json")}
+    assert identity([folder], out, "--skip-existing") == 0, errors(capsys)
+    records = {f.name: json.loads(f.read_text())["input"] for f in out.glob("*.json")}
+    assert {name: Path(value).name for name, value in records.items()} == {
+        "photo.json": "photo.jpg", "photo_2.json": "photo.png", "photo_3.json": "photo.bmp"}
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+
+
 def test_skip_existing_resumes_and_redoes_incomplete_images(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -695,6 +695,15 @@ def test_kernel_size_auto_errors():
         run(pipe, smooth_images(1, height=16, width=16), kernel_size="auto")
 
 
+def test_kernel_size_auto_on_an_image_smaller_than_the_estimators_size():
+    """A 20×24 photo: "auto" may choose 9 (sizes up to half the short side), so the estimator's 33 must not be
+    checked against the image first (it was: "kernel_size 33 is larger than the image")."""
+    pipe = FastEMDeblurPipeline(tiny_unet(), ddpm(), KernelEstimator(kernel_size=33, num_iterations=2))
+    pipe.set_progress_bar_config(disable=True)
+    out = run(pipe, smooth_images(1, height=20, width=24), kernel_size="auto", output_type="pt", num_inference_steps=2)
+    assert out.kernels.shape[-1] == 9
+
+
 def test_reblur_fit_is_about_one_for_the_true_pair_and_large_for_a_wrong_kernel():
     from diffusers_blind.ops import motion_kernel, reblur_fit, spatial_blur, flip_kernel
 

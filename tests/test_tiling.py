@@ -160,6 +160,19 @@ def test_plan_untiled_when_small_and_tiled_when_large_or_short_of_memory(monkeyp
         plan_tiling(unet, (1, 3, 96, 96), "cpu", tile_size=3)
 
 
+def test_automatic_plan_runs_whole_while_one_call_is_cheaper_than_tiles(monkeypatch):
+    """A photo a little over 384 px padded by its margin (352² → 424²) ran as four overlapping 384² tiles."""
+    monkeypatch.setattr(tiling, "available_memory", lambda device: 64 * 2**30)
+    unet = tiny_unet()
+    assert plan_tiling(unet, (1, 3, 424, 424), "cpu").tile_size is None
+    assert plan_tiling(unet, (1, 3, 584, 584), "cpu").tile_size is None
+    assert plan_tiling(unet, (1, 3, 640, 640), "cpu").tile_size == tiling.AUTO_MAX_TILE
+    assert tiling.relative_unet_cost(384 * 384) == 384 * 384  # flat up to the largest tile
+    assert tiling.relative_unet_cost(512 * 512) / (512 * 512) == pytest.approx(59 / 42, rel=0.01)  # measured ratio
+    monkeypatch.setattr(tiling, "available_memory", lambda device: 2**28)  # cheaper whole, but it does not fit
+    assert plan_tiling(unet, (1, 3, 424, 424), "cpu").tile_size is not None
+
+
 def test_automatic_budget_is_shared_by_the_processes_of_a_launch(monkeypatch):
     monkeypatch.setattr(tiling, "available_memory", lambda device: 10 * 2**30)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

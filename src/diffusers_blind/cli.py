@@ -33,11 +33,14 @@ from .io import IMAGE_EXTENSIONS, is_16bit_mode
 from .outputs import (  # noqa: F401  (output_stems: part of the command line's helpers)
     BLUR_FILES,
     OUTPUT_SUFFIXES,
+    claimed_stems,
     finished_record,
     incomplete_record,
+    input_key,
     is_deblur_record,
     output_stems,
     plan_outputs,
+    record_is_for,
     remove_stale,
     settings_differences,
     write_outputs,
@@ -410,7 +413,8 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[
     from .io import ImageReadError, probe_image
 
     try:
-        plans = plan_outputs(paths, out_dir, [Path(args.kernel)] if args.kernel else [])
+        plans = plan_outputs(paths, out_dir, [Path(args.kernel)] if args.kernel else [],
+                             claimed_stems(out_dir) if args.skip_existing else None)
     except ValueError as error:
         raise CLIError(str(error)) from None
     unreadable: dict[Path, str] = {}
@@ -429,6 +433,9 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[
         finished = {path: finished_record(plan) for path, plan in jobs}
         done = [path for path, record in finished.items() if record is not None]
         for path in done:
+            if not record_is_for(finished[path], path):  # names kept by claimed_stems: a guard
+                raise CLIError(f"{out_dir} holds a result of another input ({finished[path].get('input')}) under the "
+                               f"name {path.name} gets; use --overwrite or another -o")
             differences = settings_differences(finished[path], settings)
             if differences:
                 raise CLIError(f"{out_dir} holds a result of {path.name} made with other settings "
@@ -466,6 +473,7 @@ def _record(path, mode, array, image, result, written, seconds, run: dict, args)
     method = run["method"]
     return {
         "input": str(path),
+        "input_key": input_key(path),
         "outputs": {name: str(file) for name, file in written.items()},
         "image_size": {"width": width, "height": height},
         "input_mode": mode,
@@ -651,6 +659,9 @@ def cmd_blur(args) -> int:
     if not sharp_path.is_file():
         raise CLIError(f"input not found: {sharp_path}" if not sharp_path.exists() else f"not a file: {sharp_path}")
     out_path = Path(args.output)
+    if out_path.is_dir() or str(args.output).endswith(("/", os.sep)):
+        raise CLIError(f"-o {args.output} is a folder: blur writes one image, so give its file name, "
+                       f"e.g. -o {out_path / (sharp_path.stem + '_blurry.png')}")
     if out_path.suffix == "":
         out_path = out_path.with_suffix(".png")
     if out_path.suffix.lower() != ".png":

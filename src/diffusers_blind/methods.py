@@ -451,7 +451,8 @@ def _register_builtins() -> None:
     tiling = (
         Option("tile_size", tile_size_arg, None,
                "run the UNet on overlapping tiles of this many pixels (bounded memory for any image size), or "
-               "'auto' (default: from --max-memory; images up to 384 px a side run whole)"),
+               "'auto' (default: from --max-memory; an image runs whole while that is cheaper than 384 px tiles, "
+               "e.g. up to 512 px a side with the 33 px kernel's margin)"),
         Option("max_memory", memory_arg, None,
                "memory budget for the automatic tile size, e.g. 8GiB (default: 60% of the free RAM, or of the "
                "free GPU memory)"),

@@ -38,16 +38,33 @@ OUTPUT_FILES = {  # what deblur writes per input: name -> suffix after the outpu
 }
 
 
-def output_stems(paths: list[Path]) -> list[str]:
+def input_key(path) -> str:
+    """How records name an input independently of the working folder: its resolved path, case-normalised."""
+    return os.path.normcase(str(Path(path).resolve()))
+
+
+def output_stems(paths: list[Path], claimed: dict[str, str] | None = None) -> list[str]:
     """One output stem per input, unique even ignoring case: the file stem, or ``stem_2``, ``stem_3``...
     for the second, third... input with that stem, skipping any name that another input already has
-    (``photo.jpg``, ``photo.png`` and ``photo_2.png`` → ``photo``, ``photo_3``, ``photo_2``)."""
-    taken = {path.stem.casefold() for path in paths}
-    used: set[str] = set()
+    (``photo.jpg``, ``photo.png`` and ``photo_2.png`` → ``photo``, ``photo_3``, ``photo_2``).
+
+    ``claimed`` (:func:`claimed_stems`: input key → stem of an earlier run's record in the output folder) keeps
+    a resumed run's names: an input keeps its earlier stem, and no other input gets a stem a record holds, so
+    an image added to the folder (or a changed order) never takes over another image's result.
+    """
+    claimed = claimed or {}
+    keys = [input_key(path) for path in paths]
+    fixed = {key: claimed[key] for key in keys if key in claimed}
+    recorded = {stem.casefold() for stem in claimed.values()}
+    taken = {path.stem.casefold() for path in paths} | recorded
+    used = {stem.casefold() for stem in fixed.values()}
     stems = []
-    for path in paths:
+    for path, key in zip(paths, keys):
+        if key in fixed:
+            stems.append(fixed[key])
+            continue
         stem = path.stem
-        if stem.casefold() in used:
+        if stem.casefold() in used or stem.casefold() in recorded:
             number = 2
             while f"{stem}_{number}".casefold() in taken or f"{stem}_{number}".casefold() in used:
                 number += 1
@@ -57,10 +74,30 @@ def output_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
-def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path]) -> list[dict[str, Path]]:
-    """The files each input may get in ``out_dir``; an error if one of them is an input (or ``protected``)."""
+def claimed_stems(out_dir: Path) -> dict[str, str]:
+    """Input key → output stem of every deblur record (finished or not) in ``out_dir`` (the first by name if two
+    records name one input)."""
+    claims: dict[str, str] = {}
+    for record_path in sorted(Path(out_dir).glob("*.json")) if Path(out_dir).is_dir() else []:
+        if not is_deblur_record(record_path):
+            continue
+        record = json.loads(record_path.read_text())
+        key = record.get("input_key") or input_key(record["input"])
+        claims.setdefault(key, record_path.stem)
+    return claims
+
+
+def record_is_for(record: dict, path: Path) -> bool:
+    """Whether a deblur record was made from the input ``path``."""
+    return (record.get("input_key") or input_key(record.get("input", ""))) == input_key(path)
+
+
+def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path],
+                 claimed: dict[str, str] | None = None) -> list[dict[str, Path]]:
+    """The files each input may get in ``out_dir`` (names as :func:`output_stems`); an error if one of them is an
+    input (or ``protected``)."""
     plans = [{name: out_dir / f"{stem}{suffix}" for name, suffix in OUTPUT_FILES.items()}
-             for stem in output_stems(paths)]
+             for stem in output_stems(paths, claimed)]
     inputs = {os.path.normcase(str(p.resolve())): p for p in [*paths, *protected]}
     seen: dict[str, Path] = {}
     for plan in plans:
@@ -77,7 +114,8 @@ def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path]) -> lis
 def incomplete_record(input_path: Path, plan: dict[str, Path], method: str) -> dict:
     """The record written before an image's files: it claims them (``status: incomplete``) until the final
     record replaces it, so files left by a crash are known as this tool's."""
-    return {"input": str(input_path), "status": "incomplete", "settings": {"method": method},
+    return {"input": str(input_path), "input_key": input_key(input_path), "status": "incomplete",
+            "settings": {"method": method},
             "outputs": {name: str(file) for name, file in plan.items() if name != "record"}}
 
 

@@ -44,6 +44,9 @@ AUTO_MEMORY_FRACTION = 0.6
 # Largest tile the automatic setting uses; also the largest side run untiled. Beyond it the shipped
 # UNet's time per pixel grows (42 µs per pixel forward+backward up to 384², 59 µs at 512²; docs/scale.md).
 AUTO_MAX_TILE = 384
+# Beyond AUTO_MAX_TILE² pixels the relative cost per pixel grows by one per this many more pixels
+# (fitted to the two figures above: 42 µs → 59 µs from 384² to 512²): the mid-block attention.
+ATTENTION_COST_PIXELS = 284_000
 MIN_TILE = 32
 MAX_TILE_BATCH = 8  # on a GPU, where batching tiles fills the device
 CPU_MAX_TILE_BATCH = 1  # on a CPU: batches of 2 tiles cost 25 % more CPU time (page faults of >32 MiB buffers)
@@ -344,6 +347,20 @@ def _tiled_pixels(height: int, width: int, tile: int, overlap: int, multiple: in
     return layout.num_tiles * layout.tile_height * layout.tile_width
 
 
+def relative_unet_cost(pixels: int) -> float:
+    """Forward+backward time of one UNet call on ``pixels`` pixels, in units of a pixel's time at ≤ ``AUTO_MAX_TILE``²."""
+    return pixels * (1 + max(0, pixels - AUTO_MAX_TILE**2) / ATTENTION_COST_PIXELS)
+
+
+def untiled_is_cheaper(height: int, width: int, multiple: int) -> bool:
+    """Whether one call on the whole (padded) image costs less than ``AUTO_MAX_TILE`` tiles covering it: tiles
+    overlap, so they run more pixels, and win only where the attention's superlinear cost outgrows that."""
+    if max(height, width) <= AUTO_MAX_TILE:
+        return True
+    tiled = _tiled_pixels(height, width, AUTO_MAX_TILE, default_overlap(AUTO_MAX_TILE, multiple), multiple)
+    return relative_unet_cost(height * width) <= tiled
+
+
 def plan_tiling(unet, shape, device, tile_size: int | None = None, max_memory=None, overlap: int | None = None,
                 multiple: int = 8) -> TilingPlan:
     """Choose how to run a UNet forward+backward on latents of ``shape = (N, C, H, W)`` (padded) within memory.
@@ -353,8 +370,9 @@ def plan_tiling(unet, shape, device, tile_size: int | None = None, max_memory=No
     per image pixel (what never tiles) plus ``unet_bytes_per_pixel`` per pixel the UNet runs on at once.
 
     * ``tile_size`` given: tiles of that size (rounded down to ``multiple``); none when it covers the image.
-    * ``tile_size=None`` (automatic): untiled when the image's sides are at most ``AUTO_MAX_TILE`` and it
-      fits; else the largest tile (≤ ``AUTO_MAX_TILE``, steps of 32) whose forward+backward fits next to
+    * ``tile_size=None`` (automatic): untiled when it fits and one call costs less than ``AUTO_MAX_TILE``
+      tiles (:func:`untiled_is_cheaper`: always for sides up to ``AUTO_MAX_TILE``, and for every square canvas
+      up to 584 px); else the largest tile (≤ ``AUTO_MAX_TILE``, steps of 32) whose forward+backward fits next to
       the full-image tensors.
 
     Tiles per batch: as many as fit (1 to ``MAX_TILE_BATCH`` on CUDA, ``CPU_MAX_TILE_BATCH`` elsewhere); the tiles' graphs are kept from the
@@ -377,7 +395,7 @@ def plan_tiling(unet, shape, device, tile_size: int | None = None, max_memory=No
         if tile >= max(height, width):
             return TilingPlan(None, reason="tile_size covers the image")
         reason = f"tile_size {tile} given; {reason}"
-    elif max(height, width) <= AUTO_MAX_TILE and per_pixel * height * width <= free:
+    elif per_pixel * height * width <= free and untiled_is_cheaper(height, width, multiple):
         return TilingPlan(None, budget=budget, reason=f"fits untiled; {reason}")
     else:
         tile = AUTO_MAX_TILE

@@ -819,6 +819,9 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 kernel_size = int(np.shape(kernel_init)[-1])
             else:
                 kernel_size = self.kernel_estimator.config.kernel_size if self.kernel_estimator is not None else 33
+                fitting = [size for size in KERNEL_SIZE_CANDIDATES if size <= min(measurement.shape[-2:]) // 2]
+                if auto_kernel_size and fitting:  # checked at the largest size "auto" may choose on this image
+                    kernel_size = min(kernel_size, max(fitting))
         self.check_inputs(
             measurement, kernel, kernel_size, guidance, num_inference_steps, num_particles, em_iterations,
             output_type, r_schedule, callback_on_step_end_tensor_inputs, guidance_scale,
