@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start from the weights of this UNet2DModel folder (e.g. a pipeline's unet/; the "
                         "architecture flags are then taken from its config) with a fresh optimizer and EMA; "
                         "--resume of a run's own checkpoint takes precedence")
+    p.add_argument("--prune_from", type=Path, default=None,
+                   help="start from this trained UNet2DModel folder pruned to --block_out_channels (its most important "
+                        "channels per level; the last width must stay its own): the usual start of a distilled "
+                        "student, with --teacher the same folder; --norm_num_groups defaults to what divides every width")
     p.add_argument("--resume", "--resume_from_checkpoint", dest="resume", default=None,
                    help='"latest" or a checkpoint folder')
     p.add_argument("--sample_every", type=int, default=1000, help="write a sample grid every N steps (0: only at end)")
@@ -134,6 +138,11 @@ def check_teacher_arguments(args) -> None:
     """Stop early (before any image is read) on a teacher option that cannot work."""
     if not 0.0 <= args.teacher_weight <= 1.0:
         raise SystemExit(f"--teacher_weight must be in [0, 1], got {args.teacher_weight}")
+    if args.prune_from is not None:
+        if args.init_from is not None:
+            raise SystemExit("--prune_from and --init_from both set the start weights: pass one")
+        if not (args.prune_from / "config.json").is_file():
+            raise SystemExit(f"--prune_from {args.prune_from}: no config.json (pass the folder of a UNet2DModel)")
     if args.teacher is None:
         if args.teacher_weight != 1.0:
             raise SystemExit("--teacher_weight needs --teacher")
@@ -141,6 +150,22 @@ def check_teacher_arguments(args) -> None:
     if not (args.teacher / "config.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: no config.json (pass the folder of a UNet2DModel, e.g. <model>/unet)")
     args.teacher = args.teacher.resolve()
+
+
+def initial_unet(args):
+    """The UNet the run starts from: ``--init_from``'s weights, ``--prune_from``'s pruned, or new ones."""
+    from diffusers import UNet2DModel
+
+    from diffusers_blind.models.pruning import prune_unet
+
+    if args.init_from is not None:
+        return UNet2DModel.from_pretrained(args.init_from)
+    if args.prune_from is not None:
+        try:
+            return prune_unet(UNet2DModel.from_pretrained(args.prune_from), args.block_out_channels, args.norm_num_groups)
+        except ValueError as error:
+            raise SystemExit(f"--prune_from {args.prune_from}: {error}") from None
+    return build_unet(args)
 
 
 def load_teacher(folder: Path, student, noise_scheduler):
@@ -396,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampler = CropSampler(args.train_data_dir, args.resolution, args.min_crop_std, rot90=not args.no_rot90)
     except ValueError as error:  # no usable image
         raise SystemExit(str(error)) from None
-    unet = UNet2DModel.from_pretrained(args.init_from) if args.init_from is not None else build_unet(args)
+    unet = initial_unet(args)
     if unet.config.sample_size != args.resolution:
         unet.register_to_config(sample_size=args.resolution)
     noise_scheduler = build_scheduler(args.num_train_timesteps)

@@ -205,6 +205,30 @@ def test_a_student_started_at_its_teacher_has_zero_distillation_loss(script, tmp
     assert info["teacher"] == str(tmp_path / "teacher") and info["teacher_weight"] == 1.0
 
 
+def test_prune_from_starts_a_narrower_student_from_the_teachers_weights(script, tmp_path):
+    """``--prune_from``: at the teacher's own widths the distillation loss starts at zero; narrower, it trains."""
+    data = tmp_path / "data"
+    _make_images(data)
+    torch.manual_seed(0)
+    _tiny_unet(channels=(8, 16)).save_pretrained(tmp_path / "teacher")
+    common = ["--prune_from", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher")]
+
+    def argv(run, steps, widths):
+        args = _argv(data, tmp_path / run, steps, common)
+        at = args.index("--block_out_channels")
+        return args[: at + 1] + widths + args[at + 3:]
+
+    script.main(argv("same", 1, ["8", "16"]))
+    assert json.loads((tmp_path / "same" / "loss_log.jsonl").read_text().splitlines()[0])["loss"] < 1e-10
+    script.main(argv("narrow", 2, ["4", "16"]))
+    config = json.loads((tmp_path / "narrow" / "export" / "unet" / "config.json").read_text())
+    assert config["block_out_channels"] == [4, 16]
+    with pytest.raises(SystemExit, match="pass one"):
+        script.main(_argv(data, tmp_path / "both", 1, [*common, "--init_from", str(tmp_path / "teacher")]))
+    with pytest.raises(SystemExit, match="the last"):
+        script.main(argv("deep", 1, ["8", "8"]))
+
+
 def test_a_teacher_of_another_output_shape_is_refused(script, tmp_path):
     data = tmp_path / "data"
     _make_images(data)
