@@ -1011,3 +1011,62 @@ def test_fast_em_refuses_a_scheduler_without_the_ddpm_step():
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # ran, silently wrong
     with pytest.raises(TypeError, match="DDPMScheduler or a DDIMScheduler"):
         pipe(smooth_images(1, 3, 16, 16), sigma=10, num_inference_steps=2, kernel_size=5)
+
+
+def test_step_end_callback_replacements_are_checked(pipe):
+    image = smooth_images(1, 3, 16, 16)
+
+    def returning(**values):
+        return lambda p, i, t, tensors: values
+
+    negative = -torch.ones(1, 1, 5, 5) / 25
+    with pytest.raises(ValueError, match="negative"):
+        run(pipe, image, callback_on_step_end=returning(kernel=negative))
+    with pytest.raises(ValueError, match=r"it must keep \(1, 1, 5, 5\)"):
+        run(pipe, image, callback_on_step_end=returning(kernel=torch.ones(1, 1, 3, 3) / 9))
+    with pytest.raises(ValueError, match="NaN"):
+        run(pipe, image, callback_on_step_end=returning(kernel=torch.full((1, 1, 5, 5), float("nan"))))
+    with pytest.raises(TypeError, match="dict of tensors"):
+        run(pipe, image, callback_on_step_end=lambda p, i, t, tensors: [tensors["latents"]])
+    scaled = run(pipe, image, kernel=torch.ones(5, 5) / 25, output_type="pt",
+                 callback_on_step_end=returning(kernel=torch.ones(1, 1, 5, 5) / 5))  # sums to 5: rescaled to 1
+    assert abs(float(scaled.kernels.sum()) - 1) < 1e-5
+    seen = []
+
+    def double_latents(p, i, t, tensors):
+        seen.append(tensors["latents"].dtype)
+        return {"latents": tensors["latents"].double()}  # cast back to the run's dtype, not a crash in the UNet
+
+    run(pipe, image, callback_on_step_end=double_latents)
+    assert seen and all(dtype == torch.float32 for dtype in seen)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(strength="0.5"), ValueError, r"strength must be a number in \(0, 1\]"),
+    (dict(strength=torch.tensor(0.5)), ValueError, "strength must be a number"),
+    (dict(m_step_start="0.5"), ValueError, r"m_step_start must be a number in \[0, 1\]"),
+    (dict(m_step_start=True), ValueError, "m_step_start must be a number"),
+    (dict(num_scales=2, refine_strength="0.5"), ValueError, "refine_strength must be a number"),
+    (dict(kernel=np.float32(1.0)), ValueError, r"kernel must be a \(k, k\)"),
+    (dict(kernel_init=None), ValueError, "kernel_init must be one of"),
+    (dict(generator=0), TypeError, "torch.Generator"),
+    (dict(kernel_size="auto", kernel_init=torch.ones(5, 5) / 25), ValueError, "pass one of them"),
+])
+def test_odd_arguments_give_clear_errors(pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pipe(smooth_images(1, 3, 16, 16), sigma=10, num_inference_steps=2, **kwargs)
+
+
+def test_numpy_integers_and_no_callback_tensors_are_accepted(pipe):
+    out = run(pipe, smooth_images(1, 3, 16, 16), num_inference_steps=np.int64(2), num_particles=np.int64(2),
+              kernel_size=np.int64(5), callback_on_step_end_tensor_inputs=None)
+    assert out.kernels.shape == (1, 5, 5)
+    reference = run(pipe, smooth_images(1, 3, 16, 16), num_inference_steps=2, num_particles=2, kernel_size=5)
+    np.testing.assert_array_equal(out.images, reference.images)
+
+
+def test_the_coarse_level_reports_the_noise_level_it_used(pipe):
+    """The blind floor (5 levels) applies at the coarse level too: σ = 6 halves to 3, and runs at 5."""
+    out, _, used, factor = pipe.run_downscaled(smooth_images(1, 3, 32, 32), torch.tensor([6 / 255]),
+                                               num_inference_steps=2, kernel_size=5, blind_sigma_floor=5.0)
+    assert factor == 2 and out.sigma == pytest.approx([5.0]) and float(used) * 255 == pytest.approx(5.0)

@@ -129,3 +129,24 @@ def test_epsilon_from_x0_makes_that_x0_the_tweedie_estimate():
     x0 = torch.rand_like(x) * 2 - 1
     torch.testing.assert_close(denoiser.x0_from_epsilon(denoiser.epsilon_from_x0(x0, x, t), x, t), x0,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_callback_replacements_keep_shape_and_dtype_and_refuse_the_rest():
+    from diffusers_blind.pipelines.pipeline_utils import callback_outputs, callback_replacement, check_generator
+
+    current = torch.zeros(2, 3, 4, 4)
+    assert callback_outputs(None) == {}
+    with pytest.raises(TypeError, match="dict of tensors"):
+        callback_outputs([current])
+    outputs = {"latents": torch.ones(2, 3, 4, 4, dtype=torch.float64)}
+    replaced = callback_replacement(outputs, "latents", current)
+    assert replaced.dtype == torch.float32 and float(replaced.sum()) == 96 and "latents" not in outputs
+    assert callback_replacement({}, "latents", current) is current
+    with pytest.raises(ValueError, match="must keep"):
+        callback_replacement({"latents": torch.ones(1, 3, 4, 4)}, "latents", current)
+    with pytest.raises(ValueError, match="NaN"):
+        callback_replacement({"latents": torch.full((2, 3, 4, 4), float("inf"))}, "latents", current)
+    check_generator(None)
+    check_generator([torch.Generator()])
+    with pytest.raises(TypeError, match="manual_seed"):
+        check_generator([torch.Generator(), 3])

@@ -186,11 +186,20 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
+def check_generator(generator) -> None:
+    """``None``, a ``torch.Generator`` or a list of them (a seed is passed as ``torch.Generator().manual_seed(0)``)."""
+    items = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(item, torch.Generator) for item in items):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {generator!r}: for a seed pass "
+                        "torch.Generator().manual_seed(seed)")
+
+
 def expand_generator(generator, batch: int, copies: int):
     """Repeat a list of ``batch`` generators so that all ``copies`` (particles, samples) of image ``b`` draw from ``generator[b]``.
 
     A single generator or ``None`` is returned as is; a list of ``batch · copies`` is used per copy.
     """
+    check_generator(generator)
     if not isinstance(generator, list):
         return generator
     if len(generator) == batch * copies:
@@ -199,6 +208,29 @@ def expand_generator(generator, batch: int, copies: int):
         expected = f"{batch}" if copies == 1 else f"{batch} (one per image) or {batch * copies} (one per copy)"
         raise ValueError(f"generator list has {len(generator)} entries; expected {expected}")
     return [g for g in generator for _ in range(copies)]
+
+
+def callback_outputs(outputs) -> dict:
+    """What a step-end callback returned: ``None`` (no change) or a dict of tensors by name."""
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, dict):
+        raise TypeError(f"callback_on_step_end must return a dict of tensors or None, got {type(outputs).__name__}")
+    return outputs
+
+
+def callback_replacement(outputs: dict, name: str, current: torch.Tensor) -> torch.Tensor:
+    """The tensor a callback returned for ``name`` in place of ``current`` (or ``current``): same shape, finite, cast
+    to ``current``'s dtype and device, so a replacement cannot silently change the batch or crash deep inside."""
+    if name not in outputs:
+        return current
+    value = outputs.pop(name)
+    if not torch.is_tensor(value) or tuple(value.shape) != tuple(current.shape):
+        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f"callback_on_step_end returned {name} of shape {got}; it must keep {tuple(current.shape)}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"callback_on_step_end returned {name} with NaN or infinite values")
+    return value.to(device=current.device, dtype=current.dtype)
 
 
 def check_scheduler(scheduler) -> None:
@@ -220,6 +252,7 @@ def prepare_noise(shape, generator, device, dtype, latents=None, name: str = "la
         if not torch.isfinite(latents).all():
             raise ValueError(f"{name} contains NaN or infinite values")
         return latents.to(device=device, dtype=dtype)
+    check_generator(generator)
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 

@@ -27,8 +27,8 @@ from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
 from ...ops.kernel_range import KERNEL_BACKGROUNDS, kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from ...ops.operators import BlurOperator, LinearOperator
-from ..pipeline_utils import (DeblurPipelineOutput, UNetDenoiser, check_scheduler, expand_generator, prepare_kernel,
-                             prepare_noise, prepare_sigma, to_unit_range)
+from ..pipeline_utils import (DeblurPipelineOutput, UNetDenoiser, callback_outputs, callback_replacement, check_scheduler,
+                             expand_generator, prepare_kernel, prepare_noise, prepare_sigma, to_unit_range)
 
 
 EXAMPLE_DOC_STRING = """
@@ -446,9 +446,9 @@ class BlindDPSPipeline(DiffusionPipeline):
                 states, params = self.denoising_step(problem, denoisers, states, t, step_kwargs)
             if callback_on_step_end is not None:
                 available = self.callback_tensors(states, problem)
-                outputs = callback_on_step_end(self, i, t, {name: available[name] for name in tensor_inputs}) or {}
+                outputs = callback_outputs(callback_on_step_end(self, i, t, {name: available[name] for name in tensor_inputs}))
                 for name, chain in self.callback_latent_names().items():
-                    states[chain] = outputs.pop(name, states[chain])
+                    states[chain] = callback_replacement(outputs, name, states[chain])
             progress_bar.update()
         return states, params
 
@@ -576,6 +576,8 @@ class BlindDPSPipeline(DiffusionPipeline):
         """The body of ``__call__`` shared by the deblurring and turbulence pipelines."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = []
 
         # 1. Check inputs (numpy integers are read as ints, as everywhere in diffusers)
         num_inference_steps, num_particles, kernel_size, boundary_margin = (

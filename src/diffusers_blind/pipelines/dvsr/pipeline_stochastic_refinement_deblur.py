@@ -23,7 +23,7 @@ from ...ops.blur import edge_taper_window, valid_mask
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import estimate_noise_sigma
 from ...schedulers.scheduling_continuous_noise_level import ContinuousNoiseLevelScheduler
-from ..pipeline_utils import DeblurPipelineOutput, expand_generator, prepare_noise
+from ..pipeline_utils import DeblurPipelineOutput, callback_outputs, callback_replacement, expand_generator, prepare_noise
 
 
 EXAMPLE_DOC_STRING = """
@@ -337,6 +337,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = []
         # 1. Resolve the perception-distortion setting
         if perception_distortion is not None and (num_inference_steps is not None or num_samples is not None):
             raise ValueError("give either perception_distortion or num_inference_steps/num_samples, not both")
@@ -411,8 +413,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     available = {"latents": z, "x_init": x_init_rep, "pred_original_sample": pred_original}
                     callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    z = outputs.pop("latents", z)
+                    outputs = callback_outputs(callback_on_step_end(self, i, t, callback_kwargs))
+                    z = callback_replacement(outputs, "latents", z)
                 progress_bar.update()
         self.maybe_free_model_hooks()
         restored = x_init_rep + self.config.residual_scale * z  # x̂ = x_init + s·z_0, in [-1, 1]

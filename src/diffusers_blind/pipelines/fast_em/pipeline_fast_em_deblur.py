@@ -22,8 +22,9 @@ from ...ops.blur import edge_taper_window, photograph_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel, kernel_extent, project_kernel, rescale_kernel
 from ...ops.fit import contrast_gain, midtone_saturation, reblur_fit
-from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, check_scheduler, expand_generator,
-                             prepare_kernel, prepare_noise, prepare_sigma, to_unit_range)
+from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, callback_outputs, callback_replacement,
+                             check_scheduler, expand_generator, prepare_kernel, prepare_noise, prepare_sigma,
+                             to_unit_range)
 from ..tiling import make_denoiser, resolve_precision
 
 
@@ -162,12 +163,8 @@ class FastEMState:
 
 
 def _check_fraction(name: str, value) -> None:
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        fraction = float("nan")
-    if isinstance(value, bool) or not 0 < fraction <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
 
 
 def check_coarse_to_fine(num_scales, refine_strength, strength=1.0) -> None:
@@ -326,14 +323,12 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if isinstance(kernel_init, str):
             if kernel_init not in KERNEL_INITS:
                 raise ValueError(f"kernel_init must be one of {KERNEL_INITS} or a kernel, got {kernel_init!r}")
+        elif kernel_init is None or np.ndim(kernel_init) < 2:
+            raise ValueError(f"kernel_init must be one of {KERNEL_INITS} or a (k, k) kernel, got {kernel_init!r}")
         elif num_scales > 1:
             raise ValueError("a kernel_init kernel cannot be combined with num_scales > 1 (the coarse scales start the kernel)")
-        try:
-            start = float(m_step_start)
-        except (TypeError, ValueError):
-            start = float("nan")
-        if not 0 <= start <= 1:
-            raise ValueError(f"m_step_start must be in [0, 1], got {m_step_start!r}")
+        if isinstance(m_step_start, bool) or not isinstance(m_step_start, numbers.Real) or not 0 <= m_step_start <= 1:
+            raise ValueError(f"m_step_start must be a number in [0, 1], got {m_step_start!r}")
         if isinstance(kernel_anchor, bool) or not isinstance(kernel_anchor, numbers.Real) or not 0 <= kernel_anchor < math.inf:
             raise ValueError(f"kernel_anchor must be a finite number >= 0, got {kernel_anchor!r}")
 
@@ -487,8 +482,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if callback is None:
             return state
         available = {"latents": state.latents, "kernel": state.kernel, "x0": state.x0}
-        outputs = callback(self, step, t, {name: available[name] for name in tensor_inputs}) or {}  # None: no change
-        return replace(state, latents=outputs.pop("latents", state.latents), kernel=outputs.pop("kernel", state.kernel))
+        outputs = callback_outputs(callback(self, step, t, {name: available[name] for name in tensor_inputs}))
+        kernel = callback_replacement(outputs, "kernel", state.kernel)
+        if kernel is not state.kernel:
+            if (kernel < 0).any():
+                raise ValueError("callback_on_step_end returned a kernel with negative entries")
+            kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(kernel.dtype).tiny)
+        return replace(state, latents=callback_replacement(outputs, "latents", state.latents), kernel=kernel)
 
     def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0, start_index=0,
                           callback_on_step_end=None, callback_on_step_end_tensor_inputs=()) -> FastEMState:
@@ -519,7 +519,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
     def run_downscaled(self, measurement: torch.Tensor, sigma: torch.Tensor, **kwargs):
         """A blind run (no guard, ``"pt"`` output) on the 2×2-averaged image, σ scaled to match.
 
-        Averaging 2×2 pixels halves the noise std and the blur's extent. The nested call's per-call
+        Averaging 2×2 pixels halves the noise std and the blur's extent; the nested run still raises σ to
+        ``blind_sigma_floor`` where given, and the σ returned is the one it used. The nested call's per-call
         state (guidance scale, step count) is restored afterwards; an interrupt set during it stays set,
         so the calling level stops too. Returns ``(output, downscaled measurement, its σ, scale factor)``.
         """
@@ -530,7 +531,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         out = self(coarse, sigma=(sigma * 255 / factor).tolist(), output_type="pt", return_dict=True, guard=False,
                    **kwargs)
         self._guidance_scale, self._num_timesteps = state  # self._interrupt keeps the nested call's value
-        return out, coarse, sigma / factor, factor
+        used = torch.tensor(out.sigma, dtype=sigma.dtype, device=sigma.device) / 255
+        return out, coarse, used, factor
 
     def coarse_estimate(self, measurement: torch.Tensor, sigma: torch.Tensor, kernel_size: int, num_scales: int,
                         call_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -761,7 +763,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 preconditioned conjugate-gradient iterations per HQS step. 0 uses the earlier approximation
                 (both images through an edge window, a full-grid Fourier solve), whose window edges bend
                 the blind kernel into a cross on photos with few edges (docs/kernel_estimation.md).
-            blind_sigma_floor: in blind runs, ``sigma`` below this many 8-bit levels is raised to it (default 5):
+            blind_sigma_floor: in blind runs, ``sigma`` below this many 8-bit levels is raised to it (default 5; at every
+                scale of ``num_scales``):
                 an estimated kernel is never exact, and at lower noise the guidance and the M-step trust the
                 photo more than the kernel allows (ringing, a drifting kernel). ``output.sigma`` reports the
                 value used; 0 turns it off. Known-kernel runs keep ``sigma``.
@@ -778,6 +781,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 autocast in that dtype (guidance, M-step and scheduler stay float32). Default (``None``):
                 ``"float32"``; ``"bfloat16"`` is 18 % faster on a CPU with native bfloat16 (docs/scale.md).
             generator: a ``torch.Generator``, or a list with one per image (or per particle) for reproducibility.
+                With particles, a single generator and a one-element list draw the step noise differently (for
+                the whole batch at once, or per image), so compare runs made with the same form.
             latents: the initial noise ``x_T``, ``(B·n, C, H', W')`` on the padded grid (with ``strength < 1``,
                 the noise ``ε`` added to the photo at the start level).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
@@ -800,6 +805,13 @@ class FastEMDeblurPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = []
+        num_inference_steps, num_particles, kernel_size, em_iterations = (
+            int(value) if isinstance(value, np.integer) else value
+            for value in (num_inference_steps, num_particles, kernel_size, em_iterations))
+        if kernel is not None and np.ndim(kernel) < 2:
+            raise ValueError(f"kernel must be a (k, k), (B, k, k) or (B, 1, k, k) array or tensor, got {kernel!r}")
         measurement = self.image_processor.preprocess(image)
         auto_kernel_size = isinstance(kernel_size, str)
         if auto_kernel_size:
@@ -807,6 +819,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 raise ValueError(f"kernel_size must be a positive int, None or 'auto', got {kernel_size!r}")
             if kernel is not None or em_iterations is not None:
                 raise ValueError("kernel_size='auto' is for blind Fast EM: not with a known `kernel` or em_iterations")
+            if not isinstance(kernel_init, str):
+                raise ValueError("kernel_size='auto' chooses the size, a kernel_init kernel sets it: pass one of them")
             kernel_size = None
         if kernel is not None and kernel_size is not None and np.ndim(kernel) >= 2 \
                 and tuple(np.shape(kernel)[-2:]) != (kernel_size, kernel_size):
