@@ -128,6 +128,29 @@ def test_skip_existing_never_takes_another_inputs_result(tmp_path, capsys):
     assert all((out / name).read_bytes() == data for name, data in before.items())
 
 
+def test_skip_existing_finds_its_results_after_the_folders_move_and_in_old_records(tmp_path, capsys, monkeypatch):
+    """Records name their input by content, so a moved project (or another working folder) still resumes; records
+    of versions without that (no ``input_sha256``) are matched by file name, as those versions did."""
+    project = tmp_path / "project"
+    (project / "photos").mkdir(parents=True)
+    for i, name in enumerate(("a", "b")):
+        write_image(project / "photos" / f"{name}.png", i)
+    monkeypatch.chdir(project)
+    assert identity([Path("photos")], Path("out")) == 0
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    monkeypatch.chdir(moved / "photos")  # another working folder, other relative paths
+    assert identity([Path(".")], Path("../out"), "--skip-existing") == 0, errors(capsys)
+    assert "skipping 2 image(s)" in capsys.readouterr().err
+    assert sorted(f.name for f in (moved / "out").glob("*.json")) == ["a.json", "b.json"]
+    for record_path in (moved / "out").glob("*.json"):  # as an older version wrote them
+        record = json.loads(record_path.read_text())
+        del record["input_sha256"]
+        record_path.write_text(json.dumps(record))
+    assert identity([Path(".")], Path("../out"), "--skip-existing") == 0, errors(capsys)
+    assert "skipping 2 image(s)" in capsys.readouterr().err
+
+
 def test_skip_existing_resumes_and_redoes_incomplete_images(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -123,6 +123,9 @@ def test_reblur_loss_and_sharpness_follow_the_metric_input_conventions():
     assert metrics.reblur_loss(levels, kernel, y, 0.0).per_element.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
     with pytest.raises(ValueError, match="far outside"):
         metrics.reblur_loss(x * 255, kernel, y * 255, 10.0)
+    noisy = y + 0.4 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert noisy.min() < -0.5 or noisy.max() > 1.5  # a measurement at σ = 100 levels: noisy, not another range
+    assert torch.isfinite(metrics.reblur_loss(x, kernel, noisy, 0.4).total).all()
     sharp = metrics.laplacian_sharpness(levels.double() / 255)
     assert metrics.laplacian_sharpness(levels).tolist() == pytest.approx(sharp.tolist(), rel=1e-12)
     with pytest.raises(ValueError, match="far outside"):

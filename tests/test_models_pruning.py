@@ -72,6 +72,8 @@ def test_the_student_sinusoid_uses_every_other_teacher_frequency():
     ((8, 16, 32, 16), "the last"),
     ((16, 16, 32, 32), "between 1 and the teacher's"),
     ((8, 16, 32), "needs 4 widths"),
+    ((8, 8, 32, 32), "learned shortcut"),  # the teacher's 8 -> 16 projection would become an identity
+    ((4, 16, 16, 32), "learned shortcut"),
 ])
 def test_impossible_widths_are_refused(widths, match):
     with pytest.raises(ValueError, match=match):
@@ -83,6 +85,11 @@ def test_unsupported_blocks_and_group_counts_are_refused():
                         up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     with pytest.raises(ValueError, match="AttnDownBlock2D"):
         prune_unet(attention, (4, 16))
+    with pytest.raises(ValueError, match="time shift"):
+        prune_unet(teacher(resnet_time_scale_shift="scale_shift"), (4, 8, 16, 32))
+    with pytest.raises(ValueError, match="freq_shift"):
+        prune_unet(teacher(freq_shift=1), (4, 8, 16, 32))
+    assert prune_unet(teacher(freq_shift=1), (8, 16, 32, 32)).config.freq_shift == 1  # first width kept: fine
     with pytest.raises(ValueError, match="norm_num_groups 3"):
         prune_unet(teacher(), (4, 8, 16, 32), norm_num_groups=3)
     assert default_norm_groups(32, (16, 32, 64, 128)) == 16 and default_norm_groups(32, (32, 64, 128, 128)) == 32

@@ -231,8 +231,10 @@ def test_non_finite_latents_and_a_diverging_run_give_clear_errors():
         pipe(image, num_inference_steps=2, kernel_size=8, boundary_margin=0, latents=torch.full((1, 3, 16, 16), float("nan")))
     with pytest.raises(ValueError, match="kernel_latents contains NaN"):
         pipe(image, num_inference_steps=2, kernel_size=8, kernel_latents=torch.full((1, 1, 8, 8), float("inf")))
-    with pytest.raises(RuntimeError, match="diverged"):  # was a kernel-projection error from inside the loop
-        pipe(image, num_inference_steps=3, kernel_size=8, guidance_scale=1e30)
+    for seed in range(6):  # was a kernel-projection error from inside the loop (on some seeds even after a first fix)
+        with pytest.raises(RuntimeError, match="diverged"):
+            pipe(image, num_inference_steps=3, kernel_size=8, guidance_scale=1e30,
+                 generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("scheduler_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])

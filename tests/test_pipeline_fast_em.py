@@ -1028,9 +1028,14 @@ def test_step_end_callback_replacements_are_checked(pipe):
         run(pipe, image, callback_on_step_end=returning(kernel=torch.full((1, 1, 5, 5), float("nan"))))
     with pytest.raises(TypeError, match="dict of tensors"):
         run(pipe, image, callback_on_step_end=lambda p, i, t, tensors: [tensors["latents"]])
-    scaled = run(pipe, image, kernel=torch.ones(5, 5) / 25, output_type="pt",
-                 callback_on_step_end=returning(kernel=torch.ones(1, 1, 5, 5) / 5))  # sums to 5: rescaled to 1
-    assert abs(float(scaled.kernels.sum()) - 1) < 1e-5
+    scaled = run(pipe, image, output_type="pt", callback_on_step_end=returning(kernel=torch.ones(1, 1, 5, 5) / 5))
+    assert abs(float(scaled.kernels.sum()) - 1) < 1e-5  # blind: sums to 5, rescaled to 1 as the M-step's
+    half = torch.ones(5, 5) / 50  # a known kernel is used as given, also when a callback hands back a copy
+    copied = run(pipe, image, kernel=half, output_type="pt",
+                 callback_on_step_end=lambda p, i, t, tensors: {"kernel": tensors["kernel"].clone()},
+                 callback_on_step_end_tensor_inputs=["kernel"])
+    plain = run(pipe, image, kernel=half, output_type="pt")
+    assert abs(float(copied.kernels.sum()) - 0.5) < 1e-5 and torch.equal(copied.images, plain.images)
     seen = []
 
     def double_latents(p, i, t, tensors):

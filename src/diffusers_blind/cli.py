@@ -36,7 +36,7 @@ from .outputs import (  # noqa: F401  (output_stems: part of the command line's 
     claimed_stems,
     finished_record,
     incomplete_record,
-    input_key,
+    input_digest,
     is_deblur_record,
     output_stems,
     plan_outputs,
@@ -414,7 +414,7 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[
 
     try:
         plans = plan_outputs(paths, out_dir, [Path(args.kernel)] if args.kernel else [],
-                             claimed_stems(out_dir) if args.skip_existing else None)
+                             claimed_stems(out_dir, paths) if args.skip_existing else None)
     except ValueError as error:
         raise CLIError(str(error)) from None
     unreadable: dict[Path, str] = {}
@@ -473,7 +473,7 @@ def _record(path, mode, array, image, result, written, seconds, run: dict, args)
     method = run["method"]
     return {
         "input": str(path),
-        "input_key": input_key(path),
+        "input_sha256": input_digest(path),
         "outputs": {name: str(file) for name, file in written.items()},
         "image_size": {"width": width, "height": height},
         "input_mode": mode,

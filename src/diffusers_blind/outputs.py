@@ -9,6 +9,7 @@ Stems are the inputs' own, made unique (see :func:`output_stems`); no output may
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -39,8 +40,18 @@ OUTPUT_FILES = {  # what deblur writes per input: name -> suffix after the outpu
 
 
 def input_key(path) -> str:
-    """How records name an input independently of the working folder: its resolved path, case-normalised."""
+    """An input's resolved path, case-normalised: how one run tells its inputs apart."""
     return os.path.normcase(str(Path(path).resolve()))
+
+
+def input_digest(path) -> str:
+    """SHA-256 of an input file's bytes: how a record names its input wherever the folder or the working folder
+    has moved since."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def output_stems(paths: list[Path], claimed: dict[str, str] | None = None) -> list[str]:
@@ -48,9 +59,9 @@ def output_stems(paths: list[Path], claimed: dict[str, str] | None = None) -> li
     for the second, third... input with that stem, skipping any name that another input already has
     (``photo.jpg``, ``photo.png`` and ``photo_2.png`` → ``photo``, ``photo_3``, ``photo_2``).
 
-    ``claimed`` (:func:`claimed_stems`: input key → stem of an earlier run's record in the output folder) keeps
-    a resumed run's names: an input keeps its earlier stem, and no other input gets a stem a record holds, so
-    an image added to the folder (or a changed order) never takes over another image's result.
+    ``claimed`` (:func:`claimed_stems`: :func:`input_key` of an input → the stem of its earlier record, plus the
+    stems of records of other inputs) keeps a resumed run's names: an input keeps its earlier stem, and no other
+    input gets a stem a record holds, so an image added to the folder never takes over another image's result.
     """
     claimed = claimed or {}
     keys = [input_key(path) for path in paths]
@@ -74,22 +85,43 @@ def output_stems(paths: list[Path], claimed: dict[str, str] | None = None) -> li
     return stems
 
 
-def claimed_stems(out_dir: Path) -> dict[str, str]:
-    """Input key → output stem of every deblur record (finished or not) in ``out_dir`` (the first by name if two
-    records name one input)."""
+def record_is_for(record: dict, path: Path, digest: str | None = None) -> bool:
+    """Whether a deblur record was made from the input ``path``: the same file content (its ``input_sha256``), or,
+    for a record of a version that did not store it, the same file name."""
+    if "input_sha256" in record:
+        return record["input_sha256"] == (input_digest(path) if digest is None else digest)
+    return Path(str(record.get("input", ""))).name == Path(path).name
+
+
+def claimed_stems(out_dir: Path, paths: list[Path]) -> dict[str, str]:
+    """The stems the deblur records (finished or not) in ``out_dir`` hold, for :func:`output_stems`: each record
+    matched to one of ``paths`` (:func:`record_is_for`, records in name order, an input matched once) under that
+    input's :func:`input_key`; the others under ``record:<stem>``, which no input has, so their stems stay theirs."""
     claims: dict[str, str] = {}
+    digests: dict[Path, str] = {}
+    matched: set[Path] = set()
     for record_path in sorted(Path(out_dir).glob("*.json")) if Path(out_dir).is_dir() else []:
         if not is_deblur_record(record_path):
             continue
         record = json.loads(record_path.read_text())
-        key = record.get("input_key") or input_key(record["input"])
-        claims.setdefault(key, record_path.stem)
+        owner = None
+        for path in paths:
+            if path in matched:
+                continue
+            if "input_sha256" in record and path not in digests:
+                try:
+                    digests[path] = input_digest(path)
+                except OSError:  # unreadable: it matches no record (the run reports it as unreadable)
+                    digests[path] = ""
+            if record_is_for(record, path, digests.get(path)):
+                owner = path
+                break
+        if owner is None:
+            claims[f"record:{record_path.stem}"] = record_path.stem
+        else:
+            matched.add(owner)
+            claims[input_key(owner)] = record_path.stem
     return claims
-
-
-def record_is_for(record: dict, path: Path) -> bool:
-    """Whether a deblur record was made from the input ``path``."""
-    return (record.get("input_key") or input_key(record.get("input", ""))) == input_key(path)
 
 
 def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path],
@@ -114,7 +146,7 @@ def plan_outputs(paths: list[Path], out_dir: Path, protected: list[Path],
 def incomplete_record(input_path: Path, plan: dict[str, Path], method: str) -> dict:
     """The record written before an image's files: it claims them (``status: incomplete``) until the final
     record replaces it, so files left by a crash are known as this tool's."""
-    return {"input": str(input_path), "input_key": input_key(input_path), "status": "incomplete",
+    return {"input": str(input_path), "input_sha256": input_digest(input_path), "status": "incomplete",
             "settings": {"method": method},
             "outputs": {name: str(file) for name, file in plan.items() if name != "record"}}
 

@@ -56,8 +56,9 @@ def _numpy_image(array: np.ndarray, name: str) -> torch.Tensor:
     return tensor.movedim(-1, -3) if tensor.ndim in (3, 4) else tensor
 
 
-def _unit_range(image, name: str, data_range: float | None) -> torch.Tensor:
-    """One image argument as float64 in units of its full scale, checked (see :func:`psnr`)."""
+def _unit_range(image, name: str, data_range: float | None, check_range: bool = True) -> torch.Tensor:
+    """One image argument as float64 in units of its full scale, checked (see :func:`psnr`); ``check_range=False``
+    for a noisy measurement, whose values may go far outside ``[0, 1]`` at a high noise level."""
     if isinstance(image, np.ndarray):
         image = _numpy_image(image, name)
     if not torch.is_tensor(image):
@@ -76,6 +77,8 @@ def _unit_range(image, name: str, data_range: float | None) -> torch.Tensor:
     if image.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(image.shape)})")
     image = image / scale
+    if not check_range:
+        return image
     low, high = image.min().item(), image.max().item()
     if low < RANGE_TOLERANCE[0] or high > RANGE_TOLERANCE[1]:
         raise ValueError(
@@ -177,14 +180,14 @@ def reblur_loss(
         x_est: estimated sharp images ``(B, C, H, W)`` in ``[0, 1]`` (not clamped: the residual is
             taken as given).
         k_est: estimated kernels ``(B or 1, 1, k, k)``; used as given (normalise them first if needed).
-        y: the measurement ``(B, C, H, W)``.
+        y: the measurement ``(B, C, H, W)`` (noisy: its values are not range-checked; uint8/uint16 levels are rescaled).
         sigma: noise std in ``[0, 1]`` units (``10 / 255`` for 8-bit σ = 10), scalar or ``(B,)``.
         blur_mode: the padding of the true convolution ``k̂ ⊛ x̂`` (:class:`~diffusers_blind.ops.BlurOperator`):
             ``"circular"`` (the Fast EM model), ``"reflect"`` or ``"zeros"``, to match how ``y`` was made.
     """
     if blur_mode not in BLUR_PADDINGS:
         raise ValueError(f"blur_mode must be one of {BLUR_PADDINGS}, got {blur_mode!r}")
-    x_est, y = _unit_range(x_est, "x_est", None), _unit_range(y, "y", None)
+    x_est, y = _unit_range(x_est, "x_est", None), _unit_range(y, "y", None, check_range=False)
     x_est, y = _check_pair(x_est, y.to(x_est.device))
     reblurred = BlurOperator(padding=blur_mode)(x_est, k_est.double())
     m = x_est[0].numel()

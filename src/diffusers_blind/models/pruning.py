@@ -156,8 +156,10 @@ def _time_embedding(weights: dict, student_width: int) -> dict:
 def prune_unet(teacher: UNet2DModel, block_out_channels, norm_num_groups: int | None = None) -> UNet2DModel:
     """A ``UNet2DModel`` of the teacher's architecture with narrower ``block_out_channels``, initialised from the
     teacher's most important channels (module docstring). The deepest width (the mid block's) must stay the
-    teacher's; every other width may be at most the teacher's. ``norm_num_groups``: default
-    :func:`default_norm_groups`. Pruning to the teacher's own widths returns an exact copy of it.
+    teacher's, and its weights are copied; every other width may be at most the teacher's, and two neighbouring
+    levels may be equal only where the teacher's are. ``norm_num_groups``: default :func:`default_norm_groups`;
+    with fewer groups than the teacher, every GroupNorm pools more channels, the copied mid block's too, so no
+    level computes exactly what the teacher's does. Pruning to the teacher's own widths returns an exact copy.
     """
     config = teacher.config
     widths = [int(width) for width in block_out_channels]
@@ -169,9 +171,19 @@ def prune_unet(teacher: UNet2DModel, block_out_channels, norm_num_groups: int | 
                          f"block's) equal to it; got {widths}")
     unsupported = [name for name in config.down_block_types if name not in SUPPORTED_DOWN] + \
         [name for name in config.up_block_types if name not in SUPPORTED_UP]
-    if unsupported or config.class_embed_type is not None or config.time_embedding_type != "positional":
-        raise ValueError(f"pruning supports {SUPPORTED_DOWN + SUPPORTED_UP} blocks with a positional time embedding "
-                         f"and no class embedding; got {sorted(set(unsupported)) or config.time_embedding_type}")
+    if unsupported or config.class_embed_type is not None or config.time_embedding_type != "positional" \
+            or config.resnet_time_scale_shift != "default":
+        raise ValueError(f"pruning supports {SUPPORTED_DOWN + SUPPORTED_UP} blocks with a positional time embedding, "
+                         "the default time shift and no class embedding; got "
+                         f"{sorted(set(unsupported)) or (config.time_embedding_type, config.resnet_time_scale_shift)}")
+    if widths[0] != teacher_widths[0] and config.freq_shift != 0:
+        raise ValueError("a narrower first width takes every other frequency of the teacher's sinusoid, which needs "
+                         f"freq_shift 0; this teacher has {config.freq_shift}: keep block_out_channels[0]")
+    for level in range(1, len(widths)):  # a projection in the teacher cannot become the student's identity
+        if teacher_widths[level - 1] != teacher_widths[level] and widths[level - 1] == widths[level]:
+            raise ValueError(f"widths {widths[level - 1]} and {widths[level]} of levels {level - 1} and {level} are equal "
+                             f"where the teacher's ({teacher_widths[level - 1]}, {teacher_widths[level]}) differ: the "
+                             "teacher's learned shortcut has no place in the student")
     groups = default_norm_groups(config.norm_num_groups, widths) if norm_num_groups is None else int(norm_num_groups)
     if any(width % groups for width in widths):
         raise ValueError(f"norm_num_groups {groups} must divide every width {widths}")

@@ -83,12 +83,17 @@ def masked_posterior_solve(
     rhs: torch.Tensor, otf: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor, r: torch.Tensor,
     preconditioner: torch.Tensor, iterations: int, tolerance: float = 0.0,
 ) -> torch.Tensor:
-    """``u ≈ (r²·W K Kᵀ W + σ²I)⁻¹ rhs`` by conjugate gradients, preconditioned by the circulant ``(r²|K|² + σ²)⁻¹``.
+    """``u ≈ (r²·W K Kᵀ W + σ²I)⁻¹ rhs`` by conjugate gradients, preconditioned by the circulant ``(r²|K|² + σ²)⁻¹``
+    restricted to the observed window.
 
     With ``W`` a 0/1 mask of the observed pixels this is Pi-GDM's ``(r² H Hᵀ + σ² I)⁻¹`` for the valid
     blur ``H = W K``, which has no Fourier closed form; the circulant inverse (the one-step answer) is
-    the preconditioner, so each iteration corrects what the mask breaks. Two real FFT pairs per
-    iteration; stops early once every sample's residual is below ``tolerance`` times its ``‖rhs‖``.
+    the preconditioner, so each iteration corrects what the mask breaks. The system splits into the window
+    and the rest, where it is ``σ²I``; the preconditioner is ``W P W`` in the window and the exact ``σ⁻²`` outside
+    it, so the two parts never mix (for a residual under ``W`` the outside part is zero throughout). (The whole-grid ``P`` mixes the two parts
+    and converged about twice slower: the error after 5 iterations here matched its error after 10 on real
+    residuals, ``r`` from 0.03 to 0.5; docs/scale.md.) Two real FFT pairs per iteration; stops early once every
+    sample's residual is below ``tolerance`` times its ``‖rhs‖``.
     """
     shape = rhs.shape[-2:]
     half = shape[-1] // 2 + 1  # real images: half spectra (rfft2) suffice, at half the cost
@@ -98,8 +103,9 @@ def masked_posterior_solve(
         blurred_twice = torch.fft.irfft2(energy * torch.fft.rfft2(weight * u), s=shape)
         return r.square() * weight * blurred_twice + sigma.square() * u
 
-    def precondition(v):
-        return torch.fft.irfft2(torch.fft.rfft2(v) / preconditioner, s=shape)
+    def precondition(v):  # the window's circulant inverse; outside it the exact inverse of σ²I
+        inside = weight * torch.fft.irfft2(torch.fft.rfft2(weight * v) / preconditioner, s=shape)
+        return inside + (1 - weight) * v / sigma.square()
 
     return conjugate_gradient(apply, rhs, iterations, precondition, tolerance=tolerance)
 

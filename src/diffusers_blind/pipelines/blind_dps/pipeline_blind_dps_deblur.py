@@ -83,6 +83,12 @@ class MaskedOperator(LinearOperator):
         return self.operator.A_adjoint(self.mask * y, *params)
 
 
+def check_finite(*tensors: torch.Tensor) -> None:
+    """A diverged chain (huge or non-finite values) stops with a clear error, not deep inside the kernel projection."""
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors):
+        raise RuntimeError("The sampler diverged (non-finite values): lower guidance_scale.")
+
+
 @dataclass
 class BlindDPSProblem:
     """Per-call constants: the measurement in the model range on the padded canvas, and the guidance settings."""
@@ -278,6 +284,7 @@ class BlindDPSPipeline(DiffusionPipeline):
         with torch.enable_grad():
             x_t = {name: state.detach().requires_grad_(True) for name, state in states.items()}
             predictions = {name: denoisers[name](x_t[name], t, step=True, **step_kwargs) for name in x_t}
+            check_finite(*(prediction.x0 for prediction in predictions.values()))
             params = self.operator_params(predictions)
             names = list(x_t)
             result = dps_joint_gradient(
@@ -436,9 +443,7 @@ class BlindDPSPipeline(DiffusionPipeline):
         for i, t in enumerate(timesteps):
             if self.interrupt:
                 continue
-            if not all(bool(torch.isfinite(state).all()) for state in states.values()):
-                raise RuntimeError(f"The sampler diverged (non-finite values) before step {i + 1} of {len(timesteps)}: "
-                                   "lower guidance_scale.")
+            check_finite(*states.values())
             if i < problem.hold_steps:
                 states = {**states, **self.held_kernel_step(problem, denoisers, states, t, timesteps[i + 1], kernel_noise,
                                                             step_kwargs)}

@@ -478,7 +478,10 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         latents = self.guided_latents(problem, x_t, x0, prediction.prev_sample, kernel, step_index)
         return FastEMState(latents=latents.detach(), kernel=kernel, x0=x0.detach())
 
-    def _callback(self, callback, tensor_inputs: list[str], state: FastEMState, step: int, t) -> FastEMState:
+    def _callback(self, callback, tensor_inputs: list[str], state: FastEMState, step: int, t,
+                  rescale_kernel: bool = True) -> FastEMState:
+        """The step-end callback; a kernel it returns must keep the shape and be finite and non-negative, and in a
+        blind Fast EM run (``rescale_kernel``) is rescaled to sum 1 like the M-step's; a known kernel is used as given."""
         if callback is None:
             return state
         available = {"latents": state.latents, "kernel": state.kernel, "x0": state.x0}
@@ -487,7 +490,8 @@ class FastEMDeblurPipeline(DiffusionPipeline):
         if kernel is not state.kernel:
             if (kernel < 0).any():
                 raise ValueError("callback_on_step_end returned a kernel with negative entries")
-            kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(kernel.dtype).tiny)
+            if rescale_kernel:
+                kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(kernel.dtype).tiny)
         return replace(state, latents=callback_replacement(outputs, "latents", state.latents), kernel=kernel)
 
     def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0, start_index=0,
@@ -502,7 +506,7 @@ class FastEMDeblurPipeline(DiffusionPipeline):
                 continue
             state = self.denoising_step(denoiser, problem, state, i, t, step_kwargs)
             state = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, state,
-                                   step_offset + i - start_index, t)
+                                   step_offset + i - start_index, t, rescale_kernel=problem.estimate_kernel)
             progress_bar.update()
         return state
 
