@@ -52,7 +52,8 @@ def _numpy_image(array: np.ndarray, name: str) -> torch.Tensor:
             f"got shape {array.shape} (for a channels-first array pass np.moveaxis(array, -3, -1), "
             "or pass a torch tensor)"
         )
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # e.g. np.asarray of a PIL image
     return tensor.movedim(-1, -3) if tensor.ndim in (3, 4) else tensor
 
 

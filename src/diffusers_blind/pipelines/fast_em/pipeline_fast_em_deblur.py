@@ -67,7 +67,7 @@ DEFAULT_REFINE_STRENGTH = 0.3
 KERNEL_INITS = ("sparse", "dirac")  # how a blind run starts its kernel
 BLIND_SIGMA_FLOOR = 5.0  # 8-bit levels: a blind run's noise level is at least this (docs/kernel_estimation.md)
 # CG iterations of Pi-GDM's valid-blur solve (docs/conventions.md, "Boundary handling of the pipeline")
-MASKED_GUIDANCE_ITERATIONS = 10
+MASKED_GUIDANCE_ITERATIONS = 5  # PCG iterations of the valid-blur Pi-GDM solve (window-restricted preconditioner)
 MASKED_KERNEL_ITERATIONS = 5  # PCG iterations per HQS step of the M-step under the photograph's mask
 DEFAULT_STEPS = 50  # DDPM steps of a call; with the shipped guidance_scale 4.5 as good as 100 (docs/scale.md)
 KERNEL_ANCHOR = 1.2  # default ρ of the M-step's pull ρσ²P‖k − k_start‖² toward the start kernel (P: pixels)
