@@ -151,6 +151,31 @@ def test_skip_existing_finds_its_results_after_the_folders_move_and_in_old_recor
     assert "skipping 2 image(s)" in capsys.readouterr().err
 
 
+def test_skip_existing_keeps_a_finished_photo_when_an_identical_copy_joins_and_reads_path_keyed_records(
+        tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_image(folder / "photo.png", 0)
+    out = tmp_path / "out"
+    assert identity([folder], out) == 0
+    (folder / "copy.png").write_bytes((folder / "photo.png").read_bytes())  # sorts first, same content
+    assert identity([folder], out, "--skip-existing") == 0, errors(capsys)
+    assert "skipping 1 image(s)" in capsys.readouterr().err  # photo.png kept, only the copy ran
+    records = {f.name: Path(json.loads(f.read_text())["input"]).name for f in out.glob("*.json")}
+    assert records == {"photo.json": "photo.png", "copy.json": "copy.png"}
+
+    other = tmp_path / "B"  # a record of the version that keyed inputs by resolved path (no content hash)
+    other.mkdir()
+    write_image(other / "photo.png", 7)
+    record = json.loads((out / "photo.json").read_text())
+    del record["input_sha256"]
+    record["input_key"] = str((folder / "photo.png").resolve())
+    (out / "photo.json").write_text(json.dumps(record))
+    assert identity([other / "photo.png"], out, "--skip-existing") == 0, errors(capsys)
+    assert "skipping" not in capsys.readouterr().err  # B's photo.png is not A's, whatever its name
+    assert Path(json.loads((out / "photo_2.json").read_text())["input"]).parent.name == "B"
+
+
 def test_skip_existing_resumes_and_redoes_incomplete_images(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()

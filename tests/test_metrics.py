@@ -126,6 +126,10 @@ def test_reblur_loss_and_sharpness_follow_the_metric_input_conventions():
     noisy = y + 0.4 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert noisy.min() < -0.5 or noisy.max() > 1.5  # a measurement at σ = 100 levels: noisy, not another range
     assert torch.isfinite(metrics.reblur_loss(x, kernel, noisy, 0.4).total).all()
+    with pytest.raises(ValueError, match="beyond what noise"):
+        metrics.reblur_loss(x, kernel, y * 255, 0.04)  # 8-bit levels as floats: another scale, not noise
+    with pytest.raises(ValueError, match="beyond what noise"):
+        metrics.reblur_loss(x, kernel, y * 4 - 2, 0.0)
     sharp = metrics.laplacian_sharpness(levels.double() / 255)
     assert metrics.laplacian_sharpness(levels).tolist() == pytest.approx(sharp.tolist(), rel=1e-12)
     with pytest.raises(ValueError, match="far outside"):

@@ -366,3 +366,11 @@ def test_masked_solve_preconditioner_keeps_window_and_outside_apart():
     assert error(masked_posterior_solve(rhs, otf, mask, sigma, r, denominator, 60)) < 1e-8
     outside = (1 - mask) * torch.rand(1, 3, *shape, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(masked_posterior_solve(outside, otf, mask, sigma, r, denominator, 1), outside / sigma**2)
+    doubled = 2 * mask  # a weight above 1: the preconditioner stays positive definite, CG converges
+
+    def apply_doubled(u):
+        return r**2 * doubled * torch.fft.ifft2(otf.abs().square() * torch.fft.fft2(doubled * u)).real + sigma**2 * u
+
+    reference = conjugate_gradient(apply_doubled, rhs, 500)
+    solved = masked_posterior_solve(rhs, otf, doubled, sigma, r, denominator, 200)
+    assert float((solved - reference).norm() / reference.norm()) < 1e-6

@@ -86,41 +86,51 @@ def output_stems(paths: list[Path], claimed: dict[str, str] | None = None) -> li
 
 
 def record_is_for(record: dict, path: Path, digest: str | None = None) -> bool:
-    """Whether a deblur record was made from the input ``path``: the same file content (its ``input_sha256``), or,
-    for a record of a version that did not store it, the same file name."""
+    """Whether a deblur record was made from the input ``path``: the same file content (its ``input_sha256``); for
+    records of earlier versions, the same resolved path (``input_key``), or else the same file name."""
     if "input_sha256" in record:
         return record["input_sha256"] == (input_digest(path) if digest is None else digest)
+    if "input_key" in record:
+        return record["input_key"] == input_key(path)
     return Path(str(record.get("input", ""))).name == Path(path).name
 
 
 def claimed_stems(out_dir: Path, paths: list[Path]) -> dict[str, str]:
     """The stems the deblur records (finished or not) in ``out_dir`` hold, for :func:`output_stems`: each record
-    matched to one of ``paths`` (:func:`record_is_for`, records in name order, an input matched once) under that
-    input's :func:`input_key`; the others under ``record:<stem>``, which no input has, so their stems stay theirs."""
-    claims: dict[str, str] = {}
-    digests: dict[Path, str] = {}
-    matched: set[Path] = set()
+    matched to one of ``paths`` (:func:`record_is_for`; an input matched once, an input of the record's own file
+    name first, so a copy added beside a finished photo does not take its result) under that input's
+    :func:`input_key`; the others under ``record:<stem>``, which no input has, so their stems stay theirs."""
+    records = []
     for record_path in sorted(Path(out_dir).glob("*.json")) if Path(out_dir).is_dir() else []:
-        if not is_deblur_record(record_path):
-            continue
-        record = json.loads(record_path.read_text())
-        owner = None
-        for path in paths:
-            if path in matched:
+        if is_deblur_record(record_path):
+            records.append((record_path.stem, json.loads(record_path.read_text())))
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            try:
+                digests[path] = input_digest(path)
+            except OSError:  # unreadable: it matches no record (the run reports it as unreadable)
+                digests[path] = ""
+        return digests[path]
+
+    def matches(record: dict, path: Path) -> bool:
+        return record_is_for(record, path, digest(path) if "input_sha256" in record else None)
+
+    owners: dict[str, Path] = {}
+    for same_name in (True, False):
+        for stem, record in records:
+            if stem in owners:
                 continue
-            if "input_sha256" in record and path not in digests:
-                try:
-                    digests[path] = input_digest(path)
-                except OSError:  # unreadable: it matches no record (the run reports it as unreadable)
-                    digests[path] = ""
-            if record_is_for(record, path, digests.get(path)):
-                owner = path
-                break
-        if owner is None:
-            claims[f"record:{record_path.stem}"] = record_path.stem
-        else:
-            matched.add(owner)
-            claims[input_key(owner)] = record_path.stem
+            recorded_name = Path(str(record.get("input", ""))).name
+            for path in paths:
+                if path not in owners.values() and (not same_name or path.name == recorded_name) \
+                        and matches(record, path):
+                    owners[stem] = path
+                    break
+    claims: dict[str, str] = {}
+    for stem, _ in records:
+        claims[input_key(owners[stem]) if stem in owners else f"record:{stem}"] = stem
     return claims
 
 

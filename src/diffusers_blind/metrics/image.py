@@ -181,7 +181,8 @@ def reblur_loss(
         x_est: estimated sharp images ``(B, C, H, W)`` in ``[0, 1]`` (not clamped: the residual is
             taken as given).
         k_est: estimated kernels ``(B or 1, 1, k, k)``; used as given (normalise them first if needed).
-        y: the measurement ``(B, C, H, W)`` (noisy: its values are not range-checked; uint8/uint16 levels are rescaled).
+        y: the measurement ``(B, C, H, W)`` (noisy: values beyond ``[−0.5 − 6σ, 1.5 + 6σ]`` are refused as another
+            scale; uint8/uint16 levels are rescaled).
         sigma: noise std in ``[0, 1]`` units (``10 / 255`` for 8-bit σ = 10), scalar or ``(B,)``.
         blur_mode: the padding of the true convolution ``k̂ ⊛ x̂`` (:class:`~diffusers_blind.ops.BlurOperator`):
             ``"circular"`` (the Fast EM model), ``"reflect"`` or ``"zeros"``, to match how ``y`` was made.
@@ -190,6 +191,11 @@ def reblur_loss(
         raise ValueError(f"blur_mode must be one of {BLUR_PADDINGS}, got {blur_mode!r}")
     x_est, y = _unit_range(x_est, "x_est", None), _unit_range(y, "y", None, check_range=False)
     x_est, y = _check_pair(x_est, y.to(x_est.device))
+    noise = float(torch.as_tensor(sigma, dtype=torch.float64).max()) if torch.as_tensor(sigma).numel() else 0.0
+    low, high = RANGE_TOLERANCE[0] - 6 * noise, RANGE_TOLERANCE[1] + 6 * noise  # a noisy measurement overshoots
+    if y.min().item() < low or y.max().item() > high:
+        raise ValueError(f"y has values in [{y.min().item():.4g}, {y.max().item():.4g}], beyond what noise of std "
+                         f"{noise:.4g} explains around [0, 1]: divide 8-bit levels by 255, map [-1, 1] with (y + 1) / 2")
     reblurred = BlurOperator(padding=blur_mode)(x_est, k_est.double())
     m = x_est[0].numel()
     sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten()

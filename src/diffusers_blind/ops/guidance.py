@@ -93,7 +93,8 @@ def masked_posterior_solve(
     it, so the two parts never mix (for a residual under ``W`` the outside part is zero throughout). (The whole-grid ``P`` mixes the two parts
     and converged about twice slower: the error after 5 iterations here matched its error after 10 on real
     residuals, ``r`` from 0.03 to 0.5; docs/scale.md.) Two real FFT pairs per iteration; stops early once every
-    sample's residual is below ``tolerance`` times its ``‖rhs‖``.
+    sample's residual is below ``tolerance`` times its ``‖rhs‖``. ``weight`` is a mask in ``[0, 1]`` (weights above 1
+    are treated as inside the window only).
     """
     shape = rhs.shape[-2:]
     half = shape[-1] // 2 + 1  # real images: half spectra (rfft2) suffice, at half the cost
@@ -105,7 +106,7 @@ def masked_posterior_solve(
 
     def precondition(v):  # the window's circulant inverse; outside it the exact inverse of σ²I
         inside = weight * torch.fft.irfft2(torch.fft.rfft2(weight * v) / preconditioner, s=shape)
-        return inside + (1 - weight) * v / sigma.square()
+        return inside + (1 - weight).clamp_min(0) * v / sigma.square()
 
     return conjugate_gradient(apply, rhs, iterations, precondition, tolerance=tolerance)
 
