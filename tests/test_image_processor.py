@@ -265,3 +265,14 @@ def test_auto_sigma_of_a_clean_image_is_floored_above_quantisation_noise(pipe):
     assert np.isfinite(out.images).all()
     with pytest.raises(ValueError, match="floor"):
         estimate_noise_sigma(flat, floor=-1.0)
+
+
+@pytest.mark.skipif(not hasattr(torch, "uint16"), reason="torch without a uint16 dtype")
+def test_torch_uint16_and_bool_images_are_rescaled_like_numpy():
+    levels = (np.arange(20, dtype=np.int64).reshape(1, 4, 5) * 3000).astype(np.uint16)
+    expected = DeblurImageProcessor().preprocess(levels[0])  # numpy (H, W): rescaled by 65535
+    tensor = torch.from_numpy(levels.astype(np.int32)).to(torch.uint16)  # torch (1, H, W): was a TypeError
+    torch.testing.assert_close(DeblurImageProcessor().preprocess(tensor), expected)
+    mask = torch.zeros(1, 4, 5, dtype=torch.bool)
+    mask[0, 1, 2] = True
+    assert DeblurImageProcessor().preprocess(mask).sum().item() == 1.0

@@ -326,3 +326,15 @@ def test_available_metrics_and_clear_errors():
     if metrics.metric_status("fid") is not None:
         with pytest.raises(metrics.MetricUnavailableError):
             metrics.fid(x, x)
+
+
+def test_read_only_numpy_images_give_no_warning():
+    import warnings
+
+    import PIL.Image
+
+    array = np.asarray(PIL.Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)))
+    assert not array.flags.writeable  # what np.asarray of a PIL image gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a non-writable array
+        assert metrics.psnr(array, array.copy()).item() == float("inf")

@@ -383,3 +383,11 @@ def test_long_shake_kernels_are_centred(extent):
     assert (kernels >= 0).all()
     torch.testing.assert_close(kernels.sum(dim=(-2, -1)), torch.ones(20, 1))
     assert (kernel_center_of_mass(kernels) - 16).abs().max() < 0.05
+
+
+def test_kernel_generators_take_numpy_scalar_settings():
+    from diffusers_blind.ops import MotionKernelGenerator
+
+    plain = MotionKernelGenerator(9, 0.5)(2, generator=0)
+    numpy_scalar = MotionKernelGenerator(9, np.float32(0.5))(2, generator=0)  # was a TypeError
+    torch.testing.assert_close(numpy_scalar, plain)
