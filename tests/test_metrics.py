@@ -335,6 +335,9 @@ def test_read_only_numpy_images_give_no_warning():
 
     array = np.asarray(PIL.Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)))
     assert not array.flags.writeable  # what np.asarray of a PIL image gives
+    from diffusers_blind.metrics.image import _numpy_image
+
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns on a non-writable array
+        warnings.simplefilter("error")  # torch warns (once per process) on a non-writable array
         assert metrics.psnr(array, array.copy()).item() == float("inf")
+    assert not np.shares_memory(_numpy_image(array, "x").numpy(), array)  # copied, not wrapped read-only
