@@ -443,7 +443,6 @@ class BlindDPSPipeline(DiffusionPipeline):
         for i, t in enumerate(timesteps):
             if self.interrupt:
                 continue
-            check_finite(*states.values())
             if i < problem.hold_steps:
                 states = {**states, **self.held_kernel_step(problem, denoisers, states, t, timesteps[i + 1], kernel_noise,
                                                             step_kwargs)}
