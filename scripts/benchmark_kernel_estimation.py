@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=(), choices=("blind", "oracle", "ceiling"), help="parts not to run")
     p.add_argument("--limit", type=int, default=None, help="at most this many photographs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pipeline_seed", type=int, default=None,
+                   help="seed of the diffusion alone (default: --seed); the kernels and noise stay those of --seed")
     p.add_argument("--only", type=lambda v: [int(i) for i in v.split(",")], default=None,
                    help="comma-separated photo indices to run (kernels stay seeded by the index), to split a run")
     p.add_argument("--num_scales", type=int, default=1, help="coarse-to-fine levels of the blind run")
@@ -188,6 +190,7 @@ def main(argv=None) -> int:
     if args.kernel_cg_iterations is not None:
         call["kernel_cg_iterations"] = args.kernel_cg_iterations
 
+    pipeline_seed = args.seed if args.pipeline_seed is None else args.pipeline_seed
     rows = []
     header = (f"{'photo':14s} {'k/est':>6s} {'blurry':>7s} {'blind':>7s} {'oracle':>7s} {'MNC':>6s} {'init':>6s} {'ceiling':>7s}"
               f" {'s/run':>6s}")
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
                 blind_call["kernel_anchor"] = args.kernel_anchor
             if args.blind_sigma_floor is not None:
                 blind_call["blind_sigma_floor"] = args.blind_sigma_floor
-            out = pipe(blurry, generator=torch.manual_seed(args.seed), **blind_call, **call)
+            out = pipe(blurry, generator=torch.manual_seed(pipeline_seed), **blind_call, **call)
             row["fallback"] = bool(out.fallback and out.fallback[0])
             row["fit"] = float(out.fit[0]) if out.fit else float("nan")
             row["seconds"] = time.perf_counter() - start
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
                 start = SparseKernelInitializer(pipe.kernel_estimator)(blurry, size, out.sigma[0] / 255.0)
                 row["init_mnc"] = float(mnc(start, kernel))
         if "oracle" not in args.skip:
-            out = pipe(blurry, kernel=kernel, generator=torch.manual_seed(args.seed), **call)
+            out = pipe(blurry, kernel=kernel, generator=torch.manual_seed(pipeline_seed), **call)
             row["oracle_psnr"] = float(psnr(out.images.clamp(0, 1), sharp))
             row["oracle_fit"] = float(reblur_fit(blurry, out.images.clamp(0, 1), kernel, out.sigma[0] / 255.0)[0])
         if "ceiling" not in args.skip:

@@ -66,3 +66,24 @@ def test_ceiling_with_the_true_scene_finds_the_kernel():
         ceiling = bench.mstep_ceiling(pipe, scene, blurry, 0.5, 16, 10, cg_iterations=cg_iterations)
         assert ceiling.shape[-1] == pipe.kernel_estimator.config.kernel_size
         assert float(mnc(ceiling, kernel)) > 0.99
+
+
+def test_pipeline_seed_changes_the_diffusion_not_the_case(tmp_path):
+    """``--pipeline_seed`` redraws the diffusion's noise while the blurred photograph and its kernel stay."""
+    from diffusers_blind import FastEMDeblurPipeline, KernelEstimator
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    array = (smooth_images(1, 3, 64, 64, seed=3)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(array).save(photos / "p0.png")
+    pipe = FastEMDeblurPipeline(tiny_unet(), tiny_ddpm(), KernelEstimator(kernel_size=7, regularization="none"))
+    pipe.save_pretrained(tmp_path / "model")
+    base = ["--data_dir", str(photos), "--model", str(tmp_path / "model"), "--size", "24", "--kernel_sizes", "5", "7",
+            "--steps", "2", "--skip", "ceiling", "blind"]
+    rows = {}
+    for name, extra in (("same", []), ("again", ["--pipeline_seed", "0"]), ("other", ["--pipeline_seed", "5"])):
+        assert bench.main(base + extra + ["--output", str(tmp_path / f"{name}.json")]) == 0
+        rows[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"][0]
+    assert rows["same"]["blurry_psnr"] == rows["other"]["blurry_psnr"] and rows["same"]["kernel_size"] == rows["other"]["kernel_size"]
+    assert rows["same"]["oracle_psnr"] == rows["again"]["oracle_psnr"]
+    assert rows["same"]["oracle_psnr"] != rows["other"]["oracle_psnr"]
