@@ -14,6 +14,8 @@ A pipeline's test class inherits :class:`PipelineTesterMixin` and provides:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -145,6 +147,62 @@ class PipelineTesterMixin:
         assert public(loaded.config) == public(pipe.config)
         np.testing.assert_allclose(self.as_array(self.call(loaded).images), self.as_array(expected.images),
                                    atol=self.round_trip_tolerance)
+
+    def test_a_hub_repo_id_loads_from_its_snapshot(self, tmp_path, monkeypatch):
+        """diffusers' own per-component download refuses the package's component libraries: the whole snapshot is
+        fetched instead (with the download arguments), then loaded as a folder."""
+        import huggingface_hub
+
+        pipe = self.get_pipeline()
+        pipe.save_pretrained(tmp_path / "snapshot")
+        asked = {}
+
+        def fake_snapshot_download(repo_id, **kwargs):
+            asked.update(repo_id=repo_id, **kwargs)
+            return str(tmp_path / "snapshot")
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+        loaded = self.pipeline_class.from_pretrained("someone/deblur-test", revision="v1", local_files_only=True)
+        assert asked == dict(repo_id="someone/deblur-test", revision="v1", local_files_only=True)
+        loaded.set_progress_bar_config(disable=True)
+        np.testing.assert_allclose(self.as_array(self.call(loaded).images), self.as_array(self.call(pipe).images),
+                                   atol=self.round_trip_tolerance)
+        with pytest.raises(ValueError, match="HTTPS_PROXY"):
+            self.pipeline_class.from_pretrained("someone/deblur-test", proxies={"https": "http://proxy:1"})
+        with pytest.raises(ValueError, match="neither a local folder"):
+            self.pipeline_class.from_pretrained("not/a/repo/id")
+
+    def test_the_model_card_travels_with_the_pipeline(self, tmp_path, monkeypatch):
+        """A folder's README.md (licence, attribution) is kept by save_pretrained and by a push to a card-less repo;
+        a card already on the Hub, or already in the target folder, is never replaced."""
+        import diffusers.utils.hub_utils as hub_utils
+        import huggingface_hub
+        from huggingface_hub import ModelCard
+
+        self.get_pipeline().save_pretrained(tmp_path / "source")
+        card = "---\nlicense: cc-by-sa-4.0\n---\nTrained on photographs by A. Person.\n"
+        (tmp_path / "source" / "README.md").write_text(card)
+        pipe = self.pipeline_class.from_pretrained(tmp_path / "source")
+        pipe.save_pretrained(tmp_path / "copy")
+        assert (tmp_path / "copy" / "README.md").read_text() == card
+        (tmp_path / "theirs").mkdir()
+        (tmp_path / "theirs" / "README.md").write_text("my own card")
+        pipe.save_pretrained(tmp_path / "theirs")
+        assert (tmp_path / "theirs" / "README.md").read_text() == "my own card"
+
+        uploaded = []
+
+        class Repo:
+            repo_id = "someone/deblur-test"
+
+        monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kw: Repo())
+        monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **k: ModelCard("---\nlibrary_name: diffusers\n---\n"))
+        monkeypatch.setattr(hub_utils, "upload_folder",
+                            lambda folder_path, **kw: uploaded.append((Path(folder_path) / "README.md").read_text()))
+        for hub_has_card in (False, True):
+            monkeypatch.setattr(huggingface_hub, "file_exists", lambda *a, **k: hub_has_card)
+            pipe.push_to_hub("someone/deblur-test")
+        assert uploaded[0] == card and "library_name: diffusers" in uploaded[1]
 
     def test_components_rebuild_the_same_pipeline(self):
         pipe = self.get_pipeline()

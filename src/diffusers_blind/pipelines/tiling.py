@@ -457,6 +457,8 @@ class TiledUNetDenoiser(UNetDenoiser):
 
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# accelerate's names (``--mixed_precision``) and "no" for the same three settings
+PRECISION_ALIASES = {"no": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def cpu_has_fast_bfloat16() -> bool:
@@ -491,10 +493,11 @@ def resolve_precision(precision: str | None, device="cpu") -> torch.dtype | None
     """The UNet's autocast dtype for ``precision`` (``None``: :func:`default_precision`; ``"auto"``:
     :func:`auto_precision`); ``None`` means no autocast."""
     name = default_precision(device) if precision is None else precision
+    name = PRECISION_ALIASES.get(name, name) if isinstance(name, str) else name
     if name == "auto":
         name = auto_precision(device)
-    if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {(*PRECISIONS, 'auto')} or None, got {precision!r}")
+    if not isinstance(name, str) or name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {(*PRECISIONS, *PRECISION_ALIASES, 'auto')} or None, got {precision!r}")
     return PRECISIONS[name]
 
 

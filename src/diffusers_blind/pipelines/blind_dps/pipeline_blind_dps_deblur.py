@@ -27,6 +27,7 @@ from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
 from ...ops.kernel_range import KERNEL_BACKGROUNDS, kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from ...ops.operators import BlurOperator, LinearOperator
+from ..hub import HubPipelineMixin
 from ..pipeline_utils import (DeblurPipelineOutput, UNetDenoiser, callback_outputs, callback_replacement, check_scheduler,
                              expand_generator, prepare_kernel, prepare_noise, prepare_sigma, to_unit_range)
 
@@ -102,7 +103,7 @@ class BlindDPSProblem:
     start_state: torch.Tensor | None = None  # start_kernel in the kernel prior's range, 2k/max(k) − 1
 
 
-class BlindDPSPipeline(DiffusionPipeline):
+class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
     r"""Blind deblurring by BlindDPS: an image diffusion prior and a kernel diffusion prior run in parallel.
 
     Each step (Algorithm 1, Eq. 10): ``x'_{t−1}, x̂0 = step(unet, x_t)``, ``k'_{t−1}, k̃0 = step(kernel_unet, k_t)``,

@@ -78,24 +78,29 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """As ``DiffusionPipeline.from_pretrained``; a local ``BlindDPSPipeline`` folder that holds a ``tilt_unet/``
-        subfolder (the package's default BlindDPS folder does) also loads as a turbulence pipeline: the tilt UNet
-        comes from that subfolder and ``tilt_scale`` from its ``training_info.json``. ``BlindDPSPipeline.
-        save_pretrained`` writes no tilt prior (it has none): save a turbulence pipeline to keep one."""
-        folder = Path(str(pretrained_model_name_or_path))
+        """As ``DiffusionPipeline.from_pretrained``; a ``BlindDPSPipeline`` folder (local or on the Hub) that holds a
+        ``tilt_unet/`` subfolder (the package's default BlindDPS folder does) also loads as a turbulence pipeline:
+        the tilt UNet comes from that subfolder (with the same dtype, variant, safetensors and device choices as
+        the other UNets) and ``tilt_scale`` from its ``training_info.json``. ``BlindDPSPipeline.save_pretrained``
+        writes no tilt prior (it has none): save a turbulence pipeline to keep one."""
+        folder = Path(str(cls.local_folder(pretrained_model_name_or_path, kwargs)))
         index = folder / "model_index.json"
+        loaded_here = False
         if "tilt_unet" not in kwargs and index.is_file() and "tilt_unet" not in json.loads(index.read_text()):
             if not (folder / "tilt_unet" / "config.json").is_file():
                 raise ValueError(f"{folder} has no tilt prior (neither a tilt_unet entry in model_index.json nor a "
                                  "tilt_unet/ folder): pass tilt_unet=UNet2DModel.from_pretrained(...)")
-            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers 0.42 reads either name
-            kwargs["tilt_unet"] = UNet2DModel.from_pretrained(folder / "tilt_unet", torch_dtype=dtype)
+            kwargs["tilt_unet"] = UNet2DModel.from_pretrained(folder / "tilt_unet", **_tilt_loading_arguments(kwargs))
+            loaded_here = True
             info = folder / "tilt_unet" / "training_info.json"
             if "tilt_scale" not in kwargs and info.is_file():
                 scale = json.loads(info.read_text()).get("tilt_scale")
                 if scale is not None:
                     kwargs["tilt_scale"] = float(scale)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(folder, **kwargs)
+        if loaded_here and kwargs.get("device_map") is not None:
+            pipe.tilt_unet.to(pipe.kernel_unet.device)  # placed beside the chains diffusers placed
+        return pipe
 
     # a BlindDPSPipeline folder's entries with no meaning here (no sparsity term; the kernel chain starts from
     # noise): dropped without a warning
@@ -203,3 +208,14 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
             boundary_margin, eta, generator, {"latents": latents, "kernel": kernel_latents, "tilt": tilt_latents},
             output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
         )
+
+
+def _tilt_loading_arguments(kwargs: dict) -> dict:
+    """The ``UNet2DModel.from_pretrained`` arguments for the tilt UNet out of a pipeline's loading arguments: its
+    dtype (a per-component dict is read at ``"tilt_unet"``, then ``"default"``), variant, safetensors choice and
+    ``low_cpu_mem_usage``."""
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers 0.42 reads either name
+    if isinstance(dtype, dict):
+        dtype = dtype.get("tilt_unet", dtype.get("default"))
+    chosen = {name: kwargs[name] for name in ("variant", "use_safetensors", "low_cpu_mem_usage") if name in kwargs}
+    return {"torch_dtype": dtype, **chosen}

@@ -23,7 +23,9 @@ from ...ops.blur import edge_taper_window, valid_mask
 from ...ops.kernels import center_kernel, dirac_kernel
 from ...ops.noise import estimate_noise_sigma
 from ...schedulers.scheduling_continuous_noise_level import ContinuousNoiseLevelScheduler
+from ..hub import HubPipelineMixin
 from ..pipeline_utils import DeblurPipelineOutput, callback_outputs, callback_replacement, expand_generator, prepare_noise
+from ..tiling import resolve_precision
 
 
 EXAMPLE_DOC_STRING = """
@@ -44,8 +46,6 @@ EXAMPLE_DOC_STRING = """
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # autocast dtype of the two networks; the long names are those of the package's other pipelines (`precision=`)
-MIXED_PRECISION = {None: None, "no": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                   "fp16": torch.float16, "float16": torch.float16}
 # the two ends of the perception-distortion knob: (denoising steps, averaged samples). The distortion end
 # averages 16 one-step samples (the denoiser's MMSE residual estimate from 16 draws of z_T): on the held-out
 # photographs it is the setting above the predictor in PSNR (docs/dvsr.md); the knob's middle, 10 × 4, is
@@ -111,7 +111,7 @@ def perception_distortion_setting(value: float) -> tuple[int, int]:
     return int(round(steps)), int(round(samples))
 
 
-class StochasticRefinementDeblurPipeline(DiffusionPipeline):
+class StochasticRefinementDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
     r"""Blind deblurring by a deterministic predictor refined by conditional diffusion on the residual.
 
     Paper Algorithm 1: ``x_init = g(y)``; ``z_T ~ N(0, I)``; for each level of the scheduler's chain
@@ -186,6 +186,9 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
         self, measurement, num_inference_steps, num_samples, output_type, eta, boundary_margin,
         kernel_iterations, callback_on_step_end_tensor_inputs, mixed_precision=None,
     ) -> None:
+        if not isinstance(self.scheduler, ContinuousNoiseLevelScheduler):
+            raise TypeError(f"the scheduler must be a ContinuousNoiseLevelScheduler (the denoiser is conditioned on the "
+                            f"continuous noise level, not on integer timesteps), got {type(self.scheduler).__name__}")
         channels = self.predictor.config.in_channels
         if measurement.shape[1] not in (1, channels):
             raise ValueError(f"image has {measurement.shape[1]} channels; the model takes {channels} (or 1, grayscale)")
@@ -203,8 +206,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
             raise ValueError(f"kernel_iterations must be a positive integer, got {kernel_iterations!r}")
         if min(measurement.shape[-2:]) < 2:
             raise ValueError(f"image must be at least 2x2, got {tuple(measurement.shape[-2:])}")
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
+        resolve_precision("float32" if mixed_precision is None else mixed_precision)  # refuses an unknown name
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
@@ -318,7 +320,8 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
                 array or tensor, in ``[0, 255]``), or ``"auto"`` (estimated); checked always, used only with a
                 ``kernel_estimator``.
             kernel_iterations: M-step rounds for the returned kernel.
-            mixed_precision: ``"bf16"`` / ``"bfloat16"`` or ``"fp16"`` / ``"float16"`` runs the two networks
+            mixed_precision: ``"bf16"`` / ``"bfloat16"`` or ``"fp16"`` / ``"float16"`` (``"auto"``: bfloat16 where the
+                device computes it natively) runs the two networks
                 under ``torch.autocast`` (on a CPU with bf16 matrix units about 2.5× faster); the chain itself
                 (``z_t``, ``x_init``, the sum) stays in the pipeline's dtype. ``None``, ``"no"`` or ``"float32"``
                 (default): full precision.
@@ -371,7 +374,7 @@ class StochasticRefinementDeblurPipeline(DiffusionPipeline):
 
         # 3. Initial prediction x_init = g(y); both networks get channels-last inputs (faster convolutions)
         y = y.contiguous(memory_format=torch.channels_last)
-        autocast_dtype = MIXED_PRECISION[mixed_precision]
+        autocast_dtype = resolve_precision("float32" if mixed_precision is None else mixed_precision, device)
 
         def networks():
             if autocast_dtype is None:

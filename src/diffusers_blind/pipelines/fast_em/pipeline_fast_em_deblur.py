@@ -22,6 +22,7 @@ from ...ops.blur import edge_taper_window, photograph_window
 from ...ops.guidance import dps_joint_gradient, pigdm_guidance
 from ...ops.kernels import center_kernel, dirac_kernel, kernel_extent, project_kernel, rescale_kernel
 from ...ops.fit import contrast_gain, midtone_saturation, reblur_fit
+from ..hub import HubPipelineMixin
 from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, callback_outputs, callback_replacement,
                              check_scheduler, expand_generator, prepare_kernel, prepare_noise, prepare_sigma,
                              to_unit_range)
@@ -175,7 +176,7 @@ def check_coarse_to_fine(num_scales, refine_strength, strength=1.0) -> None:
     _check_fraction("strength", strength)
 
 
-class FastEMDeblurPipeline(DiffusionPipeline):
+class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
     r"""Blind deblurring by Fast Diffusion EM: one M-step (kernel) per diffusion step (E-step).
 
     Each step follows Algorithm 2 of the paper: UNet → x̂0 → M-step (``kernel_estimator``) →

@@ -1,0 +1,84 @@
+"""Hub round trips for the package's pipelines: load a pushed repo by its id, and keep the model card.
+
+diffusers 0.42 downloads a Hub repo component by component and accepts a component's library only if
+it is ``diffusers`` or ``transformers`` (or the folder ships the component's code): a repo pushed from
+this package names ``diffusers_blind.models...`` (the kernel estimator, DvSR's predictor), so loading
+it by id fails there. :class:`HubPipelineMixin` fetches the whole repo with
+``huggingface_hub.snapshot_download`` (the cache, ``revision``, ``token`` and ``local_files_only`` as
+usual) and then loads the local folder, which diffusers does resolve from the imported package.
+
+A pipeline loaded from a folder with a ``README.md`` (the shipped default folders carry their model
+card: data, training, licence and attribution) keeps that card's text. ``save_pretrained`` writes it
+into a target folder that has no ``README.md``; ``push_to_hub`` uploads it in place of diffusers'
+generic card when the Hub repo has no card yet (a card already on the Hub is kept).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MODEL_CARD = "README.md"
+# from_pretrained arguments that only steer the download; they mean nothing for a local folder
+_DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+
+
+def is_hub_id(name_or_path) -> bool:
+    """A ``"user/repo"`` or ``"repo"`` string that is not a local folder."""
+    return isinstance(name_or_path, str) and not os.path.isdir(name_or_path)
+
+
+def download_snapshot(repo_id: str, kwargs: dict) -> str:
+    """The local folder of ``repo_id``'s snapshot; the download arguments are taken out of ``kwargs``."""
+    from huggingface_hub import snapshot_download
+
+    if repo_id.count("/") > 1:
+        raise ValueError(f"{repo_id!r} is neither a local folder nor a Hub repo id ('user/name')")
+    if kwargs.pop("proxies", None) is not None:
+        raise ValueError("proxies= is not supported by huggingface_hub's snapshot download: set HTTPS_PROXY instead")
+    options = {name: kwargs.pop(name) for name in _DOWNLOAD_ARGUMENTS if name in kwargs}
+    return snapshot_download(repo_id, **options)
+
+
+def read_model_card(folder) -> str | None:
+    """The text of ``folder/README.md``, or ``None``."""
+    card = Path(folder) / MODEL_CARD
+    return card.read_text(encoding="utf-8") if card.is_file() else None
+
+
+class HubPipelineMixin:
+    """Put before ``DiffusionPipeline`` in a pipeline's bases (see the module docstring)."""
+
+    _source_model_card: str | None = None
+
+    @classmethod
+    def local_folder(cls, pretrained_model_name_or_path, kwargs: dict):
+        """A local folder for ``pretrained_model_name_or_path``: itself, or its downloaded Hub snapshot."""
+        if is_hub_id(pretrained_model_name_or_path):
+            return download_snapshot(pretrained_model_name_or_path, kwargs)
+        return pretrained_model_name_or_path
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        folder = cls.local_folder(pretrained_model_name_or_path, kwargs)
+        pipe = super().from_pretrained(folder, **kwargs)
+        pipe._source_model_card = read_model_card(folder)
+        return pipe
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = Path(save_directory) / MODEL_CARD
+        if self._source_model_card is not None and not card.exists():
+            card.write_text(self._source_model_card, encoding="utf-8")
+
+    def _upload_folder(self, working_dir, repo_id, token=None, *args, **kwargs):
+        """diffusers' upload of a saved folder; the source card replaces the generic one on a card-less repo."""
+        if self._source_model_card is not None and not kwargs.get("subfolder") and not _hub_has_card(repo_id, token):
+            (Path(working_dir) / MODEL_CARD).write_text(self._source_model_card, encoding="utf-8")
+        return super()._upload_folder(working_dir, repo_id, token, *args, **kwargs)
+
+
+def _hub_has_card(repo_id: str, token) -> bool:
+    from huggingface_hub import file_exists
+
+    return file_exists(repo_id, MODEL_CARD, token=token)
