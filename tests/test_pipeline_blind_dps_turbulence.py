@@ -143,3 +143,14 @@ def test_the_tilt_prior_loads_in_the_asked_dtype_from_the_shipped_folder():
     for key in ("dtype", "torch_dtype"):
         pipe = BlindDPSTurbulencePipeline.from_pretrained(diffusers_blind.BLIND_DPS_DEFAULT_MODEL, **{key: torch.bfloat16})
         assert {pipe.unet.dtype, pipe.kernel_unet.dtype, pipe.tilt_unet.dtype} == {torch.bfloat16}, key
+
+
+def test_the_tilt_prior_reads_a_per_component_dtype_and_the_variant(tmp_path):
+    import diffusers_blind
+    from diffusers_blind import BlindDPSTurbulencePipeline
+
+    folder = diffusers_blind.BLIND_DPS_DEFAULT_MODEL
+    pipe = BlindDPSTurbulencePipeline.from_pretrained(folder, torch_dtype={"tilt_unet": torch.bfloat16, "default": torch.float32})
+    assert (pipe.unet.dtype, pipe.tilt_unet.dtype) == (torch.float32, torch.bfloat16)
+    with pytest.raises((ValueError, OSError), match="fp16"):  # no such variant of the tilt prior is shipped
+        BlindDPSTurbulencePipeline.from_pretrained(folder, variant="fp16")

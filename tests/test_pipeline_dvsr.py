@@ -367,3 +367,25 @@ def test_latent_output_keeps_the_kernel_and_sigma():
     torch.testing.assert_close(kernels, pt.kernels)
     assert uncertainty is None
     assert run(make_pipe(), images(1), output_type="latent").kernels is None  # no estimator: no kernel
+
+
+def test_a_scheduler_with_integer_timesteps_is_refused(pipe):
+    """The denoiser is conditioned on the continuous noise level: a DDPM/DDIM scheduler would feed it timesteps."""
+    from diffusers import DDIMScheduler
+
+    swapped = StochasticRefinementDeblurPipeline(**{**pipe.components, "scheduler": DDIMScheduler()})
+    with pytest.raises(TypeError, match="ContinuousNoiseLevelScheduler"):
+        swapped(torch.rand(1, 3, 8, 8), num_inference_steps=2)
+
+
+def test_mixed_precision_takes_the_shared_names(pipe, monkeypatch):
+    """``"auto"`` and accelerate's names mean what Fast EM's ``precision`` means."""
+    import diffusers_blind.pipelines.tiling as tiling
+
+    monkeypatch.setattr(tiling, "cpu_has_fast_bfloat16", lambda: True)
+    image = torch.rand(1, 3, 8, 8)
+    auto = run(pipe, image, mixed_precision="auto")
+    bf16 = run(pipe, image, mixed_precision="bf16")
+    full = run(pipe, image, mixed_precision="no")
+    np.testing.assert_array_equal(np.asarray(auto.images), np.asarray(bf16.images))
+    assert not np.array_equal(np.asarray(auto.images), np.asarray(full.images))

@@ -266,6 +266,11 @@ def test_auto_precision_is_bfloat16_only_where_the_device_has_it(monkeypatch):
     assert tiling.resolve_precision(None, "cpu") is None  # the pipeline's own default stays float32
     with pytest.raises(ValueError, match="auto"):
         tiling.resolve_precision("fast", "cpu")
+    for alias, name in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"), ("no", "float32")):
+        assert tiling.resolve_precision(alias, "cpu") is tiling.resolve_precision(name, "cpu")
+    for wrong in (3, ["bf16"], torch.bfloat16):
+        with pytest.raises(ValueError, match="precision must be one of"):
+            tiling.resolve_precision(wrong, "cpu")
 
 
 def test_pipeline_bfloat16_unet_stays_close_to_float32_and_bad_precision_is_refused():

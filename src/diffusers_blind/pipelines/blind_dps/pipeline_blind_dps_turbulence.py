@@ -218,4 +218,4 @@ def _tilt_loading_arguments(kwargs: dict) -> dict:
     if isinstance(dtype, dict):
         dtype = dtype.get("tilt_unet", dtype.get("default"))
     chosen = {name: kwargs[name] for name in ("variant", "use_safetensors", "low_cpu_mem_usage") if name in kwargs}
-    return {"torch_dtype": dtype, **chosen}
+    return {"dtype": dtype, **chosen}

@@ -206,7 +206,10 @@ class StochasticRefinementDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
             raise ValueError(f"kernel_iterations must be a positive integer, got {kernel_iterations!r}")
         if min(measurement.shape[-2:]) < 2:
             raise ValueError(f"image must be at least 2x2, got {tuple(measurement.shape[-2:])}")
-        resolve_precision("float32" if mixed_precision is None else mixed_precision)  # refuses an unknown name
+        try:
+            resolve_precision("float32" if mixed_precision is None else mixed_precision)
+        except ValueError as error:
+            raise ValueError(f"mixed_precision: {error}") from None
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
