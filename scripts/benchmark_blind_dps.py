@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel_strength", type=float, default=None,
                    help="fraction of the steps BlindDPS's kernel chain runs after a sparse start (default: the folder's)")
     p.add_argument("--boundary_margin", type=int, default=0)
+    p.add_argument("--precision", default=None,
+                   help="BlindDPS UNets' arithmetic: float32 (default), bfloat16 / bf16, float16 / fp16 or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--table_only", action="store_true", help="rebuild table.md from results.jsonl and stop")
@@ -133,7 +135,7 @@ def run_method(method: str, steps: int, y, kernel, pipes, args, generator):
     if method in ("blind-dps", "blind-dps-turbulence"):
         out = pipes[method](y, num_inference_steps=steps, blur_model=args.blur_mode, step_size=args.step_size,
                             guidance_scale=args.guidance_scale, boundary_margin=args.boundary_margin,
-                            generator=generator, output_type="pt",
+                            generator=generator, output_type="pt", precision=args.precision,
                             **({} if method == "blind-dps-turbulence" else {
                                 "sparsity_weight": args.sparsity_weight, "kernel_init": args.kernel_init,
                                 "kernel_strength": args.kernel_strength, "sigma": args.sigma}))

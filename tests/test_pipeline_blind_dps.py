@@ -256,3 +256,26 @@ def test_a_square_pair_sample_size_of_the_kernel_prior_is_the_default_kernel_siz
     parts["kernel_unet"].register_to_config(sample_size=(8, 6))
     with pytest.raises(ValueError, match="not square: pass kernel_size"):
         pipe(smooth_images(1, 3, 16, 16), num_inference_steps=1)
+
+
+def test_bfloat16_precision_runs_both_unets_under_autocast_and_keeps_the_chains_float32():
+    pipe = pipe_with()
+    seen = []
+    for unet in (pipe.unet, pipe.kernel_unet):
+        unet.register_forward_hook(lambda module, args, out: seen.append(torch.is_autocast_enabled("cpu")))
+    image = smooth_images(1, 3, 16, 16)
+
+    def run(**kwargs):
+        return pipe(image, num_inference_steps=3, kernel_size=8, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", **kwargs)
+
+    full = run()
+    assert seen and not any(seen)
+    seen.clear()
+    half = run(precision="bf16")
+    assert len(seen) == 6 and all(seen)  # 3 steps × 2 chains
+    assert half.images.dtype == half.kernels.dtype == torch.float32
+    difference = (full.images - half.images).abs().mean()
+    assert 0 < difference < 0.05
+    with pytest.raises(ValueError, match="precision"):
+        run(precision="int8")

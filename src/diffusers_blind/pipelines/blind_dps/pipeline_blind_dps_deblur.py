@@ -28,8 +28,9 @@ from ...ops.guidance import dps_joint_gradient, kernel_l1
 from ...ops.kernel_range import KERNEL_BACKGROUNDS, kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
 from ...ops.operators import BlurOperator, LinearOperator
 from ..hub import HubPipelineMixin
-from ..pipeline_utils import (DeblurPipelineOutput, UNetDenoiser, callback_outputs, callback_replacement, check_scheduler,
+from ..pipeline_utils import (DeblurPipelineOutput, callback_outputs, callback_replacement, check_scheduler,
                              expand_generator, prepare_kernel, prepare_noise, prepare_sigma, to_unit_range)
+from ..tiling import TiledUNetDenoiser, resolve_precision
 
 
 EXAMPLE_DOC_STRING = """
@@ -493,6 +494,7 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
         kernel_init: str | torch.Tensor | np.ndarray | None = None,
         kernel_strength: float | None = None,
         sigma: float | str = "auto",
+        precision: str | None = None,
     ):
         r"""Deblur ``image`` and estimate its blur kernel with BlindDPS.
 
@@ -532,6 +534,10 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
                 (default: ``config.kernel_strength``).
             sigma: the noise std in 8-bit levels, or ``"auto"`` (estimated from the image); only the ``"sparse"``
                 start uses it (BlindDPS's own step needs no noise level).
+            precision: the UNets' arithmetic: ``None`` / ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``
+                autocast of their forward and backward passes (accelerate's ``"bf16"`` / ``"fp16"`` / ``"no"`` too), or
+                ``"auto"``: bfloat16 where the device computes it natively. The chains, the measurement model and
+                the step stay in the pipeline's dtype.
 
         Examples:
 
@@ -543,7 +549,7 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
             image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
             num_particles, boundary_margin, eta, generator, {"latents": latents, "kernel": kernel_latents},
             output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            kernel_init=kernel_init, kernel_strength=kernel_strength, sigma=sigma,
+            kernel_init=kernel_init, kernel_strength=kernel_strength, sigma=sigma, precision=precision,
         )
 
     def measurement_operator(self, blur_model: str) -> LinearOperator:
@@ -577,7 +583,7 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
     def _sample(self, image, num_inference_steps, blur_model, step_size, guidance_scale, sparsity_weight, kernel_size,
                 num_particles, boundary_margin, eta, generator, given_latents, output_type, return_dict,
                 callback_on_step_end, callback_on_step_end_tensor_inputs, kernel_init=None, kernel_strength=None,
-                sigma="auto"):
+                sigma="auto", precision=None):
         """The body of ``__call__`` shared by the deblurring and turbulence pipelines."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -594,6 +600,7 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
         requested_init = kernel_init
         kernel_init, kernel_strength = self.resolve_kernel_start(kernel_init, kernel_strength)
         noise = prepare_sigma(sigma, measurement, warn_low=False)  # checked even when the start does not use it
+        autocast_dtype = resolve_precision(precision, self._execution_device)
 
         # 2. The measurement on the padded canvas in [-1, 1], and the (masked) measurement model
         boundary_margin = int(boundary_margin)
@@ -621,7 +628,8 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
         start_state = None if start is None else kernel_to_model_range(start).to(self.kernel_unet.dtype)
         problem = BlindDPSProblem(y, operator, step_size, sparsity_weight, start, hold, start_state)
         generator = self._expand_generator(generator, batch, num_particles)
-        denoisers = {name: UNetDenoiser(unet, self.scheduler) for name, unet in self.chains().items()}
+        denoisers = {name: TiledUNetDenoiser(unet, self.scheduler, None, autocast_dtype)
+                     for name, unet in self.chains().items()}
         step_kwargs = denoisers["latents"].step_kwargs(generator, eta)
         states = self.initial_states(batch * num_particles, tuple(y.shape[-2:]), kernel_size, generator, device,
                                      given_latents)

@@ -192,6 +192,7 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        precision: str | None = None,
     ):
         r"""Restore ``image`` degraded by turbulence (tilt then blur) and estimate its kernel and tilt field.
 
@@ -206,7 +207,7 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         return self._sample(
             image, num_inference_steps, blur_model, step_size, guidance_scale, 0.0, kernel_size, num_particles,
             boundary_margin, eta, generator, {"latents": latents, "kernel": kernel_latents, "tilt": tilt_latents},
-            output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs, precision=precision,
         )
 
 
