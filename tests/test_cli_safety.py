@@ -706,3 +706,31 @@ def test_a_known_kernel_result_of_an_older_version_still_counts_as_the_same_sett
     assert settings_differences(older, {"method": "fastem-pigdm", "kernel_file": "k.npy", "guard": None, "steps": 9})
     blind = {"settings": {"method": "fastem-pigdm", "kernel_file": None, "guard": True}}
     assert settings_differences(blind, {"method": "fastem-pigdm", "kernel_file": None, "guard": False})
+
+
+def test_the_start_up_interrupt_guard_is_only_for_the_command(tmp_path):
+    """Python sets ``sys.argv[0] = "-m"`` while importing the parents of any ``-m`` target: a user's own
+    ``python -m their_package.main`` that imports the package keeps Python's Ctrl-C (and excepthook)."""
+    import subprocess
+    import sys
+
+    from diffusers_blind._interrupt import launched_as_the_command, module_target
+
+    assert launched_as_the_command(["/usr/bin/diffusers-blind", "deblur"], [])
+    assert launched_as_the_command(["-m"], ["python", "-u", "-m", "diffusers_blind.cli", "deblur"])
+    assert launched_as_the_command(["-m"], ["python", "-mdiffusers_blind.cli"])
+    assert not launched_as_the_command(["-m"], ["python", "-m", "their_package.main"])
+    assert not launched_as_the_command(["-m"], ["python", "-m", "diffusers_blind_fork"])
+    assert not launched_as_the_command(["train.py"], ["python", "train.py"])
+    assert module_target(["python", "-X", "dev", "-m", "pkg"]) == "pkg" and module_target(["python", "x.py"]) is None
+
+    package = tmp_path / "their_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("import diffusers_blind\n")
+    (package / "main.py").write_text(
+        "import signal, sys\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, sys.excepthook is sys.__excepthook__)\n")
+    done = subprocess.run([sys.executable, "-m", "their_package.main"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]

@@ -1075,3 +1075,16 @@ def test_the_coarse_level_reports_the_noise_level_it_used(pipe):
     out, _, used, factor = pipe.run_downscaled(smooth_images(1, 3, 32, 32), torch.tensor([6 / 255]),
                                                num_inference_steps=2, kernel_size=5, blind_sigma_floor=5.0)
     assert factor == 2 and out.sigma == pytest.approx([5.0]) and float(used) * 255 == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("output_type", ["pt", "np", "latent"])
+def test_a_known_kernel_is_never_shared_with_the_outputs(output_type):
+    pipe = make_pipe(estimator=False)
+    kernel = gaussian_kernel(5, 1.0)[0, 0].clone()
+    given = kernel.clone()
+    out = run(pipe, smooth_images(2), kernel=kernel, output_type=output_type)
+    kernels = torch.as_tensor(np.asarray(out.kernels)) if output_type == "np" else out.kernels
+    kernel *= 2  # the caller edits its kernel afterwards
+    kernels[0] *= 3  # or the first returned kernel
+    torch.testing.assert_close(kernels[1].reshape(5, 5), given)
+    torch.testing.assert_close(kernels[0].reshape(5, 5), 3 * given)

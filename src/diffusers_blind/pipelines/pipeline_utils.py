@@ -314,4 +314,4 @@ def prepare_kernel(kernel, batch: int, device, dtype=torch.float32, warn_sum: bo
         raise ValueError("kernel must have a positive sum")
     if warn_sum and ((sums - 1).abs() > 1e-2).any():
         warnings.warn("kernel does not sum to 1; it is used as given (the blur then also scales the image)")
-    return kernel.expand(batch, -1, -1, -1)
+    return kernel.expand(batch, -1, -1, -1).clone()  # the caller's array is never shared with the outputs
