@@ -387,3 +387,31 @@ def test_blind_dps_start_options_reach_the_pipeline_and_wrong_starts_are_refused
     for bad in ("0", "1.5"):
         assert main(["deblur", str(image), "-o", str(tmp_path / "o5"), *common, "--kernel-strength", bad]) == 2
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o5").exists()
+
+
+@pytest.mark.parametrize("name", ["blind-dps", "blind-dps-turbulence"])
+def test_blind_dps_methods_take_the_precision_option(name):
+    """``--precision`` reaches BlindDPS's UNets as autocast; ``auto`` follows the device."""
+    from test_pipeline_blind_dps import components as blind_dps_components
+
+    from diffusers_blind.methods import METHODS
+    from diffusers_blind.pipelines.blind_dps import BlindDPSPipeline, BlindDPSTurbulencePipeline
+
+    assert "precision" in {option.name for option in METHODS[name].options}
+    parts = blind_dps_components()
+    if name == "blind-dps-turbulence":
+        from conftest import tiny_unet
+
+        pipe = BlindDPSTurbulencePipeline(parts["unet"], parts["kernel_unet"], tiny_unet(2, 2, sample_size=16),
+                                          parts["scheduler"])
+    else:
+        pipe = BlindDPSPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.kernel_unet.register_forward_hook(lambda module, args, output: seen.append(torch.is_autocast_enabled("cpu")))
+    y = torch.rand(1, 3, 16, 16)
+    for precision, expected in (("float32", False), ("bf16", True)):
+        seen.clear()
+        METHODS[name].run(y, sigma=5.0, kernel=None, generator=torch.Generator().manual_seed(0), pipeline=pipe,
+                          blur="circular", steps=2, particles=1, guidance_scale=None, precision=precision)
+        assert seen and set(seen) == {expected}

@@ -305,7 +305,8 @@ PRECISION_OPTION = Option(
     "the networks' arithmetic: float32, bfloat16 (bf16) or float16 (fp16) autocast, or auto (default): bfloat16 "
     "where the device computes it natively (a CPU with AVX512-BF16/AMX, a GPU with bf16), else float32; the "
     "evaluation defaults to float32. Fast EM: the UNet only, guidance and kernel steps stay float32 (bfloat16 about "
-    "18% faster, same quality); dvsr: predictor and denoiser, the chain stays float32 (bfloat16 about 2x faster)",
+    "18% faster, same quality); dvsr: predictor and denoiser, the chain stays float32 (bfloat16 about 2x faster); "
+    "blind-dps: the image, kernel (and tilt) UNets, the chains stay float32",
     eval_default=None)
 
 
@@ -598,7 +599,7 @@ def _register_blind_dps() -> None:
                              f"(its kernel prior's size, {size}x{size}); use a larger image or a Fast EM method")
 
     def run(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale, kernel_init=None,
-            kernel_strength=None):
+            kernel_strength=None, precision=None):
         check_size("blind-dps", y, pipeline)
         # circular data: the periodic model, no margin; a photograph: a mirrored margin of half the kernel,
         # which makes the result independent of the boundary model (the data term sees the image only)
@@ -606,7 +607,8 @@ def _register_blind_dps() -> None:
         out = pipeline(y, **_steps_kwarg(steps), blur_model="circular" if blur == "circular" else "reflect",
                        guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
                        generator=generator, output_type="pt", kernel_init=kernel_init,
-                       kernel_strength=kernel_strength, sigma="auto" if sigma is None else sigma)
+                       kernel_strength=kernel_strength, sigma="auto" if sigma is None else sigma,
+                       precision=_resolved_precision(precision, pipeline))
         used_sigma = float(out.sigma[0]) if out.sigma else None  # the level the sparse start read
         return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), used_sigma, out.uncertainty)
 
@@ -626,17 +628,19 @@ def _register_blind_dps() -> None:
         "blind-dps", run, "BlindDPS: image and kernel diffusion priors, joint DPS guidance (blind; the shipped "
         "model starts the kernel from the sparse estimate, --kernel-init noise is the paper)",
         pipeline_class=BlindDPSPipeline, default_model=BLIND_DPS_DEFAULT_MODEL,
-        options=(*options, shared["kernel_init"], kernel_strength), info={"guidance": "dps"}, check=check,
+        options=(*options, shared["kernel_init"], kernel_strength, PRECISION_OPTION), info={"guidance": "dps"},
+        check=check,
         check_options=_kernel_init_check("blind-dps", BLIND_DPS_KERNEL_INITS),
     ))
 
-    def run_turbulence(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale):
+    def run_turbulence(y, *, sigma, kernel, generator, pipeline, blur, steps, particles, guidance_scale,
+                       precision=None):
         check_size("blind-dps-turbulence", y, pipeline)
         # the same boundary handling as blind-dps; the tilt chain covers the whole padded canvas
         margin = 0 if blur == "circular" else pipeline.kernel_unet.config.sample_size // 2
         out = pipeline(y, **_steps_kwarg(steps), blur_model="circular" if blur == "circular" else "reflect",
                        guidance_scale=guidance_scale, num_particles=particles, boundary_margin=margin,
-                       generator=generator, output_type="pt")
+                       generator=generator, output_type="pt", precision=_resolved_precision(precision, pipeline))
         return MethodResult(out.images.float().cpu(), out.kernels.float().cpu(), None, out.uncertainty,
                             tilt=out.tilts.float().cpu())
 
@@ -645,7 +649,8 @@ def _register_blind_dps() -> None:
     register_method(Method(
         "blind-dps-turbulence", run_turbulence,
         "BlindDPS through turbulence: image, kernel and tilt-field priors (y = k * T_d(x) + n; writes the tilt field)",
-        pipeline_class=BlindDPSTurbulencePipeline, default_model=BLIND_DPS_DEFAULT_MODEL, options=options,
+        pipeline_class=BlindDPSTurbulencePipeline, default_model=BLIND_DPS_DEFAULT_MODEL,
+        options=(*options, PRECISION_OPTION),
         info={"guidance": "dps", "degradation": "tilt then blur"}, check=check, uses_sigma=False,
     ))
 
