@@ -71,11 +71,11 @@ class HubPipelineMixin:
         if self._source_model_card is not None and not card.exists():
             card.write_text(self._source_model_card, encoding="utf-8")
 
-    def _upload_folder(self, working_dir, repo_id, token=None, *args, **kwargs):
+    def _upload_folder(self, working_dir, repo_id, token=None, **kwargs):
         """diffusers' upload of a saved folder; the source card replaces the generic one on a card-less repo."""
         if self._source_model_card is not None and not kwargs.get("subfolder") and not _hub_has_card(repo_id, token):
             (Path(working_dir) / MODEL_CARD).write_text(self._source_model_card, encoding="utf-8")
-        return super()._upload_folder(working_dir, repo_id, token, *args, **kwargs)
+        return super()._upload_folder(working_dir, repo_id, token=token, **kwargs)
 
 
 def _hub_has_card(repo_id: str, token) -> bool:
