@@ -311,3 +311,11 @@ def test_l2_norm_and_the_denoiser_only_mode():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in denoiser.parameters())
     with pytest.raises(ValueError, match="loss_norm"):
         dvsr_loss(predictor, denoiser, scheduler, sharp, blurry, loss_norm="huber")
+
+
+def test_predictor_asks_for_a_batch_axis():
+    predictor = DeblurPredictor(block_out_channels=(8, 16), layers_per_block=1)
+    with pytest.raises(ValueError, match=r"add a batch axis"):
+        predictor(torch.zeros(3, 16, 16))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        predictor(torch.zeros(1, 1, 16, 16))

@@ -138,3 +138,22 @@ def test_a_batch_gives_exactly_the_kernels_of_its_images_alone():
     for i in range(2):
         single = initializer(batch[i : i + 1], 9, sigma[i : i + 1])
         torch.testing.assert_close(batched[i : i + 1], single, atol=1e-7, rtol=0)
+
+
+def test_the_start_kernel_refuses_images_out_of_range_and_bad_settings():
+    estimator = KernelEstimator(kernel_size=7, regularization="none")
+    start = SparseKernelInitializer(estimator, iterations=1)
+    image = torch.rand(1, 3, 40, 40)
+    with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
+        start(image * 255, 7, 0.02)
+    with pytest.raises(TypeError, match="float image"):
+        start((image * 255).to(torch.uint8), 7, 0.02)
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        start(image, 7, -0.01)
+    with pytest.raises(ValueError, match="kernel_size must be an integer"):
+        start(image, 7.0, 0.02)
+    assert start(image, np.int64(7), 0.02).shape == (1, 1, 7, 7)
+    for kwargs, match in ((dict(iterations=2.5), "iterations"), (dict(l0_weight=float("nan")), "l0_weight"),
+                          (dict(beta=float("inf")), "beta"), (dict(l0_decay=0), "l0_decay")):
+        with pytest.raises(ValueError, match=match):
+            SparseKernelInitializer(estimator, **kwargs)

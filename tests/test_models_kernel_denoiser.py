@@ -115,3 +115,16 @@ def test_gradients_reach_every_parameter():
     out = model(torch.rand(2, 1, 9, 9), 0.01)
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_bad_configs_and_inputs_are_refused_clearly():
+    for kwargs, match in ((dict(hidden_channels=0), "hidden_channels"), (dict(input_scale=-1.0), "input_scale"),
+                          (dict(input_scale=0), "input_scale")):
+        with pytest.raises(ValueError, match=match):
+            KernelDenoiser(**kwargs)
+    denoiser = KernelDenoiser(hidden_channels=4, num_layers=2)
+    kernels = torch.rand(2, 1, 5, 5)
+    for args, match in (((kernels, -0.1), "sigma must be finite"), ((kernels, torch.tensor([0.1, 0.2, 0.3])), "one per kernel"),
+                        ((kernels[:, 0], 0.1), r"\(B, 1, k, k\)")):
+        with pytest.raises(ValueError, match=match):
+            denoiser(*args)

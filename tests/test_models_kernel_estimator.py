@@ -416,3 +416,40 @@ def test_channel_mode_is_validated_and_saved(tmp_path):
         KernelEstimator(channel_mode="sum")
     KernelEstimator(kernel_size=9, channel_mode="joint").save_pretrained(tmp_path)
     assert KernelEstimator.from_pretrained(tmp_path).config.channel_mode == "joint"
+
+
+def test_bad_arguments_of_a_direct_call_are_refused_clearly():
+    estimator = KernelEstimator(kernel_size=5, regularization="none", num_iterations=2)
+    y = smooth_images(2, size=16)
+    x = smooth_images(2, size=16, seed=1)
+    cases = [
+        (dict(sigma=-0.02), "sigma must be finite and >= 0"),
+        (dict(sigma=[0.01, 0.02, 0.03]), "one number or one per image"),
+        (dict(sigma=0.02, r=-0.1), "r must be finite"),
+        (dict(sigma=0.02, anchor=dirac_kernel(5, 2, dtype=torch.float64), anchor_weight=float("nan")), "anchor_weight"),
+        (dict(sigma=0.02, anchor=dirac_kernel(5, 3, dtype=torch.float64), anchor_weight=1.0), "anchor must be"),
+        (dict(sigma=0.02, kernel=torch.zeros(2, 1, 0, 0, dtype=torch.float64)), "empty"),
+        (dict(sigma=0.02, mask=torch.zeros(2, 1, 16, 16)), "no observed pixel"),
+        (dict(sigma=0.02, mask=torch.full((2, 1, 16, 16), 0.5)), "0 .* and 1"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            estimator(y, x, **kwargs)
+    with pytest.raises(TypeError, match="floating-point"):
+        estimator((y * 255).to(torch.uint8), x, 0.02)
+
+
+def test_a_direct_call_keeps_no_graph():
+    estimator = KernelEstimator(kernel_size=5, num_iterations=2)  # a PnP denoiser with trainable weights
+    kernel = estimator(smooth_images(1, size=16, dtype=torch.float32), smooth_images(1, size=16, seed=1, dtype=torch.float32), 0.02)
+    assert not kernel.requires_grad and kernel.grad_fn is None
+
+
+def test_a_weightless_folder_takes_the_loading_arguments(tmp_path):
+    KernelEstimator(kernel_size=7, regularization="l2").save_pretrained(tmp_path)
+    for weights in tmp_path.glob("diffusion_pytorch_model*"):
+        weights.unlink()  # a config-only folder, as a user may write one by hand
+    loaded = KernelEstimator.from_pretrained(tmp_path, torch_dtype=torch.float64, kernel_size=11)
+    assert loaded.config.kernel_size == 11 and loaded.dtype == torch.float64
+    with pytest.raises(ValueError, match="scale_alpha_by_particles"):
+        KernelEstimator(scale_alpha_by_particles="no")

@@ -93,3 +93,14 @@ def test_unsupported_blocks_and_group_counts_are_refused():
     with pytest.raises(ValueError, match="norm_num_groups 3"):
         prune_unet(teacher(), (4, 8, 16, 32), norm_num_groups=3)
     assert default_norm_groups(32, (16, 32, 64, 128)) == 16 and default_norm_groups(32, (32, 64, 128, 128)) == 32
+
+
+def test_unclear_widths_and_groups_are_refused():
+    unet = teacher()
+    for widths, match in (((8.5, 16, 32, 32), "integers"), ((1, 16, 32, 32), "at least 2")):
+        with pytest.raises(ValueError, match=match):
+            prune_unet(unet, widths)
+    with pytest.raises(ValueError, match="norm_num_groups must be an integer"):
+        prune_unet(unet, (8, 16, 32, 32), norm_num_groups=0)
+    with pytest.raises(ValueError, match="class embedding"):
+        prune_unet(teacher(num_class_embeds=3), (8, 16, 32, 32))

@@ -20,6 +20,7 @@ kernel passes alike.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,17 @@ def pyramid_kernel_sizes(kernel_size: int, image_size: int) -> list[int]:
     return sizes[::-1]
 
 
+def _check_unit_image(measurement: torch.Tensor) -> None:
+    """A float photograph in ``[0, 1]`` (noise may step a little outside): the L0 weights and ``sigma`` assume it."""
+    if not torch.is_floating_point(measurement):
+        raise TypeError(f"measurement must be a float image in [0, 1], got {measurement.dtype} (divide 8-bit levels by 255)")
+    if not torch.isfinite(measurement).all():
+        raise ValueError("measurement contains NaN or infinite values")
+    low, high = float(measurement.min()), float(measurement.max())
+    if low < -0.5 or high > 1.5:
+        raise ValueError(f"measurement values lie in [{low:.4g}, {high:.4g}]; expected [0, 1] (divide 8-bit levels by 255)")
+
+
 class SparseKernelInitializer:
     r"""Coarse-to-fine kernel estimate under an L0 gradient prior, to start a blind diffusion run.
 
@@ -147,8 +159,14 @@ class SparseKernelInitializer:
         l0_decay: float = 0.9,
         beta: float = 1e4,
     ):
-        if iterations < 1 or l0_weight <= 0 or l0_weight_min <= 0 or not 0 < l0_decay <= 1 or beta <= 0:
-            raise ValueError("iterations >= 1, l0 weights > 0, l0_decay in (0, 1] and beta > 0 are required")
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        numbers_ = {"l0_weight": l0_weight, "l0_weight_min": l0_weight_min, "l0_decay": l0_decay, "beta": beta}
+        for name, value in numbers_.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if l0_weight <= 0 or l0_weight_min <= 0 or not 0 < l0_decay <= 1 or beta <= 0:
+            raise ValueError("l0 weights > 0, l0_decay in (0, 1] and beta > 0 are required")
         self.kernel_estimator = kernel_estimator
         self.iterations = iterations
         self.l0_weight, self.l0_weight_min, self.l0_decay = l0_weight, l0_weight_min, l0_decay
@@ -178,6 +196,10 @@ class SparseKernelInitializer:
         """
         if measurement.ndim != 4:
             raise ValueError(f"measurement must be (B, C, H, W), got {tuple(measurement.shape)}")
+        _check_unit_image(measurement)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
+            raise ValueError(f"kernel_size must be an integer, got {kernel_size!r}")
+        kernel_size = int(kernel_size)
         if kernel_size < 1 or kernel_size > min(measurement.shape[-2:]):
             raise ValueError(f"kernel_size {kernel_size} must be in [1, {min(measurement.shape[-2:])}]")
         if measurement.shape[0] > 1:
@@ -187,6 +209,8 @@ class SparseKernelInitializer:
         batch, _, height, width = measurement.shape
         grey = measurement.float().mean(1, keepdim=True)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=grey.device).reshape(-1).expand(batch)
+        if not torch.isfinite(sigma).all() or (sigma < 0).any():
+            raise ValueError(f"sigma must be finite and >= 0 (in [0, 1] units), got {sigma.tolist()}")
         sigma = sigma.clamp_min(SIGMA_FLOOR)  # α = σ²β: a near-zero σ leaves the Fourier solve unregularised
         kernel = None
         for size in pyramid_kernel_sizes(kernel_size, min(height, width)):

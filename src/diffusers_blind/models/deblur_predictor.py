@@ -80,6 +80,9 @@ class DeblurPredictor(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         """``sample``: blurry ``(B, C, H, W)`` in ``[-1, 1]``; returns ``x_init`` of the same shape."""
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(f"sample must be (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}"
+                             + (": add a batch axis, sample[None]" if sample.ndim == 3 else ""))
         factor = self.downsample_factor
         if sample.shape[-2] % factor or sample.shape[-1] % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {tuple(sample.shape[-2:])}")

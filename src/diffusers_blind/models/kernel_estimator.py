@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -26,6 +27,22 @@ MAX_ITERATIONS = 1000  # HQS iterations per M-step; more never pays and only bur
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# from_pretrained arguments that steer loading, not the estimator's config
+_LOADING_ARGUMENTS = {"subfolder", "dtype", "torch_dtype", "cache_dir", "force_download", "local_files_only", "token",
+                      "revision", "variant", "use_safetensors", "low_cpu_mem_usage", "device_map", "output_loading_info",
+                      "proxies"}
+
+
+def _per_image(name: str, value, batch: int, dtype, device) -> torch.Tensor:
+    """A noise level (a number or one per image, finite, >= 0) as a ``(1 or B, 1, 1, 1)`` tensor."""
+    value = torch.as_tensor(value, dtype=dtype, device=device).reshape(-1, 1, 1, 1)
+    if value.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must be one number or one per image ({batch}), got {value.shape[0]} values")
+    if not torch.isfinite(value).all() or (value < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0")
+    return value
 
 
 class KernelEstimator(ModelMixin, ConfigMixin):
@@ -60,7 +77,7 @@ class KernelEstimator(ModelMixin, ConfigMixin):
     ``(B, C, H, W)``, ``estimates`` ``(B·n, C, H, W)`` (the ``n`` particles of image ``b`` are rows
     ``b·n … b·n+n−1``), all in ``[0, 1]``; ``sigma`` in ``[0, 1]`` units (float or ``(B,)``);
     ``kernel`` the ``(B, 1, k, k)`` warm start (a Dirac of ``kernel_size`` if ``None``; its size
-    overrides ``kernel_size``). Returns ``(B, 1, k, k)``.
+    overrides ``kernel_size``). Returns ``(B, 1, k, k)``, computed without autograd (no graph is kept).
     """
 
     @register_to_config
@@ -91,6 +108,8 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             raise ValueError(f"num_iterations must be an integer in [1, {MAX_ITERATIONS}], got {num_iterations!r}")
         if not _is_int(kernel_size) or not (math.isfinite(beta) and math.isfinite(lambda_)):
             raise ValueError(f"kernel_size must be an integer and beta, lambda_ finite; got {kernel_size!r}, {beta!r}, {lambda_!r}")
+        if not isinstance(scale_alpha_by_particles, bool):
+            raise ValueError(f"scale_alpha_by_particles must be True or False, got {scale_alpha_by_particles!r}")
         self.denoiser = None
         if regularization != "pnp":  # no parameters: a one-element buffer gives the module a device, a
             self.register_buffer("anchor", torch.zeros(1))  # dtype and a weights file for save/load
@@ -108,7 +127,10 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         if folder.is_dir() and (folder / "config.json").is_file() and not any(folder.glob("diffusion_pytorch_model*")):
             config = json.loads((folder / "config.json").read_text())
             if config.get("regularization", "pnp") != "pnp":  # nothing to load: the estimator has no weights
-                return cls.from_config(config)
+                overrides = {key: value for key, value in kwargs.items() if key not in _LOADING_ARGUMENTS}
+                model = cls.from_config(config, **overrides)  # config values given here win, as with weights
+                dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+                return model if dtype is None else model.to(dtype)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
@@ -146,6 +168,7 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             kernel = beta * kernel / (2 * lam + beta)
         return project_kernel(kernel)
 
+    @torch.no_grad()  # HQS with projections: the kernel is data for its callers, and no graph is kept
     def forward(
         self,
         measurement: torch.Tensor,
@@ -160,6 +183,10 @@ class KernelEstimator(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         if measurement.ndim != 4:
             raise ValueError(f"measurement must be (B, C, H, W), got shape {tuple(measurement.shape)}")
+        for name, tensor in (("measurement", measurement), ("estimates", estimates)):
+            if not torch.is_floating_point(tensor):
+                raise TypeError(f"{name} must be a floating-point image in [0, 1], got {tensor.dtype} (divide 8-bit "
+                                "levels by 255)")
         batch, channels, height, width = measurement.shape
         if kernel is not None and (
             kernel.ndim != 4 or kernel.shape[1] != 1 or kernel.shape[-1] != kernel.shape[-2] or kernel.shape[0] not in (1, batch)
@@ -170,6 +197,8 @@ class KernelEstimator(ModelMixin, ConfigMixin):
                 f"estimates {tuple(estimates.shape)} must be (B*n, C, H, W) for a measurement {tuple(measurement.shape)}"
             )
         size = kernel.shape[-1] if kernel is not None else self.config.kernel_size
+        if size < 1:
+            raise ValueError(f"the warm start kernel is empty: {tuple(kernel.shape)}")
         if size > height or size > width:
             raise ValueError(f"kernel_size {size} is larger than the image {height}x{width}")
         n = estimates.shape[0] // batch
@@ -178,7 +207,7 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             kernel = dirac_kernel(size, batch, measurement.device, dtype)
         kernel = kernel.to(device=measurement.device, dtype=dtype).expand(batch, 1, size, size)
 
-        sigma = torch.as_tensor(sigma, dtype=dtype, device=measurement.device).reshape(-1, 1, 1, 1)
+        sigma = _per_image("sigma", sigma, batch, dtype, measurement.device)
         alpha = sigma.square() * self.config.beta * (n if self.config.scale_alpha_by_particles else 1)
         if mask is not None:
             if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != measurement.shape[-2:] or mask.shape[0] not in (1, batch):
@@ -186,15 +215,22 @@ class KernelEstimator(ModelMixin, ConfigMixin):
             if not _is_int(cg_iterations) or cg_iterations < 1:
                 raise ValueError(f"cg_iterations must be an integer >= 1 with a mask, got {cg_iterations!r}")
             mask = mask.to(device=measurement.device, dtype=dtype)
+            if ((mask != 0) & (mask != 1)).any():
+                raise ValueError("mask must hold 0 (not observed) and 1 (observed) only")
+            if (mask.flatten(1).sum(1) == 0).any():
+                raise ValueError("mask has no observed pixel for some image: there is no data to estimate a kernel from")
         ridge = alpha  # the HQS penalty, plus the terms below: all multiples of ‖k‖² in the data step
+        if r is not None:
+            r = _per_image("r", r, batch, dtype, measurement.device)  # checked even where this mode ignores it
         if self.config.uncertainty == "pigdm" and r is not None:
-            r = torch.as_tensor(r, dtype=dtype, device=measurement.device).reshape(-1, 1, 1, 1)
             summed_channels = channels if self.config.channel_mode == "joint" else 1  # the term is per channel
             pixels = height * width if mask is None else mask.flatten(1).sum(1).reshape(-1, 1, 1, 1)
             ridge = ridge + summed_channels * n * pixels * r.square()
+        if isinstance(anchor_weight, bool) or not isinstance(anchor_weight, numbers.Real) or not 0 <= anchor_weight < math.inf:
+            raise ValueError(f"anchor_weight must be a finite number >= 0, got {anchor_weight!r}")
         anchored = anchor is not None and anchor_weight > 0
         if anchored:
-            self._check_anchor(anchor, size)
+            self._check_anchor(anchor, size, batch)
             ridge = ridge + anchor_weight * sigma.square()
 
         if mask is not None:
@@ -228,10 +264,11 @@ class KernelEstimator(ModelMixin, ConfigMixin):
         return self._full_grid_data_step(numerator, alpha, denominator, size)
 
     @staticmethod
-    def _check_anchor(anchor, size):
-        """The anchor ``k_a`` of the ``μ‖k − k_a‖²`` term (``μ = γσ²``) must be a ``(B, 1, k, k)`` kernel."""
-        if anchor.ndim != 4 or anchor.shape[1] != 1 or anchor.shape[-1] != size or anchor.shape[-2] != size:
-            raise ValueError(f"anchor must be a (B, 1, {size}, {size}) kernel, got {tuple(anchor.shape)}")
+    def _check_anchor(anchor, size, batch):
+        """The anchor ``k_a`` of the ``μ‖k − k_a‖²`` term (``μ = γσ²``) must be a ``(1 or B, 1, k, k)`` kernel."""
+        if (anchor.ndim != 4 or anchor.shape[1] != 1 or anchor.shape[-1] != size or anchor.shape[-2] != size
+                or anchor.shape[0] not in (1, batch)):
+            raise ValueError(f"anchor must be a (1 or B={batch}, 1, {size}, {size}) kernel, got {tuple(anchor.shape)}")
 
     def _masked_data_step(self, measurement, estimates, mask, alpha, ridge, anchor_term, size, iterations):
         r"""Eq. 24 under a 0/1 mask ``M`` of the observed pixels, on the ``k×k`` support, by warm-started PCG.

@@ -20,6 +20,7 @@ of the teacher), and its first linear layer takes the matching columns. The time
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 
 import torch
@@ -162,6 +163,8 @@ def prune_unet(teacher: UNet2DModel, block_out_channels, norm_num_groups: int | 
     level computes exactly what the teacher's does. Pruning to the teacher's own widths returns an exact copy.
     """
     config = teacher.config
+    if any(isinstance(width, bool) or not isinstance(width, numbers.Integral) for width in block_out_channels):
+        raise ValueError(f"block_out_channels must be integers, got {list(block_out_channels)}")
     widths = [int(width) for width in block_out_channels]
     teacher_widths = list(config.block_out_channels)
     if len(widths) != len(teacher_widths):
@@ -171,11 +174,14 @@ def prune_unet(teacher: UNet2DModel, block_out_channels, norm_num_groups: int | 
                          f"block's) equal to it; got {widths}")
     unsupported = [name for name in config.down_block_types if name not in SUPPORTED_DOWN] + \
         [name for name in config.up_block_types if name not in SUPPORTED_UP]
-    if unsupported or config.class_embed_type is not None or config.time_embedding_type != "positional" \
+    if unsupported or config.class_embed_type is not None or config.num_class_embeds is not None \
+            or config.time_embedding_type != "positional" \
             or config.resnet_time_scale_shift != "default":
         raise ValueError(f"pruning supports {SUPPORTED_DOWN + SUPPORTED_UP} blocks with a positional time embedding, "
                          "the default time shift and no class embedding; got "
                          f"{sorted(set(unsupported)) or (config.time_embedding_type, config.resnet_time_scale_shift)}")
+    if widths[0] != teacher_widths[0] and widths[0] < 2:
+        raise ValueError(f"block_out_channels[0] must be at least 2 (the sinusoid takes pairs of frequencies), got {widths[0]}")
     if widths[0] != teacher_widths[0] and config.freq_shift != 0:
         raise ValueError("a narrower first width takes every other frequency of the teacher's sinusoid, which needs "
                          f"freq_shift 0; this teacher has {config.freq_shift}: keep block_out_channels[0]")
@@ -184,6 +190,9 @@ def prune_unet(teacher: UNet2DModel, block_out_channels, norm_num_groups: int | 
             raise ValueError(f"widths {widths[level - 1]} and {widths[level]} of levels {level - 1} and {level} are equal "
                              f"where the teacher's ({teacher_widths[level - 1]}, {teacher_widths[level]}) differ: the "
                              "teacher's learned shortcut has no place in the student")
+    if norm_num_groups is not None and (isinstance(norm_num_groups, bool) or not isinstance(norm_num_groups, numbers.Integral)
+                                        or norm_num_groups < 1):
+        raise ValueError(f"norm_num_groups must be an integer >= 1, got {norm_num_groups!r}")
     groups = default_norm_groups(config.norm_num_groups, widths) if norm_num_groups is None else int(norm_num_groups)
     if any(width % groups for width in widths):
         raise ValueError(f"norm_num_groups {groups} must divide every width {widths}")
