@@ -55,7 +55,7 @@ def step_split(pipe, y, kernel, particles, padded_size, device, repeats):
     n_images = y.shape[0]
     x = torch.randn(n_images * particles, 3, padded_size, padded_size, device=device, dtype=pipe.unet.dtype)
     x0 = torch.rand(n_images * particles, 3, padded_size, padded_size, device=device)
-    y_pad = torch.nn.functional.pad(y, [0, padded_size - y.shape[-1], 0, padded_size - y.shape[-2]], mode="reflect")
+    y_pad = torch.nn.functional.pad(y, [0, padded_size - y.shape[-1], 0, padded_size - y.shape[-2]], mode="replicate")  # timing only: any size
     t = torch.tensor(500, device=device)
     sigma = torch.full((n_images,), 10 / 255, device=device)
 

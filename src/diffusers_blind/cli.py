@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    diffusers-blind deblur INPUT... -o OUT_DIR [--sigma 10|auto] [--steps 100] [--particles 1] ...
+    diffusers-blind deblur INPUT... -o OUT_DIR [--sigma 10|auto] [--steps 50] [--particles 1] ...
     diffusers-blind blur SHARP -o OUT.png [--kernel motion|gaussian|FILE] [--sigma 10] [--seed 0] ...
     diffusers-blind blur SHARP -o OUT.png --turbulence [--max-tilt 2.5] ...   (tilt, then blur)
     diffusers-blind info
@@ -810,8 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="deblur images (and estimate their blur kernels)",
         description="Deblur each image with --method and write into OUT_DIR, per input: <stem>_deblurred.png, "
         "<stem>_kernel.png (enlarged preview) and <stem>_kernel.npy for methods that estimate a kernel, "
-        "<stem>.json (settings, sigma, timings; written last) and, with --particles > 1, "
-        "<stem>_uncertainty.png/.npy, and <stem>_tilt.npy for --method blind-dps-turbulence (the estimated tilt "
+        "<stem>.json (settings, sigma, timings; written last) and, with --particles > 1 (or dvsr averaging more than one "
+        "sample), <stem>_uncertainty.png/.npy, and <stem>_tilt.npy for --method blind-dps-turbulence (the estimated tilt "
         "field, (2, H, W) in pixels). Inputs with the same stem get <stem>_2, <stem>_3... Output files that "
         "already exist are never replaced silently: pass --overwrite (an earlier run's files of an image are "
         "removed) or --skip-existing (images with a complete record are kept, the others run). Every file is "

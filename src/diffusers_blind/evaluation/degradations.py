@@ -44,8 +44,12 @@ def load_image_table(args, state, margin: tuple[int, int] = (0, 0)):
 
     With ``--small_images skip`` an image is usable when it holds the crop plus ``margin`` (``--blur valid``).
     """
-    from datasets import Image as ImageFeature
-    from datasets import load_dataset
+    try:
+        from datasets import Image as ImageFeature
+        from datasets import load_dataset
+    except ImportError as error:
+        raise SystemExit(f"the evaluation reads images with 🤗 Datasets, which is not installed ({error}): "
+                         'pip install -e ".[eval]"') from None
 
     with state.main_process_first():
         if args.data_dir:
