@@ -242,6 +242,12 @@ def test_deblur_single_rgb(inputs, model_dir, tmp_path, capsys):
     assert settings["method"] == "fastem-pigdm" and settings["guidance"] == "pigdm" and settings["blind"] is True
     assert settings["steps"] == 2 and settings["particles"] == 1 and settings["seed"] == 0
     assert settings["device"] == "cpu"
+    from diffusers_blind import FastEMDeblurPipeline
+
+    # settings has what was asked (no --guidance-scale); used has what ran: the model's saved default
+    assert settings["guidance_scale"] is None
+    assert record["used"] == {"guidance_scale": FastEMDeblurPipeline.from_pretrained(model_dir).default_guidance_scale(),
+                              "steps": 2}
     assert record["timings"]["load_seconds"] >= 0 and record["timings"]["image_seconds"] > 0
     assert "rgb_deblurred.png" in capsys.readouterr().out
 

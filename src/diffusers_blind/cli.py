@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import platform
 import random
@@ -462,6 +463,17 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[
     return jobs, unreadable
 
 
+def _used_settings(pipe) -> dict:
+    """What the pipeline's last call ran with where ``settings`` left it to the model's defaults: its guidance
+    multiplier and its number of diffusion steps (for the methods whose pipelines report them)."""
+    used = {}
+    for name, attribute in (("guidance_scale", "guidance_scale"), ("steps", "num_timesteps")):
+        value = getattr(pipe, attribute, None) if pipe is not None else None
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            used[name] = float(value) if name == "guidance_scale" else int(value)
+    return used
+
+
 def _record(path, mode, array, image, result, written, seconds, run: dict, args) -> dict:
     """The ``<stem>.json`` of one image: inputs, outputs, σ, settings, timings, versions."""
     height, width = array.shape[:2]
@@ -493,6 +505,7 @@ def _record(path, mode, array, image, result, written, seconds, run: dict, args)
             "seed": run["seed"],
             "device": run["device"],
         },
+        "used": _used_settings(run["pipe"]),
         "uncertainty": uncertainty,
         "model": str(Path(run["model"]).resolve()) if run["pipe"] is not None else None,
         "timings": {"load_seconds": round(run["load_seconds"], 4), "image_seconds": round(seconds, 4)},
