@@ -172,6 +172,13 @@ class PipelineTesterMixin:
         with pytest.raises(ValueError, match="neither a local folder"):
             self.pipeline_class.from_pretrained("not/a/repo/id")
 
+        def offline(repo_id, **kwargs):
+            raise ConnectionError("no network")
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+        with pytest.raises(OSError, match="'my-models/fast-em' is not a local folder.*ConnectionError"):
+            self.pipeline_class.from_pretrained("my-models/fast-em")
+
     def test_the_model_card_travels_with_the_pipeline(self, tmp_path, monkeypatch):
         """A folder's README.md (licence, attribution) is kept by save_pretrained and by a push to a card-less repo;
         a card already on the Hub, or already in the target folder, is never replaced."""

@@ -37,7 +37,11 @@ def download_snapshot(repo_id: str, kwargs: dict) -> str:
     if kwargs.pop("proxies", None) is not None:
         raise ValueError("proxies= is not supported by huggingface_hub's snapshot download: set HTTPS_PROXY instead")
     options = {name: kwargs.pop(name) for name in _DOWNLOAD_ARGUMENTS if name in kwargs}
-    return snapshot_download(repo_id, **options)
+    try:
+        return snapshot_download(repo_id, **options)
+    except Exception as error:  # offline, no such repo, no access...: say that a local folder was looked for too
+        raise OSError(f"{repo_id!r} is not a local folder, and fetching it from the Hugging Face Hub failed "
+                      f"({type(error).__name__}: {error})") from error
 
 
 def read_model_card(folder) -> str | None:
