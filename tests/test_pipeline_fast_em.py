@@ -1088,3 +1088,19 @@ def test_a_known_kernel_is_never_shared_with_the_outputs(output_type):
     kernels[0] *= 3  # or the first returned kernel
     torch.testing.assert_close(kernels[1].reshape(5, 5), given)
     torch.testing.assert_close(kernels[0].reshape(5, 5), 3 * given)
+
+
+def test_a_folder_of_another_pipeline_loads_with_a_warning(tmp_path):
+    """BlindDPS's guidance_scale means something else in Fast EM: loading its folder says so."""
+    import warnings
+
+    import diffusers_blind
+    from diffusers_blind import BlindDPSTurbulencePipeline
+
+    with pytest.warns(UserWarning, match="saved by BlindDPSPipeline, not FastEMDeblurPipeline"):
+        FastEMDeblurPipeline.from_pretrained(diffusers_blind.BLIND_DPS_DEFAULT_MODEL)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*saved by")
+        BlindDPSTurbulencePipeline.from_pretrained(diffusers_blind.BLIND_DPS_DEFAULT_MODEL)  # a subclass: no warning
+        make_pipe().save_pretrained(tmp_path)
+        FastEMDeblurPipeline.from_pretrained(tmp_path)

@@ -15,7 +15,9 @@ generic card when the Hub repo has no card yet (a card already on the Hub is kep
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 
 MODEL_CARD = "README.md"
@@ -65,6 +67,7 @@ class HubPipelineMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         folder = cls.local_folder(pretrained_model_name_or_path, kwargs)
+        _warn_on_another_pipeline(cls, folder)
         pipe = super().from_pretrained(folder, **kwargs)
         pipe._source_model_card = read_model_card(folder)
         return pipe
@@ -86,3 +89,16 @@ def _hub_has_card(repo_id: str, token) -> bool:
     from huggingface_hub import file_exists
 
     return file_exists(repo_id, MODEL_CARD, token=token)
+
+
+def _warn_on_another_pipeline(cls, folder) -> None:
+    """A folder saved by another pipeline class (not ``cls`` or one of its bases) loads, but its settings mean
+    something else there (BlindDPS's ``guidance_scale`` is not Fast EM's): say so."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return
+    saved_by = json.loads(index.read_text()).get("_class_name")
+    if isinstance(saved_by, str) and saved_by not in {base.__name__ for base in cls.__mro__}:
+        warnings.warn(f"{folder} was saved by {saved_by}, not {cls.__name__}: its settings (guidance_scale, ...) "
+                      f"were tuned for {saved_by}; load it with {saved_by}.from_pretrained, or pass the settings "
+                      f"{cls.__name__} should use", stacklevel=3)
