@@ -386,6 +386,9 @@ def test_mixed_precision_takes_the_shared_names(pipe, monkeypatch):
     image = torch.rand(1, 3, 8, 8)
     auto = run(pipe, image, mixed_precision="auto")
     bf16 = run(pipe, image, mixed_precision="bf16")
+    np.testing.assert_array_equal(np.asarray(run(pipe, image, precision="bfloat16").images), np.asarray(bf16.images))
+    with pytest.raises(ValueError, match="either precision or mixed_precision"):
+        run(pipe, image, precision="bf16", mixed_precision="bf16")
     full = run(pipe, image, mixed_precision="no")
     np.testing.assert_array_equal(np.asarray(auto.images), np.asarray(bf16.images))
     assert not np.array_equal(np.asarray(auto.images), np.asarray(full.images))

@@ -300,6 +300,7 @@ class StochasticRefinementDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        precision: str | None = None,
     ):
         r"""Deblur ``image`` (PIL, numpy or torch, ``[0, 1]``; RGB or grayscale; any size; a batch).
 
@@ -328,6 +329,7 @@ class StochasticRefinementDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
                 under ``torch.autocast`` (on a CPU with bf16 matrix units about 2.5× faster); the chain itself
                 (``z_t``, ``x_init``, the sum) stays in the pipeline's dtype. ``None``, ``"no"`` or ``"float32"``
                 (default): full precision.
+            precision: the same setting under the name Fast EM and BlindDPS use (give one of the two).
             generator: ``torch.Generator`` or a list of one per image (every sample of image ``b`` draws from it).
             latents: optional ``z_T`` of shape ``(B·n, C, H', W')`` (padded size).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
@@ -345,6 +347,10 @@ class StochasticRefinementDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = []
+        if precision is not None:
+            if mixed_precision is not None:
+                raise ValueError("give either precision or mixed_precision (the same setting), not both")
+            mixed_precision = precision
         # 1. Resolve the perception-distortion setting
         if perception_distortion is not None and (num_inference_steps is not None or num_samples is not None):
             raise ValueError("give either perception_distortion or num_inference_steps/num_samples, not both")
