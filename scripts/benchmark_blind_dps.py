@@ -182,6 +182,10 @@ def main(argv=None):
     if args.table_only:
         print(write_table(results, args.output_dir / "table.md"))
         return results
+    earlier = {r.get("precision") for r in results if r["method"].startswith("blind-dps")}
+    if earlier - {args.precision}:  # rows are resumed by (photo, method, steps): one precision per folder
+        raise SystemExit(f"{args.output_dir} holds BlindDPS rows run with --precision {sorted(map(str, earlier))}; "
+                         f"use another --output_dir for --precision {args.precision}")
     torch.set_num_threads(args.num_threads)
     import diffusers_blind
     from diffusers_blind import BlindDPSPipeline, BlindDPSTurbulencePipeline, FastEMDeblurPipeline
@@ -227,6 +231,7 @@ def main(argv=None):
             image, k_hat, tilt = run_method(method, steps, y, kernel, pipes, args, generator)
             seconds = time.time() - start
             record = {"photo": name, "method": method, "steps": steps, "psnr": float(psnr(image, x)),
+                      **({"precision": args.precision} if method.startswith("blind-dps") else {}),
                       "ssim": float(ssim(image, x)), "seconds": seconds, "resolution": args.resolution}
             if method != "oracle":
                 record.update(mnc=float(mnc(k_hat, kernel)), kernel_mse=float(kernel_mse(k_hat, kernel)))

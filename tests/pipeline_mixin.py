@@ -187,11 +187,17 @@ class PipelineTesterMixin:
         from huggingface_hub import ModelCard
 
         self.get_pipeline().save_pretrained(tmp_path / "source")
-        card = "---\nlicense: cc-by-sa-4.0\n---\nTrained on photographs by A. Person.\n"
+        card = "---\nlicense: cc-by-sa-4.0\n---\nTrained on photographs by A. Person.\n![samples](samples.png)\n"
         (tmp_path / "source" / "README.md").write_text(card)
+        (tmp_path / "source" / "samples.png").write_bytes(b"figure")
+        (tmp_path / "source" / "unrelated.png").write_bytes(b"not shown by the card")
         pipe = self.pipeline_class.from_pretrained(tmp_path / "source")
         pipe.save_pretrained(tmp_path / "copy")
-        assert (tmp_path / "copy" / "README.md").read_text() == card
+        carried = (tmp_path / "copy" / "README.md").read_text()
+        # the front matter (licence) stays first, a note says where the copy came from, the text follows
+        assert carried.startswith("---\nlicense: cc-by-sa-4.0\n---\n") and "Saved by" in carried
+        assert carried.endswith("Trained on photographs by A. Person.\n![samples](samples.png)\n")
+        assert (tmp_path / "copy" / "samples.png").read_bytes() == b"figure" and not (tmp_path / "copy" / "unrelated.png").exists()
         (tmp_path / "theirs").mkdir()
         (tmp_path / "theirs" / "README.md").write_text("my own card")
         pipe.save_pretrained(tmp_path / "theirs")
@@ -209,7 +215,7 @@ class PipelineTesterMixin:
         for hub_has_card in (False, True):
             monkeypatch.setattr(huggingface_hub, "file_exists", lambda *a, **k: hub_has_card)
             pipe.push_to_hub("someone/deblur-test")
-        assert uploaded[0] == card and "library_name: diffusers" in uploaded[1]
+        assert uploaded[0] == carried and "library_name: diffusers" in uploaded[1]
 
     def test_components_rebuild_the_same_pipeline(self):
         pipe = self.get_pipeline()

@@ -723,6 +723,10 @@ def test_the_start_up_interrupt_guard_is_only_for_the_command(tmp_path):
     assert not launched_as_the_command(["-m"], ["python", "-m", "diffusers_blind_fork"])
     assert not launched_as_the_command(["train.py"], ["python", "train.py"])
     assert module_target(["python", "-X", "dev", "-m", "pkg"]) == "pkg" and module_target(["python", "x.py"]) is None
+    assert module_target(["python", "-Bm", "pkg"]) == "pkg" and module_target(["python", "-Im", "pkg.cli"]) == "pkg.cli"
+    assert module_target(["python", "-Xdev", "-mpkg"]) == "pkg" and module_target(["python", "-c", "-m"]) is None
+    assert module_target(["python", "-W", "ignore", "-m", "pkg"]) == "pkg"
+    assert module_target(["python", "script.py", "-m", "pkg"]) is None
 
     package = tmp_path / "their_package"
     package.mkdir()
@@ -734,3 +738,31 @@ def test_the_start_up_interrupt_guard_is_only_for_the_command(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]
+
+
+def test_precision_names_and_older_records_without_precision():
+    """The command line takes the pipelines' precision names (any case); a record written before a method had
+    --precision ran float32 and still matches a float32 rerun."""
+    from diffusers_blind.methods import _precision_arg
+    from diffusers_blind.outputs import settings_differences
+    from diffusers_blind.pipelines.tiling import resolve_precision
+
+    assert [_precision_arg(v) for v in ("no", "fp32", "BF16", " fp16 ", "auto")] == \
+        ["float32", "float32", "bfloat16", "float16", "auto"]
+    assert resolve_precision("BF16") is torch.bfloat16
+    old = {"settings": {"method": "blind-dps", "steps": 250}}
+    assert settings_differences(old, {"method": "blind-dps", "steps": 250, "precision": "float32"}) == []
+    assert settings_differences(old, {"method": "blind-dps", "steps": 250, "precision": "bfloat16"}) == \
+        ["precision: None -> 'bfloat16'"]
+
+
+def test_used_settings_fill_in_the_models_defaults():
+    from diffusers_blind.cli import _used_settings
+    from diffusers_blind.pipelines.fast_em import FastEMDeblurPipeline
+
+    from conftest import tiny_ddpm, tiny_unet
+
+    pipe = FastEMDeblurPipeline(tiny_unet(), tiny_ddpm(), None, guidance_scale=4.5)
+    assert _used_settings(pipe, {"steps": None}) == {"guidance_scale": 4.5, "steps": 50}
+    assert _used_settings(pipe, {"steps": 7}) == {"guidance_scale": 4.5, "steps": 7}
+    assert _used_settings(None, {"steps": None}) == {}

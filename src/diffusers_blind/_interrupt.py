@@ -37,12 +37,25 @@ def restore() -> None:
 
 
 def module_target(argv) -> str | None:
-    """The module of ``python [options] -m MODULE ...`` in the interpreter's own ``argv`` (``sys.orig_argv``)."""
-    for index, arg in enumerate(argv[1:], start=1):
-        if arg == "-m":
-            return argv[index + 1] if index + 1 < len(argv) else None
-        if arg.startswith("-m") and not arg.startswith("--"):
-            return arg[2:]
+    """The module of ``python [options] -m MODULE ...`` in the interpreter's own ``argv`` (``sys.orig_argv``).
+
+    Short flags may be combined (``-Bm MODULE``, ``-mMODULE``); ``-c``, ``-W`` and ``-X`` take a value."""
+    index = 1
+    while index < len(argv):
+        arg = argv[index]
+        if not arg.startswith("-") or arg.startswith("--") or arg == "-":
+            return None  # a script or "--": no -m before it
+        for position, flag in enumerate(arg[1:], start=2):
+            if flag == "m":
+                value = arg[position:]
+                return value or (argv[index + 1] if index + 1 < len(argv) else None)
+            if flag in "cWX":
+                if flag == "c":
+                    return None
+                if position == len(arg):
+                    index += 1  # the value is the next argument
+                break
+        index += 1
     return None
 
 

@@ -15,6 +15,7 @@ Also runnable as ``python -m diffusers_blind.cli``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import numbers
@@ -463,14 +464,21 @@ def _plan_jobs(args, paths: list[Path], out_dir: Path, settings: dict) -> tuple[
     return jobs, unreadable
 
 
-def _used_settings(pipe) -> dict:
-    """What the pipeline's last call ran with where ``settings`` left it to the model's defaults: its guidance
-    multiplier and its number of diffusion steps (for the methods whose pipelines report them)."""
+def _used_settings(pipe, options: dict) -> dict:
+    """The values ``settings`` left to the model: the guidance multiplier of the pipeline's last call, and the
+    diffusion step count asked for, with the pipeline's default filled in (``--strength``, ``--num-scales`` and
+    ``--em-iterations``, recorded in ``settings``, say how many of those steps ran and at which scale)."""
     used = {}
-    for name, attribute in (("guidance_scale", "guidance_scale"), ("steps", "num_timesteps")):
-        value = getattr(pipe, attribute, None) if pipe is not None else None
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            used[name] = float(value) if name == "guidance_scale" else int(value)
+    scale = getattr(pipe, "guidance_scale", None) if pipe is not None else None
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        used["guidance_scale"] = float(scale)
+    if "steps" in options and pipe is not None:
+        steps = options["steps"]
+        if steps is None:
+            default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+            steps = None if default is None else default.default
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            used["steps"] = steps
     return used
 
 
@@ -505,7 +513,7 @@ def _record(path, mode, array, image, result, written, seconds, run: dict, args)
             "seed": run["seed"],
             "device": run["device"],
         },
-        "used": _used_settings(run["pipe"]),
+        "used": _used_settings(run["pipe"], run["options"]),
         "uncertainty": uncertainty,
         "model": str(Path(run["model"]).resolve()) if run["pipe"] is not None else None,
         "timings": {"load_seconds": round(run["load_seconds"], 4), "image_seconds": round(seconds, 4)},

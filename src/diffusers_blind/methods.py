@@ -106,16 +106,15 @@ def memory_arg(value) -> str:
     return str(value).strip()
 
 
-PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def _precision_arg(value) -> str:
-    """``float32``, ``bfloat16``, ``float16`` or ``auto`` (also ``fp32``, ``bf16``, ``fp16``; argparse type)."""
-    from .pipelines.tiling import PRECISIONS
+    """``float32``, ``bfloat16``, ``float16`` or ``auto`` (also accelerate's ``no``, ``fp32``, ``bf16``, ``fp16``;
+    argparse type)."""
+    from .pipelines.tiling import PRECISION_ALIASES, PRECISIONS
 
     name = PRECISION_ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
     if name not in (*PRECISIONS, "auto"):
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)}, auto (or bf16, fp16), got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRECISIONS)}, auto (or {', '.join(PRECISION_ALIASES)}), "
+                                         f"got {value!r}")
     return name
 
 

@@ -195,6 +195,8 @@ def settings_differences(record: dict, settings: dict) -> list[str]:
     previous = record.get("settings", {})
 
     def same(key, value) -> bool:  # a known-kernel run records `guard: None` (not applied); older ones the default
+        if key == "precision" and key not in previous:  # records from before a method had --precision ran float32
+            return value == "float32"
         return previous.get(key) == value or (key == "guard" and value is None and settings.get("kernel_file"))
 
     return [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if not same(k, v)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class HubPipelineMixin:
     """Put before ``DiffusionPipeline`` in a pipeline's bases (see the module docstring)."""
 
     _source_model_card: str | None = None
+    _source_folder: str | None = None
 
     @classmethod
     def local_folder(cls, pretrained_model_name_or_path, kwargs: dict):
@@ -69,19 +71,33 @@ class HubPipelineMixin:
         folder = cls.local_folder(pretrained_model_name_or_path, kwargs)
         _warn_on_another_pipeline(cls, folder)
         pipe = super().from_pretrained(folder, **kwargs)
+        if is_hub_id(pretrained_model_name_or_path):  # the repo id, as diffusers records it, not the cache path
+            pipe.register_to_config(_name_or_path=pretrained_model_name_or_path)
         pipe._source_model_card = read_model_card(folder)
+        pipe._source_folder = str(folder)
         return pipe
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
-        card = Path(save_directory) / MODEL_CARD
-        if self._source_model_card is not None and not card.exists():
-            card.write_text(self._source_model_card, encoding="utf-8")
+        self._write_source_card(save_directory)
+
+    def _write_source_card(self, folder) -> None:
+        """The source folder's card, with the figures it shows, into ``folder`` where it has no card yet."""
+        card = Path(folder) / MODEL_CARD
+        if self._source_model_card is None or card.exists():
+            return
+        note = (f"\n> Saved by `{type(self).__name__}.save_pretrained` from `{Path(self._source_folder).name}`. "
+                "Files this card names that the pipeline does not save (extra sub-models) are not in this folder.\n")
+        card.write_text(_after_front_matter(self._source_model_card, note), encoding="utf-8")
+        for figure in Path(self._source_folder).glob("*.png"):
+            if f"({figure.name})" in self._source_model_card and not (Path(folder) / figure.name).exists():
+                shutil.copyfile(figure, Path(folder) / figure.name)
 
     def _upload_folder(self, working_dir, repo_id, token=None, **kwargs):
         """diffusers' upload of a saved folder; the source card replaces the generic one on a card-less repo."""
         if self._source_model_card is not None and not kwargs.get("subfolder") and not _hub_has_card(repo_id, token):
-            (Path(working_dir) / MODEL_CARD).write_text(self._source_model_card, encoding="utf-8")
+            (Path(working_dir) / MODEL_CARD).unlink(missing_ok=True)  # diffusers' generic card
+            self._write_source_card(working_dir)
         return super()._upload_folder(working_dir, repo_id, token=token, **kwargs)
 
 
@@ -95,10 +111,21 @@ def _warn_on_another_pipeline(cls, folder) -> None:
     """A folder saved by another pipeline class (not ``cls`` or one of its bases) loads, but its settings mean
     something else there (BlindDPS's ``guidance_scale`` is not Fast EM's): say so."""
     index = Path(folder) / "model_index.json"
-    if not index.is_file():
+    try:
+        saved_by = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):  # missing or unreadable: diffusers reports it with the path
         return
-    saved_by = json.loads(index.read_text()).get("_class_name")
     if isinstance(saved_by, str) and saved_by not in {base.__name__ for base in cls.__mro__}:
         warnings.warn(f"{folder} was saved by {saved_by}, not {cls.__name__}: its settings (guidance_scale, ...) "
                       f"were tuned for {saved_by}; load it with {saved_by}.from_pretrained, or pass the settings "
                       f"{cls.__name__} should use", stacklevel=3)
+
+
+def _after_front_matter(card: str, note: str) -> str:
+    """``card`` with ``note`` inserted after its YAML front matter (the Hub reads the licence from it)."""
+    if card.startswith("---"):
+        end = card.find("\n---", 3)
+        if end != -1:
+            end = card.index("\n", end + 1) + 1 if "\n" in card[end + 1:] else len(card)
+            return card[:end] + note + card[end:]
+    return note + card

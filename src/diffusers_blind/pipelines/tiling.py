@@ -493,7 +493,8 @@ def resolve_precision(precision: str | None, device="cpu") -> torch.dtype | None
     """The UNet's autocast dtype for ``precision`` (``None``: :func:`default_precision`; ``"auto"``:
     :func:`auto_precision`); ``None`` means no autocast."""
     name = default_precision(device) if precision is None else precision
-    name = PRECISION_ALIASES.get(name, name) if isinstance(name, str) else name
+    if isinstance(name, str):
+        name = PRECISION_ALIASES.get(name.strip().lower(), name.strip().lower())
     if name == "auto":
         name = auto_precision(device)
     if not isinstance(name, str) or name not in PRECISIONS:

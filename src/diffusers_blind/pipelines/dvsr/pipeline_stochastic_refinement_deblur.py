@@ -350,6 +350,7 @@ class StochasticRefinementDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         if precision is not None:
             if mixed_precision is not None:
                 raise ValueError("give either precision or mixed_precision (the same setting), not both")
+            resolve_precision(precision)  # refused under the name the caller used
             mixed_precision = precision
         # 1. Resolve the perception-distortion setting
         if perception_distortion is not None and (num_inference_steps is not None or num_samples is not None):
