@@ -766,3 +766,17 @@ def test_used_settings_fill_in_the_models_defaults():
     assert _used_settings(pipe, {"steps": None}) == {"guidance_scale": 4.5, "steps": 50}
     assert _used_settings(pipe, {"steps": 7}) == {"guidance_scale": 4.5, "steps": 7}
     assert _used_settings(None, {"steps": None}) == {}
+
+
+def test_model_fast_names_the_shipped_fast_model(tmp_path, monkeypatch):
+    import diffusers_blind
+    from diffusers_blind.cli import CLIError, shipped_model_alias
+    from diffusers_blind.methods import METHODS
+
+    monkeypatch.chdir(tmp_path)
+    assert shipped_model_alias("fast", METHODS["fastem-pigdm"]) == diffusers_blind.FAST_MODEL
+    assert shipped_model_alias(None, METHODS["fastem-pigdm"]) is None
+    with pytest.raises(CLIError, match="does not load a Fast EM pipeline"):
+        shipped_model_alias("fast", METHODS["blind-dps"])
+    (tmp_path / "fast").mkdir()  # a folder of the user's with that name wins
+    assert shipped_model_alias("fast", METHODS["blind-dps"]) == "fast"
