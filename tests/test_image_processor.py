@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_blind import FastEMDeblurPipeline, KernelEstimator
-from diffusers_blind.image_processor import DeblurImageProcessor, pad_to_multiple, to_tensor
+from diffusers_blind.image_processor import DeblurImageProcessor, fft_friendly_size, pad_to_multiple, to_tensor
 from diffusers_blind.io import read_image
 from diffusers_blind.ops.noise import AUTO_SIGMA_FLOOR, QUANTISATION_SIGMA, estimate_noise_sigma
 
@@ -215,6 +215,32 @@ def test_pad_and_unpad_round_trip():
     assert padded.shape[-2] % 8 == 0 and padded.shape[-1] % 8 == 0
     assert torch.equal(processor.unpad(padded, window), image)
     assert torch.equal(padded[..., 3 - 1, 3:13], image[..., 1, :])  # reflection, not zeros
+
+
+def test_fft_friendly_sizes_are_7_smooth_multiples_and_minimal():
+    for size in range(1, 700):
+        for multiple in (1, 8):
+            n = fft_friendly_size(size, multiple)
+            assert n >= size and n % multiple == 0
+            rest = n
+            for prime in (2, 3, 5, 7):
+                while rest % prime == 0:
+                    rest //= prime
+            assert rest == 1, (size, multiple, n)
+            smaller = [m for m in range(size, n) if m % multiple == 0 and fft_friendly_size(m, 1) == m]
+            assert not smaller, (size, multiple, n, smaller)
+    assert fft_friendly_size(322, 8) == 336  # the README example with its margin: 328 = 8 * 41 before
+
+
+def test_fft_friendly_padding_keeps_the_window_and_the_reflection():
+    image = torch.rand(1, 3, 256, 250)
+    padded, window = pad_to_multiple(image, 8, 33, fft_friendly=True)
+    assert padded.shape[-2:] == (336, 320)
+    assert window == (33, 33, 256, 250)
+    assert torch.equal(DeblurImageProcessor.unpad(padded, window), image)
+    plain, plain_window = pad_to_multiple(image, 8, 33)
+    assert plain.shape[-2:] == (328, 320) and plain_window == window
+    torch.testing.assert_close(padded[..., :328, :], plain)  # the same reflection, only more of it
 
 
 @pytest.mark.parametrize("margin, match", [(-1, ">= 0"), (10**9, "larger than the image"), ("5", "integer"), (2.5, "integer")])

@@ -49,6 +49,10 @@ def pipe():
 
 class TestFastEMDeblurPipeline(PipelineTesterMixin):
     pipeline_class = FastEMDeblurPipeline
+    # The reloaded weights are bit-identical, but the time embedding's matrix product already differs in the last
+    # bit (9e-7 on one UNet call: other buffers, another code path of the BLAS); three blind steps with M-steps
+    # amplify that to 5e-6 with global attention and 1.5e-5 with windowed attention.
+    round_trip_tolerance = 5e-5
     extra_bad_inputs = [
         (dict(image=torch.randint(0, 3, (1, 3, 16, 16), dtype=torch.int64)), TypeError, "dtype"),
         (dict(image=np.zeros((16, 16, 3), dtype=np.int32)), TypeError, "dtype"),

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.windowed_attention import check_attention_window, windowed_attention
 from .pipeline_utils import UNetDenoiser
 
 
@@ -435,10 +436,13 @@ class TiledUNetDenoiser(UNetDenoiser):
         (torch.Size([1, 3, 48, 40]), 4)
     """
 
-    def __init__(self, unet, scheduler, layout: TileLayout | None = None, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, unet, scheduler, layout: TileLayout | None = None, autocast_dtype: torch.dtype | None = None,
+                 attention_window: int | None = None):
         super().__init__(unet, scheduler)
+        check_attention_window(attention_window)
         self.layout = layout
         self.autocast_dtype = autocast_dtype
+        self.attention_window = attention_window
 
     def unet_output(self, model_input: torch.Tensor, t) -> torch.Tensor:
         if self.autocast_dtype is not None and self.autocast_dtype != model_input.dtype:
@@ -447,13 +451,11 @@ class TiledUNetDenoiser(UNetDenoiser):
         return self._tiled_output(model_input, t)
 
     def _tiled_output(self, model_input: torch.Tensor, t) -> torch.Tensor:
-        if self.layout is None:
-            return super().unet_output(model_input, t)
-
         def run(tiles):
-            return self.unet(tiles, t).sample
+            with windowed_attention(self.unet, self.attention_window, *tiles.shape[-2:]):
+                return self.unet(tiles, t).sample
 
-        return tiled_apply(run, model_input, self.layout)
+        return run(model_input) if self.layout is None else tiled_apply(run, model_input, self.layout)
 
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -503,12 +505,16 @@ def resolve_precision(precision: str | None, device="cpu") -> torch.dtype | None
 
 
 def make_denoiser(unet, scheduler, shape, device, tile_size: int | None = None, max_memory=None,
-                  multiple: int = 8, autocast_dtype: torch.dtype | None = None) -> tuple[TiledUNetDenoiser, TilingPlan]:
+                  multiple: int = 8, autocast_dtype: torch.dtype | None = None,
+                  attention_window: int | None = None) -> tuple[TiledUNetDenoiser, TilingPlan]:
     """The denoiser a pipeline should use for latents of ``shape`` (padded), and the plan behind it.
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the UNet's forward and backward under autocast; its
     output is cast back to the latents' dtype, so the scheduler, the guidance and the M-step stay in float32.
+    ``attention_window`` (pixels) restricts the UNet's self-attention to windows of that size
+    (:mod:`..models.windowed_attention`). The tiling plan does not depend on it: sides beyond ``AUTO_MAX_TILE``
+    are still tiled, which bounds the memory.
     """
     plan = plan_tiling(unet, shape, device, tile_size, max_memory, multiple=multiple)
     layout = plan.layout(shape[-2], shape[-1], multiple)
-    return TiledUNetDenoiser(unet, scheduler, layout, autocast_dtype), plan
+    return TiledUNetDenoiser(unet, scheduler, layout, autocast_dtype, attention_window), plan

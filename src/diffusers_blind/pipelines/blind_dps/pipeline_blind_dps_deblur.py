@@ -23,6 +23,7 @@ from diffusers.utils import replace_example_docstring
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...kernel_init import SparseKernelInitializer
 from ...models.kernel_estimator import KernelEstimator
+from ...models.windowed_attention import resolve_attention_window
 from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
 from ...ops.kernel_range import KERNEL_BACKGROUNDS, kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
@@ -137,6 +138,9 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
             ``"sparse"`` start kernel uses (the Fast EM default model's ``kernel_estimator/``).
         kernel_init (`str`): default start of the kernel chain, ``"noise"`` (the paper) or ``"sparse"``.
         kernel_strength (`float`): default fraction ``s`` of the steps the kernel chain runs after a start kernel.
+        attention_window (`int`, `"auto"` or `None`): the image chain's UNet attends within windows of about this
+            many pixels; ``"auto"`` is its training size ``sample_size`` (see [`FastEMDeblurPipeline`]). The kernel
+            chain always attends globally: a kernel is one object, not a texture.
     """
 
     model_cpu_offload_seq = "unet->kernel_unet"
@@ -154,13 +158,15 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
         kernel_background: str = "median",
         kernel_init: str = "noise",
         kernel_strength: float = 1.0,
+        attention_window: int | str | None = "auto",
     ):
         super().__init__()
+        resolve_attention_window(attention_window, unet)  # checks the setting
         self.register_modules(unet=unet, kernel_unet=kernel_unet, scheduler=scheduler,
                               kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale, sparsity_weight=sparsity_weight,
                                 kernel_background=kernel_background, kernel_init=kernel_init,
-                                kernel_strength=kernel_strength)
+                                kernel_strength=kernel_strength, attention_window=attention_window)
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
@@ -277,6 +283,13 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
     def chains(self) -> dict[str, UNet2DModel]:
         """The diffusion chains run in parallel, by name: image and kernel."""
         return {"latents": self.unet, "kernel": self.kernel_unet}
+
+    def attention_window(self, chain: str) -> int | None:
+        """The attention window (pixels) of a chain: ``config.attention_window`` resolved for its UNet; ``None``
+        (global) for the kernel chain and for folders saved before the setting existed."""
+        if chain == "kernel":
+            return None
+        return resolve_attention_window(self.config.get("attention_window"), self.chains()[chain])
 
     def denoising_step(self, problem: BlindDPSProblem, denoisers: dict, states: dict, t, step_kwargs: dict):
         """Algorithm 1, one step: unguided DDPM step of every chain, then one joint gradient step (Eq. 10).
@@ -628,7 +641,7 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
         start_state = None if start is None else kernel_to_model_range(start).to(self.kernel_unet.dtype)
         problem = BlindDPSProblem(y, operator, step_size, sparsity_weight, start, hold, start_state)
         generator = self._expand_generator(generator, batch, num_particles)
-        denoisers = {name: TiledUNetDenoiser(unet, self.scheduler, None, autocast_dtype)
+        denoisers = {name: TiledUNetDenoiser(unet, self.scheduler, None, autocast_dtype, self.attention_window(name))
                      for name, unet in self.chains().items()}
         step_kwargs = denoisers["latents"].step_kwargs(generator, eta)
         states = self.initial_states(batch * num_particles, tuple(y.shape[-2:]), kernel_size, generator, device,

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DMod
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from ...image_processor import ImageInput, crop_window
+from ...models.windowed_attention import resolve_attention_window
 from ...ops.operators import LinearOperator, TiltBlurOperator, TiltOperator
 from ..pipeline_utils import DeblurPipelineOutput
 from .pipeline_blind_dps_deblur import BlindDPSPipeline, blur_operator
@@ -53,6 +54,7 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         guidance_scale (`float`): default step-size multiplier.
         tilt_scale (`float`): pixels per unit of the tilt prior's range.
         kernel_background (`str`): as in [`BlindDPSPipeline`].
+        attention_window (`int`, `"auto"` or `None`): as in [`BlindDPSPipeline`] (the image and tilt chains).
     """
 
     model_cpu_offload_seq = "unet->kernel_unet->tilt_unet"
@@ -67,11 +69,13 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         guidance_scale: float = 1.0,
         tilt_scale: float = 2.5,
         kernel_background: str = "median",
+        attention_window: int | str | None = "auto",
     ):
         DiffusionPipeline.__init__(self)
+        resolve_attention_window(attention_window, unet)  # checks the setting
         self.register_modules(unet=unet, kernel_unet=kernel_unet, tilt_unet=tilt_unet, scheduler=scheduler)
         self.register_to_config(guidance_scale=guidance_scale, tilt_scale=tilt_scale,
-                                kernel_background=kernel_background)
+                                kernel_background=kernel_background, attention_window=attention_window)
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False

@@ -26,6 +26,7 @@ from ..hub import HubPipelineMixin
 from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, callback_outputs, callback_replacement,
                              check_scheduler, expand_generator, prepare_kernel, prepare_noise, prepare_sigma,
                              to_unit_range)
+from ...models.windowed_attention import resolve_attention_window
 from ..tiling import make_denoiser, resolve_precision
 
 
@@ -200,6 +201,10 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
             than Pi-GDM); ``None`` uses ``guidance_scale`` for both.
         diffpir_guidance_scale (`float`, *optional*): the default for ``guidance="diffpir"``, the weight ``s`` of
             its data step (:meth:`proximal_x0`); ``None`` uses ``DIFFPIR_GUIDANCE_SCALE``.
+        attention_window (`int`, `"auto"` or `None`): the UNet's self-attention attends within windows of
+            about this many pixels (``models.windowed_attention``); ``"auto"`` is the UNet's training size
+            ``unet.config.sample_size``, so an image larger than the crops the prior was trained on shows
+            its attention the context it learned, at a cost linear in the pixels. ``None``: global attention.
     """
 
     model_cpu_offload_seq = "unet"
@@ -214,11 +219,13 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         guidance_scale: float = 1.0,
         dps_guidance_scale: float | None = None,
         diffpir_guidance_scale: float | None = None,
+        attention_window: int | str | None = "auto",
     ):
         super().__init__()
+        resolve_attention_window(attention_window, unet)  # checks the setting
         self.register_modules(unet=unet, scheduler=scheduler, kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale, dps_guidance_scale=dps_guidance_scale,
-                                diffpir_guidance_scale=diffpir_guidance_scale)
+                                diffpir_guidance_scale=diffpir_guidance_scale, attention_window=attention_window)
         self.image_processor = DeblurImageProcessor(pad_multiple=2 ** (len(unet.config.block_out_channels) - 1))
         self._guidance_scale = None
         self._num_timesteps = 0
@@ -889,7 +896,7 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         #    and tapers inside the photograph (all ones when margin = 0).
         margin = kernel_size if boundary_margin is None else int(boundary_margin)
         multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        padded, window = self.image_processor.pad(measurement, margin, multiple)
+        padded, window = self.image_processor.pad(measurement, margin, multiple, fft_friendly=True)
         taper_window = self.measurement_window(padded.shape[-2:], window, margin, kernel_size, device)
 
         # 4. Prepare the kernel: a Dirac to start the blind estimate (or the coarser scales' estimate,
@@ -908,7 +915,7 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
                 kernel_init=kernel_init, m_step_start=m_step_start, kernel_anchor=kernel_anchor,
             )
             init_image, kernel = self.coarse_estimate(measurement, sigma, kernel_size, num_scales, coarse_kwargs)
-            init_image = self.image_processor.pad(init_image, margin, multiple)[0].repeat_interleave(num_particles, 0)
+            init_image = self.image_processor.pad(init_image, margin, multiple, fft_friendly=True)[0].repeat_interleave(num_particles, 0)
         elif blind:
             kernel = self.initial_kernel(kernel_init, measurement, kernel_size, sigma)
         else:
@@ -942,7 +949,8 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         self._num_timesteps = (len(self.scheduler.timesteps) - start_index) * runs
         shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
         denoiser, self.tiling_plan = make_denoiser(self.unet, self.scheduler, shape, device, tile_size, max_memory,
-                                                   multiple, resolve_precision(precision, device))
+                                                   multiple, resolve_precision(precision, device),
+                                                   resolve_attention_window(self.config.attention_window, self.unet))
         generator = self._expand_generator(generator, batch, num_particles)
         step_kwargs = denoiser.step_kwargs(generator, eta)
 
