@@ -79,9 +79,9 @@ def main(argv=None):
     plan = plans["tiled"]
     margin = pipe.kernel_estimator.config.kernel_size  # the default boundary margin
     _, _, height, width = blurry.shape
-    padded_h = -(-(height + 2 * margin) // 8) * 8
-    padded_w = -(-(width + 2 * margin) // 8) * 8
-    layout = TileLayout.create(padded_h, padded_w, plan.tile_size, plan.overlap, 8)
+    multiple = pipe.image_processor.config.pad_multiple
+    padded_h, padded_w = pipe.image_processor.pad(blurry[..., :1, :, :], margin)[0].shape[-2:]  # the pipeline's grid
+    layout = TileLayout.create(padded_h, padded_w, plan.tile_size, plan.overlap, multiple)
     rows = band_mask(height, layout.row_starts, layout.tile_height, margin)
     cols = band_mask(width, layout.col_starts, layout.tile_width, margin)
     print(f"tiles {layout.num_tiles}, rows {layout.row_starts}, cols {layout.col_starts}, "

@@ -232,6 +232,24 @@ def test_fft_friendly_sizes_are_7_smooth_multiples_and_minimal():
     assert fft_friendly_size(322, 8) == 336  # the README example with its margin: 328 = 8 * 41 before
 
 
+def test_fft_friendly_size_refuses_bad_sizes_and_ends_for_any_multiple():
+    for bad in (0, -5, True, 2.5):
+        with pytest.raises(ValueError, match="positive int"):
+            fft_friendly_size(bad, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        fft_friendly_size(10, 0)
+    assert fft_friendly_size(10, 11) == 11 and fft_friendly_size(23, 22) == 44  # no 7-smooth multiple of 11 exists
+    assert pad_to_multiple(torch.rand(1, 1, 10, 10), 11, 1, fft_friendly=True)[0].shape[-2:] == (22, 22)
+
+
+def test_the_processor_config_decides_the_default_padding():
+    image = torch.rand(1, 3, 256, 256)
+    friendly = DeblurImageProcessor(pad_multiple=8, fft_friendly=True)
+    assert friendly.pad(image, 33)[0].shape[-2:] == (336, 336)
+    assert friendly.pad(image, 33, fft_friendly=False)[0].shape[-2:] == (328, 328)
+    assert DeblurImageProcessor(pad_multiple=8).pad(image, 33)[0].shape[-2:] == (328, 328)
+
+
 def test_fft_friendly_padding_keeps_the_window_and_the_reflection():
     image = torch.rand(1, 3, 256, 250)
     padded, window = pad_to_multiple(image, 8, 33, fft_friendly=True)

@@ -1108,3 +1108,24 @@ def test_a_folder_of_another_pipeline_loads_with_a_warning(tmp_path):
         BlindDPSTurbulencePipeline.from_pretrained(diffusers_blind.BLIND_DPS_DEFAULT_MODEL)  # a subclass: no warning
         make_pipe().save_pretrained(tmp_path)
         FastEMDeblurPipeline.from_pretrained(tmp_path)
+
+
+def test_the_image_processor_builds_the_pipelines_grid_for_latents(pipe):
+    """34 + 2·5 = 44 = 4·11 is rounded to 48 for the FFTs; ``pipe.image_processor.pad`` must agree."""
+    image = smooth_images(1, height=34, width=34)
+    grid = pipe.image_processor.pad(image, 5)[0]
+    assert grid.shape[-2:] == (48, 48)
+    noise = torch.randn(grid.shape, generator=torch.Generator().manual_seed(0))
+    out = run(pipe, image, kernel=torch.full((1, 1, 5, 5), 1 / 25), sigma=5, num_inference_steps=2, latents=noise,
+              output_type="pt")
+    assert out.images.shape[-2:] == (34, 34)
+
+
+def test_fft_rounding_does_not_tip_a_512_photo_into_tiles():
+    """512 + 2·33 = 578 → 584 for the UNet → 600 for the FFTs; the plan is made for 584, which runs whole."""
+    pipe = make_pipe()
+    kernel = torch.zeros(1, 1, 33, 33)
+    kernel[..., 16, 16] = 1
+    out = run(pipe, torch.full((1, 3, 512, 512), 0.5), kernel=kernel, sigma=5, num_inference_steps=1, output_type="pt")
+    assert pipe.tiling_plan.tile_size is None, pipe.tiling_plan
+    assert out.images.shape[-2:] == (512, 512)

@@ -119,3 +119,13 @@ def test_pipeline_setting_is_saved_and_none_is_global_attention(tmp_path):
     pipe.register_to_config(attention_window=8)
     pipe.save_pretrained(tmp_path / "pipe")
     assert FastEMDeblurPipeline.from_pretrained(tmp_path / "pipe").config.attention_window == 8
+
+
+def test_windows_are_at_least_the_window_and_numpy_integers_are_stored_as_ints(tmp_path):
+    assert [windows_per_axis(side, 64) for side in (64, 127, 128, 383, 384)] == [1, 1, 2, 5, 6]
+    import numpy as np
+
+    pipe = FastEMDeblurPipeline(unet=tiny_unet(), scheduler=tiny_ddpm(), attention_window=np.int64(24))
+    assert type(pipe.config.attention_window) is int
+    pipe.save_pretrained(tmp_path / "pipe")  # JSON: a numpy integer would not serialise
+    assert FastEMDeblurPipeline.from_pretrained(tmp_path / "pipe").config.attention_window == 24

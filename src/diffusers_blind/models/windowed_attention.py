@@ -10,10 +10,11 @@ nearly equal size (``torch.tensor_split``) and lets each position attend only wi
 
     Attn(Q, K, V)_i = softmax(q_i K_Wᵀ / √d) V_W,   W = the window holding position i.
 
-The convolutions around the attention still mix neighbouring windows. ``rows = round(H / window)`` for
-an input of ``H`` pixels, the same at every level of the UNet, so a window covers about ``window``
-pixels of the input whatever the level's downsampling. With one window per axis (an input not larger
-than the window) the result is exactly the global attention.
+The convolutions around the attention still mix neighbouring windows. ``rows = ⌊H / window⌋`` for an
+input of ``H`` pixels, the same at every level of the UNet, so a window covers ``window`` to
+``2·window`` pixels of the input whatever the level's downsampling: never less context than the network
+was trained with. With one window per axis (an input smaller than twice the window) the result is
+exactly the global attention.
 
 :func:`windowed_attention` installs the processor on every ``Attention`` of a ``UNet2DModel`` for the
 duration of a ``with`` block and restores the previous processors afterwards.
@@ -30,8 +31,9 @@ from diffusers.models.attention_processor import Attention
 
 
 def windows_per_axis(size: int, window: int) -> int:
-    """``max(1, round(size / window))``: how many windows split an input side of ``size`` pixels."""
-    return max(1, round(size / window))
+    """``max(1, ⌊size / window⌋)``: how many windows split an input side of ``size`` pixels (each at least
+    ``window`` pixels wide)."""
+    return max(1, size // window)
 
 
 def check_attention_window(window) -> None:
@@ -52,6 +54,13 @@ def resolve_attention_window(setting, unet) -> int | None:
         return int(size) if isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0 else None
     check_attention_window(setting)
     return None if setting is None else int(setting)
+
+
+def attention_window_setting(setting):
+    """The setting as a pipeline stores it in its config: checked, an integer as a plain ``int`` (JSON)."""
+    if not isinstance(setting, str):
+        check_attention_window(setting)
+    return int(setting) if setting is not None and not isinstance(setting, str) else setting
 
 
 class WindowedAttnProcessor:

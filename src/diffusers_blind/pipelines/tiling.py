@@ -506,15 +506,18 @@ def resolve_precision(precision: str | None, device="cpu") -> torch.dtype | None
 
 def make_denoiser(unet, scheduler, shape, device, tile_size: int | None = None, max_memory=None,
                   multiple: int = 8, autocast_dtype: torch.dtype | None = None,
-                  attention_window: int | None = None) -> tuple[TiledUNetDenoiser, TilingPlan]:
+                  attention_window: int | None = None,
+                  plan_sides: tuple[int, int] | None = None) -> tuple[TiledUNetDenoiser, TilingPlan]:
     """The denoiser a pipeline should use for latents of ``shape`` (padded), and the plan behind it.
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the UNet's forward and backward under autocast; its
     output is cast back to the latents' dtype, so the scheduler, the guidance and the M-step stay in float32.
     ``attention_window`` (pixels) restricts the UNet's self-attention to windows of that size
-    (:mod:`..models.windowed_attention`). The tiling plan does not depend on it: sides beyond ``AUTO_MAX_TILE``
-    are still tiled, which bounds the memory.
+    (:mod:`..models.windowed_attention`). The tiling plan does not depend on it: large sides are still tiled,
+    which bounds the memory. ``plan_sides`` (default: ``shape``'s) are the sides the plan is made for, when the
+    latents were padded beyond them (Fast EM's FFT-friendly sides); the tiles cover ``shape``.
     """
-    plan = plan_tiling(unet, shape, device, tile_size, max_memory, multiple=multiple)
+    plan_shape = shape if plan_sides is None else (*shape[:2], *plan_sides)
+    plan = plan_tiling(unet, plan_shape, device, tile_size, max_memory, multiple=multiple)
     layout = plan.layout(shape[-2], shape[-1], multiple)
     return TiledUNetDenoiser(unet, scheduler, layout, autocast_dtype, attention_window), plan

@@ -23,7 +23,7 @@ from diffusers.utils import replace_example_docstring
 from ...image_processor import ImageInput, crop_window, pad_to_multiple, tensor_to_output, to_tensor
 from ...kernel_init import SparseKernelInitializer
 from ...models.kernel_estimator import KernelEstimator
-from ...models.windowed_attention import resolve_attention_window
+from ...models.windowed_attention import attention_window_setting, resolve_attention_window
 from ...ops.blur import flip_kernel
 from ...ops.guidance import dps_joint_gradient, kernel_l1
 from ...ops.kernel_range import KERNEL_BACKGROUNDS, kernel_to_model_range, model_range_to_kernel, unnormalized_kernel
@@ -162,6 +162,7 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
     ):
         super().__init__()
         resolve_attention_window(attention_window, unet)  # checks the setting
+        attention_window = attention_window_setting(attention_window)
         self.register_modules(unet=unet, kernel_unet=kernel_unet, scheduler=scheduler,
                               kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale, sparsity_weight=sparsity_weight,
@@ -285,11 +286,11 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
         return {"latents": self.unet, "kernel": self.kernel_unet}
 
     def attention_window(self, chain: str) -> int | None:
-        """The attention window (pixels) of a chain: ``config.attention_window`` resolved for its UNet; ``None``
-        (global) for the kernel chain and for folders saved before the setting existed."""
+        """The attention window (pixels) of a chain: ``config.attention_window`` resolved for its UNet (a folder
+        saved before the setting existed gets the default, ``"auto"``); ``None`` (global) for the kernel chain."""
         if chain == "kernel":
             return None
-        return resolve_attention_window(self.config.get("attention_window"), self.chains()[chain])
+        return resolve_attention_window(self.config.attention_window, self.chains()[chain])
 
     def denoising_step(self, problem: BlindDPSProblem, denoisers: dict, states: dict, t, step_kwargs: dict):
         """Algorithm 1, one step: unguided DDPM step of every chain, then one joint gradient step (Eq. 10).

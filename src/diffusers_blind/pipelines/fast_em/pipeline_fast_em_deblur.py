@@ -26,7 +26,7 @@ from ..hub import HubPipelineMixin
 from ..pipeline_utils import (LOW_AUTO_SIGMA, DeblurPipelineOutput, UNetDenoiser, callback_outputs, callback_replacement,
                              check_scheduler, expand_generator, prepare_kernel, prepare_noise, prepare_sigma,
                              to_unit_range)
-from ...models.windowed_attention import resolve_attention_window
+from ...models.windowed_attention import attention_window_setting, resolve_attention_window
 from ..tiling import make_denoiser, resolve_precision
 
 
@@ -223,10 +223,12 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
     ):
         super().__init__()
         resolve_attention_window(attention_window, unet)  # checks the setting
+        attention_window = attention_window_setting(attention_window)
         self.register_modules(unet=unet, scheduler=scheduler, kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale, dps_guidance_scale=dps_guidance_scale,
                                 diffpir_guidance_scale=diffpir_guidance_scale, attention_window=attention_window)
-        self.image_processor = DeblurImageProcessor(pad_multiple=2 ** (len(unet.config.block_out_channels) - 1))
+        self.image_processor = DeblurImageProcessor(pad_multiple=2 ** (len(unet.config.block_out_channels) - 1),
+                                                    fft_friendly=True)
         self._guidance_scale = None
         self._num_timesteps = 0
         self._interrupt = False
@@ -896,7 +898,7 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         #    and tapers inside the photograph (all ones when margin = 0).
         margin = kernel_size if boundary_margin is None else int(boundary_margin)
         multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        padded, window = self.image_processor.pad(measurement, margin, multiple, fft_friendly=True)
+        padded, window = self.image_processor.pad(measurement, margin, multiple)
         taper_window = self.measurement_window(padded.shape[-2:], window, margin, kernel_size, device)
 
         # 4. Prepare the kernel: a Dirac to start the blind estimate (or the coarser scales' estimate,
@@ -915,7 +917,7 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
                 kernel_init=kernel_init, m_step_start=m_step_start, kernel_anchor=kernel_anchor,
             )
             init_image, kernel = self.coarse_estimate(measurement, sigma, kernel_size, num_scales, coarse_kwargs)
-            init_image = self.image_processor.pad(init_image, margin, multiple, fft_friendly=True)[0].repeat_interleave(num_particles, 0)
+            init_image = self.image_processor.pad(init_image, margin, multiple)[0].repeat_interleave(num_particles, 0)
         elif blind:
             kernel = self.initial_kernel(kernel_init, measurement, kernel_size, sigma)
         else:
@@ -948,9 +950,13 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
             start_index = min(len(self.scheduler.timesteps) - 1, round((1 - fraction) * len(self.scheduler.timesteps)))
         self._num_timesteps = (len(self.scheduler.timesteps) - start_index) * runs
         shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
+        # the tiling is planned for the sides before their FFT-friendly rounding, so that rounding never tips
+        # an image into tiles (a 512² photo with its margin stays whole: 584 px, 600 after rounding)
+        plan_sides = tuple(-(-(side + 2 * margin) // multiple) * multiple for side in measurement.shape[-2:])
         denoiser, self.tiling_plan = make_denoiser(self.unet, self.scheduler, shape, device, tile_size, max_memory,
                                                    multiple, resolve_precision(precision, device),
-                                                   resolve_attention_window(self.config.attention_window, self.unet))
+                                                   resolve_attention_window(self.config.attention_window, self.unet),
+                                                   plan_sides=plan_sides)
         generator = self._expand_generator(generator, batch, num_particles)
         step_kwargs = denoiser.step_kwargs(generator, eta)
 
