@@ -242,6 +242,16 @@ def test_fft_friendly_size_refuses_bad_sizes_and_ends_for_any_multiple():
     assert pad_to_multiple(torch.rand(1, 1, 10, 10), 11, 1, fft_friendly=True)[0].shape[-2:] == (22, 22)
 
 
+def test_fft_rounding_never_turns_a_reflected_margin_into_replication():
+    """22 + 2·20 = 62 → 64: one pad of 22 rows would need replication; the margin is still reflected."""
+    image = torch.rand(1, 1, 22, 22)
+    padded, window = pad_to_multiple(image, 2, 20, fft_friendly=True)
+    assert padded.shape[-2:] == (64, 64) and window == (20, 20, 22, 22)
+    plain = pad_to_multiple(image, 2, 20)[0]
+    assert torch.equal(padded[..., :62, :62], plain)
+    assert torch.equal(padded[..., 19, 20:42], image[..., 1, :])  # reflected, not the edge row repeated
+
+
 def test_the_processor_config_decides_the_default_padding():
     image = torch.rand(1, 3, 256, 256)
     friendly = DeblurImageProcessor(pad_multiple=8, fft_friendly=True)

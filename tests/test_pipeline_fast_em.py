@@ -1129,3 +1129,10 @@ def test_fft_rounding_does_not_tip_a_512_photo_into_tiles():
     out = run(pipe, torch.full((1, 3, 512, 512), 0.5), kernel=kernel, sigma=5, num_inference_steps=1, output_type="pt")
     assert pipe.tiling_plan.tile_size is None, pipe.tiling_plan
     assert out.images.shape[-2:] == (512, 512)
+
+
+def test_a_wrong_latents_grid_names_the_helper_that_builds_the_right_one(pipe):
+    image = smooth_images(1, height=34, width=34)
+    with pytest.raises(ValueError, match=r"image_processor\.pad"):
+        run(pipe, image, kernel=torch.full((1, 1, 5, 5), 1 / 25), sigma=5, num_inference_steps=2,
+            latents=torch.zeros(1, 3, 44, 44))

@@ -156,14 +156,25 @@ class DeblurImageProcessor(ConfigMixin):
         margin = _check_margin(margin, height, width)
         if not isinstance(multiple, int) or multiple < 1:
             raise ValueError(f"the padding multiple must be a positive int, got {multiple!r}")
-        size = fft_friendly_size if fft_friendly else _next_multiple
-        pad_h = size(height + 2 * margin, multiple) - (height + 2 * margin)
-        pad_w = size(width + 2 * margin, multiple) - (width + 2 * margin)
-        pads = (margin, margin + pad_w, margin, margin + pad_h)
-        if any(pads):
-            if mode == "reflect" and max(pads) >= min(height, width):
-                mode = "replicate"  # reflection needs a margin smaller than the image
-            image = F.pad(image, pads, mode=mode)
+        pad_h = _next_multiple(height + 2 * margin, multiple) - (height + 2 * margin)
+        pad_w = _next_multiple(width + 2 * margin, multiple) - (width + 2 * margin)
+        extra_h = extra_w = 0
+        if fft_friendly:
+            extra_h = fft_friendly_size(height + 2 * margin, multiple) - (height + 2 * margin) - pad_h
+            extra_w = fft_friendly_size(width + 2 * margin, multiple) - (width + 2 * margin) - pad_w
+        pads = (margin, margin + pad_w + extra_w, margin, margin + pad_h + extra_h)
+        if not any(pads):
+            return image, (margin, margin, height, width)
+        if mode == "reflect" and max(pads) < min(height, width):
+            return F.pad(image, pads, mode=mode), (margin, margin, height, width)
+        # too wide a margin for one reflection: the plain padding as before (edge replication where the margin is
+        # not smaller than the image), then the FFT rows and columns reflected off the padded image
+        plain = (margin, margin + pad_w, margin, margin + pad_h)
+        if any(plain):
+            image = F.pad(image, plain, mode="replicate" if mode == "reflect" and max(plain) >= min(height, width) else mode)
+        if extra_h or extra_w:
+            extra_mode = mode if mode != "reflect" or max(extra_h, extra_w) < min(image.shape[-2:]) else "replicate"
+            image = F.pad(image, (0, extra_w, 0, extra_h), mode=extra_mode)
         return image, (margin, margin, height, width)
 
     @staticmethod

@@ -219,15 +219,17 @@ def callback_outputs(outputs) -> dict:
     return outputs
 
 
-def callback_replacement(outputs: dict, name: str, current: torch.Tensor) -> torch.Tensor:
+def callback_replacement(outputs: dict, name: str, current: torch.Tensor, hint: str = "") -> torch.Tensor:
     """The tensor a callback returned for ``name`` in place of ``current`` (or ``current``): same shape, finite, cast
-    to ``current``'s dtype and device, so a replacement cannot silently change the batch or crash deep inside."""
+    to ``current``'s dtype and device, so a replacement cannot silently change the batch or crash deep inside.
+    ``hint`` ends the shape error (how to build the right shape)."""
     if name not in outputs:
         return current
     value = outputs.pop(name)
     if not torch.is_tensor(value) or tuple(value.shape) != tuple(current.shape):
         got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"callback_on_step_end returned {name} of shape {got}; it must keep {tuple(current.shape)}")
+        raise ValueError(f"callback_on_step_end returned {name} of shape {got}; it must keep {tuple(current.shape)}"
+                         + hint)
     if not torch.isfinite(value).all():
         raise ValueError(f"callback_on_step_end returned {name} with NaN or infinite values")
     return value.to(device=current.device, dtype=current.dtype)
@@ -243,12 +245,13 @@ def check_scheduler(scheduler) -> None:
                         "load one with DDIMScheduler.from_config(pipe.scheduler.config)")
 
 
-def prepare_noise(shape, generator, device, dtype, latents=None, name: str = "latents") -> torch.Tensor:
-    """``N(0, I)`` noise of ``shape`` drawn with ``generator``, or the given ``latents`` after a shape check."""
+def prepare_noise(shape, generator, device, dtype, latents=None, name: str = "latents", hint: str = "") -> torch.Tensor:
+    """``N(0, I)`` noise of ``shape`` drawn with ``generator``, or the given ``latents`` after a shape check
+    (``hint`` ends its error)."""
     if latents is not None:
         if not torch.is_tensor(latents) or tuple(latents.shape) != tuple(shape):
             got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-            raise ValueError(f"{name} must have shape {tuple(shape)} (a tensor), got {got}")
+            raise ValueError(f"{name} must have shape {tuple(shape)} (a tensor), got {got}{hint}")
         if not torch.isfinite(latents).all():
             raise ValueError(f"{name} contains NaN or infinite values")
         return latents.to(device=device, dtype=dtype)

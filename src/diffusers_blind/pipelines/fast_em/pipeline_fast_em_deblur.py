@@ -53,6 +53,8 @@ GUIDANCES = ("pigdm", "dps", "diffpir")
 R_SCHEDULES = ("fastem", "pigdm")
 DIFFPIR_GUIDANCE_SCALE = 0.5  # default weight of DiffPIR's data step (128² tuning crops, σ 10; docs/scale.md)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+GRID_HINT = ("; the padded grid (FFT-friendly sides) is what pipe.image_processor.pad(image, margin) builds, "
+             "margin = kernel_size unless boundary_margin is given")
 GUARD_FIT_LIMIT = 4.0  # re-blur residual (in noise variances) a blind result may always have
 # a blind result that saturates more than this share of the photo's mid-tones AND spreads its values more
 # than GUARD_CONTRAST_LIMIT times the photo's collapsed into stripes (684 true sharp/blurry pairs: at most
@@ -356,7 +358,7 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
 
     def prepare_latents(self, shape, generator, device, dtype, latents=None) -> torch.Tensor:
         """``x_T ~ N(0, I)`` of ``shape = (B·n, C, H, W)``; a list of ``B`` generators seeds each image's particles."""
-        return prepare_noise(shape, generator, device, dtype, latents)
+        return prepare_noise(shape, generator, device, dtype, latents, hint=GRID_HINT)
 
     _expand_generator = staticmethod(expand_generator)
 
@@ -502,7 +504,7 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
                 raise ValueError("callback_on_step_end returned a kernel with negative entries")
             if rescale_kernel:
                 kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(kernel.dtype).tiny)
-        return replace(state, latents=callback_replacement(outputs, "latents", state.latents), kernel=kernel)
+        return replace(state, latents=callback_replacement(outputs, "latents", state.latents, GRID_HINT), kernel=kernel)
 
     def reverse_diffusion(self, denoiser, problem, state, *, step_kwargs, progress_bar, step_offset=0, start_index=0,
                           callback_on_step_end=None, callback_on_step_end_tensor_inputs=()) -> FastEMState:
