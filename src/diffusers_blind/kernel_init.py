@@ -25,7 +25,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .image_processor import fft_friendly_size
+from .image_processor import pad_to_multiple
 from .models.kernel_estimator import KernelEstimator
 from .ops.blur import p2o, photograph_window
 from .ops.kernels import center_kernel, dirac_kernel, rescale_kernel
@@ -221,10 +221,7 @@ class SparseKernelInitializer:
                 grey, size=shape, mode="bilinear", antialias=True, align_corners=False)
             kernel = dirac_kernel(size, batch, grey.device) if kernel is None else rescale_kernel(kernel, size / kernel.shape[-1], size)
             margin = min(size, min(shape) - 1)
-            # bottom/right up to FFT-friendly sides (within what a reflection can reach)
-            extra_h = min(fft_friendly_size(shape[0] + 2 * margin) - shape[0] - 2 * margin, shape[0] - 1 - margin)
-            extra_w = min(fft_friendly_size(shape[1] + 2 * margin) - shape[1] - 2 * margin, shape[1] - 1 - margin)
-            padded = F.pad(blurry, (margin, margin + extra_w, margin, margin + extra_h), mode="reflect")
+            padded, _ = pad_to_multiple(blurry, 1, margin, fft_friendly=True)  # bottom/right on to FFT-friendly sides
             window = photograph_window(padded.shape[-2:], (margin, margin, *shape), size, grey.device)
             weight = self.l0_weight
             for _ in range(self.iterations):

@@ -45,22 +45,24 @@ def check_attention_window(window) -> None:
 def resolve_attention_window(setting, unet) -> int | None:
     """A pipeline's ``attention_window`` setting in pixels: ``"auto"`` is the UNet's training size
     (``unet.config.sample_size``, the smaller side of a pair), ``None`` global attention, an int itself."""
-    if isinstance(setting, str):
-        if setting != "auto":
-            raise ValueError(f"attention_window must be 'auto', None or a positive int (pixels), got {setting!r}")
+    setting = attention_window_setting(setting)
+    if setting == "auto":
         size = getattr(unet.config, "sample_size", None)
         if isinstance(size, (list, tuple)):
             size = min(size)
         return int(size) if isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0 else None
-    check_attention_window(setting)
-    return None if setting is None else int(setting)
+    return setting
 
 
 def attention_window_setting(setting):
-    """The setting as a pipeline stores it in its config: checked, an integer as a plain ``int`` (JSON)."""
-    if not isinstance(setting, str):
-        check_attention_window(setting)
-    return int(setting) if setting is not None and not isinstance(setting, str) else setting
+    """The setting as a pipeline stores it in its config: ``"auto"``, ``None`` or a plain ``int`` (JSON); anything
+    else is refused."""
+    if isinstance(setting, str):
+        if setting != "auto":
+            raise ValueError(f"attention_window must be 'auto', None or a positive int (pixels), got {setting!r}")
+        return setting
+    check_attention_window(setting)
+    return None if setting is None else int(setting)
 
 
 class WindowedAttnProcessor:

@@ -161,7 +161,6 @@ class BlindDPSPipeline(HubPipelineMixin, DiffusionPipeline):
         attention_window: int | str | None = "auto",
     ):
         super().__init__()
-        resolve_attention_window(attention_window, unet)  # checks the setting
         attention_window = attention_window_setting(attention_window)
         self.register_modules(unet=unet, kernel_unet=kernel_unet, scheduler=scheduler,
                               kernel_estimator=kernel_estimator)

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DMod
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from ...image_processor import ImageInput, crop_window
-from ...models.windowed_attention import attention_window_setting, resolve_attention_window
+from ...models.windowed_attention import attention_window_setting
 from ...ops.operators import LinearOperator, TiltBlurOperator, TiltOperator
 from ..pipeline_utils import DeblurPipelineOutput
 from .pipeline_blind_dps_deblur import BlindDPSPipeline, blur_operator
@@ -72,7 +72,6 @@ class BlindDPSTurbulencePipeline(BlindDPSPipeline):
         attention_window: int | str | None = "auto",
     ):
         DiffusionPipeline.__init__(self)
-        resolve_attention_window(attention_window, unet)  # checks the setting
         attention_window = attention_window_setting(attention_window)
         self.register_modules(unet=unet, kernel_unet=kernel_unet, tilt_unet=tilt_unet, scheduler=scheduler)
         self.register_to_config(guidance_scale=guidance_scale, tilt_scale=tilt_scale,

@@ -224,7 +224,6 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         attention_window: int | str | None = "auto",
     ):
         super().__init__()
-        resolve_attention_window(attention_window, unet)  # checks the setting
         attention_window = attention_window_setting(attention_window)
         self.register_modules(unet=unet, scheduler=scheduler, kernel_estimator=kernel_estimator)
         self.register_to_config(guidance_scale=guidance_scale, dps_guidance_scale=dps_guidance_scale,
@@ -954,7 +953,7 @@ class FastEMDeblurPipeline(HubPipelineMixin, DiffusionPipeline):
         shape = (batch * num_particles, self.unet.config.in_channels, *padded.shape[-2:])
         # the tiling is planned for the sides before their FFT-friendly rounding, so that rounding never tips
         # an image into tiles (a 512² photo with its margin stays whole: 584 px, 600 after rounding)
-        plan_sides = tuple(-(-(side + 2 * margin) // multiple) * multiple for side in measurement.shape[-2:])
+        plan_sides = self.image_processor.pad(measurement[:1, :1], margin, multiple, fft_friendly=False)[0].shape[-2:]
         denoiser, self.tiling_plan = make_denoiser(self.unet, self.scheduler, shape, device, tile_size, max_memory,
                                                    multiple, resolve_precision(precision, device),
                                                    resolve_attention_window(self.config.attention_window, self.unet),
